@@ -1,0 +1,440 @@
+"""WebDataset shards: ``vmr shards build`` and ``vmr shards verify``.
+
+One sample per video, holding all of its queries, so that training decodes a video once for
+several queries:
+
+  <key>.mp4    the video bytes (the source file unchanged, or re-encoded)
+  <key>.json   {"video_id", "duration", "fps", "num_frames", "width", "height", "start",
+                "source_file", "queries": [{"qid", "query", "windows": [[s, e], ...],
+                "saliency"?: {"clip_seconds", "clip_ids", "scores"}}]}
+
+Keys are sanitised ids: webdataset splits a file name at its first dot, and real ids have dots
+(QVHighlights ``j7rJstUseKg_360.0_510.0``); the real id lives in the JSON.
+
+``OUT/manifest.json``: {"splits": {<split>: {"shards": [{"path", "samples", "queries", "bytes",
+"sha256"}], "samples", "queries", "params"}}, "skipped": [{"split", "video_id", "qid"?, "reason"}],
+"params": <the last build's parameters>}. Building another split into the same folder adds to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
+from vmr.data.video import VideoInfo, find_video, probe, reencode, window_tolerance
+from vmr.errors import UserError
+from vmr.spans import frames_to_seconds
+
+MANIFEST = "manifest.json"
+TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
+
+
+@dataclass
+class VideoTask:
+    video_id: str
+    file_name: str | None
+    queries: list[QueryRecord]
+
+
+@dataclass
+class PreparedVideo:
+    video_id: str
+    path: Path  # the bytes to store
+    temporary: bool  # a re-encoded file to delete once stored
+    meta: dict
+    skips: list[Skip]
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    fps: float | None
+    size: int | None
+    keyframe_interval: float | None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.fps, self.size, self.keyframe_interval))
+
+
+def sanitise_key(video_id: str) -> str:
+    """A webdataset key: no dots (the first dot starts the extension) and no path characters."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", video_id) or "video"
+
+
+def _query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict:
+    row = {"qid": record.qid, "query": record.query.strip(),
+           "windows": [[round(s, 6), round(e, 6)] for s, e in windows]}
+    if record.saliency is not None:
+        row["saliency"] = record.saliency
+    return row
+
+
+def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_dir: Path) -> PreparedVideo | Skip:
+    """Find, probe and optionally re-encode one video; convert and check its queries' windows.
+    Runs in a worker process; every failure becomes a Skip with its reason."""
+    path = find_video(videos_dir, task.video_id, task.file_name)
+    if path is None:
+        return Skip(task.video_id, what="video", reason=f"video file not found in {videos_dir} "
+                                   f"(tried {task.file_name or task.video_id} and <id>.mp4/.mkv/.avi/.mov/.webm)")
+    try:
+        source = probe(path)
+    except ValueError as error:
+        return Skip(task.video_id, f"{path}: unreadable or corrupt video ({error})", what="video")
+
+    stored, stored_path, temporary = source, path, False
+    if params.active:
+        stored_path = tmp_dir / f"{sanitise_key(task.video_id)}.{os.getpid()}.mp4"
+        try:
+            reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps)
+            stored = probe(stored_path)
+        except ValueError as error:
+            stored_path.unlink(missing_ok=True)
+            return Skip(task.video_id, f"{path}: re-encode failed ({error})", what="video")
+        temporary = True
+
+    queries, skips = [], []
+    tolerance = window_tolerance(source.fps)
+    for record in task.queries:
+        windows = [frames_to_seconds(int(s), int(e), source.fps) if record.unit == "frames" else (s, e)
+                   for s, e in record.windows]
+        bad = next(((s, e) for s, e in windows if e > source.duration + tolerance), None)
+        if bad is not None:
+            skips.append(Skip(task.video_id, f"{record.source}: window [{bad[0]:g}, {bad[1]:g}] is outside "
+                                             f"the video (0 to {source.duration:.3f} s)", qid=record.qid))
+            continue
+        # Within tolerance of the end: clip to the stored video's real length.
+        windows = [(s, min(e, stored.duration)) for s, e in windows]
+        if any(e <= s for s, e in windows):
+            skips.append(Skip(task.video_id, f"{record.source}: window starts at or after the end of the video",
+                              qid=record.qid))
+            continue
+        queries.append(_query_json(record, windows))
+    if not queries:
+        if temporary:
+            stored_path.unlink(missing_ok=True)
+        skips.append(Skip(task.video_id, f"{path}: no valid queries left for this video", what="video"))
+        return PreparedVideo(task.video_id, path, False, {}, skips)
+
+    meta = {"video_id": task.video_id, **stored.to_json(), "source_file": path.name, "queries": queries}
+    return PreparedVideo(task.video_id, stored_path, temporary, meta, skips)
+
+
+def _prepare_star(args: tuple) -> PreparedVideo | Skip:
+    return prepare_video(*args)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _ShardWriter:
+    """Writes ``<split>-NNNNNN.tar`` under a temporary name, renamed only once complete, so an
+    interrupted build never leaves a truncated shard under a final name. A new shard starts when
+    the next video would pass ``max_bytes`` or the shard holds ``max_videos``."""
+
+    def __init__(self, out: Path, split: str, max_bytes: int, max_videos: int | None):
+        self.out, self.split, self.max_bytes, self.max_videos = out, split, max_bytes, max_videos
+        self.shards: list[dict] = []
+        self._tar = None
+        self._file = None
+
+    def write(self, key: str, video: bytes, meta: dict) -> None:
+        import webdataset as wds
+
+        size = len(video) + 2048
+        current = self.shards[-1] if self._tar is not None else None
+        if current is not None and current["samples"] > 0 and (
+            current["bytes"] + size > self.max_bytes
+            or (self.max_videos is not None and current["samples"] >= self.max_videos)
+        ):
+            self._close()
+        if self._tar is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._file = open(self.out / f".{name}.tmp", "wb")
+            self._tar = wds.TarWriter(self._file, mtime=TAR_MTIME)
+            self.shards.append({"path": name, "samples": 0, "queries": 0, "bytes": 0})
+        json_bytes = json.dumps(meta).encode()
+        self._tar.write({"__key__": key, "mp4": video, "json": json_bytes})
+        shard = self.shards[-1]
+        shard["samples"] += 1
+        shard["queries"] += len(meta["queries"])
+        shard["bytes"] += size
+
+    def _close(self) -> None:
+        self._tar.close()
+        self._tar = None
+        name = self.shards[-1]["path"]
+        tmp = self.out / f".{name}.tmp"
+        self.shards[-1]["bytes"] = tmp.stat().st_size
+        self.shards[-1]["sha256"] = _sha256(tmp)
+        os.replace(tmp, self.out / name)
+
+    def close(self) -> list[dict]:
+        if self._tar is not None:
+            self._close()
+        return self.shards
+
+    def abort(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            (self.out / f".{self.shards[-1]['path']}.tmp").unlink(missing_ok=True)
+            self._tar = None
+
+
+def read_manifest(out: Path) -> dict:
+    path = out / MANIFEST
+    if not path.is_file():
+        return {"splits": {}, "skipped": [], "params": {}}
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest.get("splits"), dict):
+            raise ValueError("no 'splits' object")
+    except (json.JSONDecodeError, ValueError, AttributeError) as error:
+        raise UserError(f"{path}: not a vmr shard manifest ({error})") from None
+    return manifest
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def build_shards(
+    videos: Path,
+    annotations: list[Path],
+    out: Path,
+    split: str = "train",
+    fmt: str = "auto",
+    fps: float | None = None,
+    size: int | None = None,
+    keyframe_interval: float | None = None,
+    max_shard_mb: float = 256,
+    max_videos_per_shard: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build one split; returns its manifest entry plus the skips. See the module docstring."""
+    if not videos.is_dir():
+        raise UserError(f"--videos: {videos} is not a folder")
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise UserError(f"--split: {split!r} must be letters, digits, '_' or '-'")
+    if fps is not None and fps <= 0:
+        raise UserError(f"--fps must be positive, got {fps:g}")
+    if size is not None and (size < 16 or size % 2):
+        raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
+    if keyframe_interval is not None and keyframe_interval < 0:
+        raise UserError(f"--keyframe-interval must be >= 0 seconds, got {keyframe_interval:g}")
+    if max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {max_shard_mb:g}")
+    if max_videos_per_shard is not None and max_videos_per_shard < 1:
+        raise UserError(f"--max-videos-per-shard must be at least 1, got {max_videos_per_shard}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+    params = EncodeParams(fps, size, keyframe_interval)
+
+    # Read every annotation file and group the good queries by video, in file order.
+    skips: list[Skip] = []
+    tasks: dict[str, VideoTask] = {}
+    seen_qids: dict = {}
+    for path in annotations:
+        records, bad = read_annotations(path, fmt)
+        skips.extend(bad)
+        for record in records:
+            reason = check_query(record)
+            if reason is None and record.qid in seen_qids:
+                reason = f"{record.source}: duplicate qid {record.qid!r} (first at {seen_qids[record.qid]})"
+            if reason is not None:
+                skips.append(Skip(record.video_id, reason, qid=record.qid))
+                continue
+            seen_qids[record.qid] = record.source
+            task = tasks.setdefault(record.video_id, VideoTask(record.video_id, record.video_file, []))
+            task.queries.append(record)
+
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(out)
+    old_files = sorted(out.glob(f"{split}-*.tar"))
+    if (split in manifest["splits"] or old_files) and not overwrite:
+        raise UserError(f"{out}: split {split!r} already exists; pass --overwrite to replace it")
+
+    writer = _ShardWriter(out, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+    keys: set[str] = set()
+    with tempfile.TemporaryDirectory(prefix=".vmr-build-", dir=out) as tmp:
+        jobs = [(task, videos, params, Path(tmp)) for task in tasks.values()]
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+        # imap keeps the annotation order, so the shards do not depend on the number of workers.
+        results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
+        try:
+            for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
+                               disable=not progress, file=sys.stderr):
+                if isinstance(result, Skip):
+                    skips.append(result)
+                    continue
+                skips.extend(result.skips)
+                if not result.meta:
+                    continue
+                key = sanitise_key(result.video_id)
+                while key in keys:  # two ids that differ only in punctuation
+                    key += "_"
+                keys.add(key)
+                writer.write(key, result.path.read_bytes(), result.meta)
+                if result.temporary:
+                    result.path.unlink()
+            shards = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            if pool:
+                pool.terminate()
+
+    # Old shards of this split that the new build did not replace (it has fewer now).
+    for old in old_files:
+        if old.name not in {s["path"] for s in shards}:
+            old.unlink()
+    params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
+                   "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
+                   "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
+    entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
+             "queries": sum(s["queries"] for s in shards), "params": params_json}
+    manifest["splits"][split] = entry
+    manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split]
+    manifest["skipped"] += [{"split": split, **s.to_json()} for s in skips]
+    manifest["params"] = params_json
+    _write_json_atomic(out / MANIFEST, manifest)
+    return {**entry, "skipped": skips}
+
+
+def iter_shard(path: Path):
+    """(key, video bytes, metadata) for each sample of one shard, in order."""
+    import webdataset as wds
+
+    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
+        yield sample["__key__"], sample["mp4"], json.loads(sample["json"])
+
+
+def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
+    """Check every shard of the manifest: present, sha256, sample and query counts, and frames
+    decodable (first, middle and last of every video). Returns totals and a list of problems."""
+    if not (out / MANIFEST).is_file():
+        raise UserError(f"{out}: no {MANIFEST} here; is this a folder made by 'vmr shards build'?")
+    manifest = read_manifest(out)
+    problems: list[str] = []
+    totals = {"shards": 0, "samples": 0, "queries": 0}
+    entries = [(split, shard) for split, info in manifest["splits"].items() for shard in info["shards"]]
+    for split, shard in tqdm(entries, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
+        path = out / shard["path"]
+        if not path.is_file():
+            problems.append(f"{path}: shard listed in the manifest is missing")
+            continue
+        totals["shards"] += 1
+        if _sha256(path) != shard.get("sha256"):
+            problems.append(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
+        samples = queries = 0
+        try:
+            for key, video, meta in iter_shard(path):
+                samples += 1
+                queries += len(meta.get("queries", []))
+                problem = _check_sample(video, meta)
+                if problem:
+                    problems.append(f"{path} key {key}: {problem}")
+        except Exception as error:  # a damaged tar: name the shard, keep checking the others
+            problems.append(f"{path}: cannot read the tar after {samples} samples ({error})")
+            continue
+        totals["samples"] += samples
+        totals["queries"] += queries
+        if (samples, queries) != (shard.get("samples"), shard.get("queries")):
+            problems.append(f"{path}: holds {samples} samples / {queries} queries, the manifest says "
+                            f"{shard.get('samples')} / {shard.get('queries')}")
+    return totals, problems
+
+
+def _check_sample(video: bytes, meta: dict) -> str | None:
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        decoder = VideoDecoder(video, seek_mode="exact", num_ffmpeg_threads=1)
+        n = len(decoder)
+        decoder.get_frames_at(sorted({0, n // 2, n - 1}))
+    except Exception as error:
+        return f"cannot decode the video ({str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r})"
+    if n != meta.get("num_frames"):
+        return f"decodes to {n} frames, its metadata says {meta.get('num_frames')}"
+    return None
+
+
+# ----- command line -------------------------------------------------------------------------
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--videos", required=True, type=Path, help="folder holding the video files")
+    p.add_argument("--annotations", required=True, type=Path, nargs="+", metavar="FILE",
+                   help="annotation files (seed JSON, QVHighlights JSONL, Charades-STA text)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
+    p.add_argument("--split", default="train", help="split name, the shards' prefix (default: train)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="annotation format (default: auto, told from the content)")
+    p.add_argument("--fps", type=float, help="re-encode at this frame rate (default: keep the source's)")
+    p.add_argument("--size", type=int, help="re-encode with the shorter side at this many pixels")
+    p.add_argument("--keyframe-interval", type=float, metavar="SEC",
+                   help="re-encode with a keyframe every SEC seconds, 0 = every frame (default when "
+                        "re-encoding: 1)")
+    p.add_argument("--max-shard-mb", type=float, default=256, help="start a new shard past this size (default: 256)")
+    p.add_argument("--max-videos-per-shard", type=int, help="start a new shard after this many videos")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes over videos (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when anything was skipped")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    result = build_shards(
+        args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
+        size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,
+        max_videos_per_shard=args.max_videos_per_shard, workers=args.workers,
+        overwrite=args.overwrite, strict=args.strict,
+    )
+    skips = result["skipped"]
+    for skip in skips:
+        print(f"skipped {skip.video_id}{f' qid {skip.qid}' if skip.qid is not None else ''}: {skip.reason}",
+              file=sys.stderr)
+    size_mb = sum(s["bytes"] for s in result["shards"]) / 1e6
+    skipped_videos = sum(1 for s in skips if s.what == "video")
+    print(f"split {args.split!r}: {result['samples']} videos, {result['queries']} queries in "
+          f"{len(result['shards'])} shard(s), {size_mb:.1f} MB, in {args.out}; skipped "
+          f"{skipped_videos} video(s) and {len(skips) - skipped_videos} query(ies) (listed in {MANIFEST})")
+    if args.strict and skips:
+        raise UserError(f"--strict: {len(skips)} item(s) skipped (see above and {args.out / MANIFEST})")
+    return 0
+
+
+def add_verify_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", type=Path, metavar="DIR", help="folder with manifest.json and the shards")
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    totals, problems = verify_shards(args.dir)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems:
+        print(f"vmr shards verify: {len(problems)} problem(s) in {args.dir}", file=sys.stderr)
+        return 1
+    print(f"ok: {totals['shards']} shard(s), {totals['samples']} videos, {totals['queries']} queries match "
+          f"{args.dir / MANIFEST}; every video decodes")
+    return 0

@@ -1,0 +1,68 @@
+"""Span math in seconds. Importable by anything; imports nothing from vmr.
+
+A window is ``(start, end)`` in seconds with ``end > start``. Frame ``f`` of a video at ``fps``
+frames per second is shown during ``[f / fps, (f + 1) / fps)``, so an inclusive frame range
+``[first, last]`` covers the seconds ``[first / fps, (last + 1) / fps]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Window = tuple[float, float]
+
+# QVHighlights cuts every video into 2-second clips; relevant_clip_ids and saliency refer to them.
+QVH_CLIP_SECONDS = 2.0
+
+
+def frames_to_seconds(first_frame: int, last_frame: int, fps: float) -> Window:
+    """Inclusive 0-based frame range -> window in seconds (the seed annotation format)."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps}")
+    return first_frame / fps, (last_frame + 1) / fps
+
+
+def seconds_to_frames(start: float, end: float, fps: float) -> tuple[int, int]:
+    """Window in seconds -> inclusive 0-based frame range (inverse of frames_to_seconds)."""
+    first = round(start * fps)
+    last = max(first, round(end * fps) - 1)
+    return first, last
+
+
+def iou(a: Window, b: Window) -> float:
+    """Temporal intersection over union of two windows (0 when they do not overlap)."""
+    inter = max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+    union = max(a[1], b[1]) - min(a[0], b[0])
+    return inter / union if union > 0 else 0.0
+
+
+def overlap(a: Window, b: Window) -> float:
+    """Length in seconds of the intersection of two windows."""
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def clip_relevance(
+    windows: Sequence[Window], duration: float, clip_seconds: float = QVH_CLIP_SECONDS
+) -> list[float]:
+    """Fraction of each fixed-length clip covered by the windows, clip ``c`` being
+    ``[c * clip_seconds, (c + 1) * clip_seconds)`` cut at ``duration``."""
+    n_clips = max(1, math.ceil(duration / clip_seconds - 1e-9))
+    fractions = []
+    for c in range(n_clips):
+        clip = (c * clip_seconds, min((c + 1) * clip_seconds, duration))
+        length = clip[1] - clip[0]
+        covered = sum(overlap(clip, w) for w in merge_windows(windows))
+        fractions.append(min(1.0, covered / length) if length > 0 else 0.0)
+    return fractions
+
+
+def merge_windows(windows: Sequence[Window]) -> list[Window]:
+    """Union of windows as a sorted list of disjoint windows."""
+    merged: list[list[float]] = []
+    for start, end in sorted(windows):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return [(s, e) for s, e in merged]
