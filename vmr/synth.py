@@ -133,15 +133,28 @@ def plan_video(rng: np.random.Generator, n_frames: int, fps: float, queries: int
     return events
 
 
-def _background(t: float, size: int, tint: np.ndarray, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """A dim diagonal gradient whose phase and tint drift with time: a moving, changing background
-    that carries no information about the events."""
-    yy, xx = grid
-    phase = 0.35 * t
-    wave = 0.5 + 0.5 * np.sin(2 * math.pi * (0.8 * xx + 0.6 * yy) + phase)
-    drift = 0.5 + 0.5 * np.sin(0.21 * t + tint * 6.0)
-    level = 40 + 50 * wave[..., None] * (0.6 + 0.4 * drift[None, None, :])
-    return level.astype(np.float32)
+class _Background:
+    """A dim diagonal wave whose phase and tint drift with time: a moving, changing background that
+    carries no information about the events.
+
+    Determinism: numpy's vectorised sin may round differently depending on the array's memory
+    alignment, which is enough to flip a pixel's uint8 value between two runs. So the sines of the
+    grid are taken once with math.sin, and each frame only adds and multiplies (exactly rounded):
+    sin(a + phase) = sin(a) cos(phase) + cos(a) sin(phase).
+    """
+
+    def __init__(self, size: int, tint: np.ndarray):
+        coords = (np.arange(size) + 0.5) / size
+        angles = [2 * math.pi * (0.8 * x + 0.6 * y) for y in coords for x in coords]
+        self.sin = np.array([math.sin(a) for a in angles]).reshape(size, size)
+        self.cos = np.array([math.cos(a) for a in angles]).reshape(size, size)
+        self.tint = [float(v) * 6.0 for v in tint]
+
+    def at(self, t: float) -> np.ndarray:
+        phase = 0.35 * t
+        wave = 0.5 + 0.5 * (self.sin * math.cos(phase) + self.cos * math.sin(phase))
+        drift = np.array([0.6 + 0.4 * (0.5 + 0.5 * math.sin(0.21 * t + c)) for c in self.tint])
+        return 40 + 50 * wave[..., None] * drift[None, None, :]
 
 
 def _shape_mask(shape: str, cx: float, cy: float, r: float, grid: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -179,11 +192,12 @@ def _object_state(event: Event, frame: int, fps: float) -> tuple[float, float, f
 
 def render_video(events: list[Event], n_frames: int, fps: float, size: int, tint: np.ndarray) -> torch.Tensor:
     """All frames of a video as uint8 ``(t, 3, h, w)``."""
-    coords = (np.arange(size, dtype=np.float32) + 0.5) / size
+    coords = (np.arange(size) + 0.5) / size
     grid = np.meshgrid(coords, coords, indexing="ij")  # (yy, xx), fractions of the frame
+    background = _Background(size, tint)
     frames = np.empty((n_frames, size, size, 3), dtype=np.uint8)
     for i in range(n_frames):
-        image = _background(i / fps, size, tint, grid)
+        image = background.at(i / fps)
         for event in events:
             if event.first <= i <= event.last:
                 cx, cy, r, visible = _object_state(event, i, fps)

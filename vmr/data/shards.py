@@ -32,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
-from vmr.data.video import VideoInfo, find_video, probe, reencode, window_tolerance
+from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError
 from vmr.spans import frames_to_seconds
 
@@ -338,8 +338,8 @@ def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
     manifest = read_manifest(out)
     problems: list[str] = []
     totals = {"shards": 0, "samples": 0, "queries": 0}
-    entries = [(split, shard) for split, info in manifest["splits"].items() for shard in info["shards"]]
-    for split, shard in tqdm(entries, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
+    entries = [shard for info in manifest["splits"].values() for shard in info["shards"]]
+    for shard in tqdm(entries, desc="verify", unit="shard", disable=not progress, file=sys.stderr):
         path = out / shard["path"]
         if not path.is_file():
             problems.append(f"{path}: shard listed in the manifest is missing")
