@@ -25,3 +25,16 @@ def synth_copy(synth_dir, tmp_path) -> Path:
     out = tmp_path / "synth"
     shutil.copytree(synth_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def shard_dir(synth_dir, tmp_path_factory) -> Path:
+    """Train and val shards of the sample data, re-encoded small (16 px, 2 fps, all keyframes),
+    one video per shard so that ranks and workers can split them."""
+    from vmr.data.shards import build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    for split in ("train", "val"):
+        build_shards(synth_dir / "videos", [synth_dir / f"{split}.jsonl"], out, split=split, fps=2.0, size=16,
+                     keyframe_interval=0, max_videos_per_shard=1, progress=False)
+    return out

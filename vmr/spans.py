@@ -66,3 +66,22 @@ def merge_windows(windows: Sequence[Window]) -> list[Window]:
         else:
             merged.append([start, end])
     return [(s, e) for s, e in merged]
+
+
+def clip_targets(windows: Sequence[Window], times: Sequence[float]) -> tuple[list[float], list[tuple[int, int]]]:
+    """Per-frame relevance and, per window, the first and last frame index inside it.
+
+    A frame belongs to a window when its timestamp lies in ``[start, end)``. A window too short
+    to hold any sampled frame gets the frame nearest its centre, so every query keeps a positive.
+    """
+    relevance = [0.0] * len(times)
+    clips = []
+    for start, end in windows:
+        inside = [j for j, t in enumerate(times) if start <= t < end]
+        if not inside and len(times):
+            centre = (start + end) / 2
+            inside = [min(range(len(times)), key=lambda j: abs(times[j] - centre))]
+        for j in inside:
+            relevance[j] = 1.0
+        clips.append((inside[0], inside[-1]) if inside else (0, 0))
+    return relevance, clips

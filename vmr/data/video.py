@@ -119,3 +119,59 @@ def window_tolerance(fps: float) -> float:
     rejected: annotations round times (QVHighlights uses 2-second steps) and re-encoding can
     shorten a stream by a frame or two."""
     return max(0.25, 2.0 / fps) if math.isfinite(fps) and fps > 0 else 0.25
+
+
+# ----- frame sampling: which timestamps to decode ------------------------------------------------
+
+
+def sample_times(
+    duration: float,
+    mode: str,
+    clip_fps: float,
+    max_frames: int,
+    rng=None,
+    jitter: bool = False,
+    keyframes: list[float] | None = None,
+    span: tuple[float, float] | None = None,
+) -> list[float]:
+    """Timestamps in seconds (from the video's start) of the frames to decode.
+
+    uniform    the centres of n equal bins over the span, n = duration * clip_fps, at most
+               max_frames (the rate drops for long videos); with ``jitter`` the whole grid moves
+               by one random offset within a bin.
+    random     one random time in each of the same n bins (training).
+    keyframes  the key frames inside the span, thinned evenly to at most max_frames: the
+               cheapest, since no frame other than the returned ones is decoded.
+    ``span`` restricts sampling to [start, end) (a temporal crop).
+    """
+    lo, hi = span if span is not None else (0.0, duration)
+    length = hi - lo
+    if mode == "keyframes":
+        inside = [t for t in (keyframes or []) if lo <= t < hi] or [lo]
+        if len(inside) > max_frames:
+            step = len(inside) / max_frames
+            inside = [inside[int(i * step)] for i in range(max_frames)]
+        return inside
+    n = max(1, min(max_frames, math.floor(length * clip_fps + 1e-6)))
+    bin_ = length / n
+    if mode == "random":
+        offsets = [rng.random() for _ in range(n)] if rng is not None else [0.5] * n
+    elif mode == "uniform":
+        shift = rng.random() if (jitter and rng is not None) else 0.5
+        offsets = [shift] * n
+    else:
+        raise ValueError(f"unknown frame sampling {mode!r}")
+    return [lo + (i + u) * bin_ for i, u in enumerate(offsets)]
+
+
+def decode_frames(decoder, times: list[float], start: float = 0.0):
+    """Frames played at ``times`` (seconds from the video's start) as uint8 (t, 3, h, w) and
+    their real presentation times (same origin). Times are clamped inside the stream."""
+    import torch
+
+    meta = decoder.metadata
+    end = float(meta.end_stream_seconds) if meta.end_stream_seconds is not None else None
+    begin = float(meta.begin_stream_seconds or start)
+    absolute = [min(max(begin, t + start), end - 1e-6) if end is not None else t + start for t in times]
+    batch = decoder.get_frames_played_at(absolute)
+    return batch.data, (batch.pts_seconds.to(torch.float64) - start).clamp_min(0.0)

@@ -1,0 +1,210 @@
+import json
+import random
+
+import pytest
+import torch
+import webdataset as wds
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchcodec.decoders import VideoDecoder
+
+from vmr.config import DataConfig
+from vmr.data.shards import iter_shard
+from vmr.data.stream import (
+    Collator,
+    VideoMomentDataset,
+    _swap_left_right,
+    expand_shards,
+    make_loader,
+    skipped,
+)
+from vmr.data.video import sample_times
+from vmr.errors import UserError
+from vmr.spans import clip_targets
+from vmr.text import load_tokenizer
+
+from .conftest import TINY
+
+TOKENIZER = load_tokenizer("synthetic")
+
+
+def _data(**changes) -> DataConfig:
+    return DataConfig(**{"image_size": 16, "clip_fps": 2.0, "num_workers": 0, **changes})
+
+
+def _all_samples(shard_dir, split):
+    return {meta["video_id"]: (video, meta) for tar in sorted(shard_dir.glob(f"{split}-*.tar"))
+            for _, video, meta in iter_shard(tar)}
+
+
+def test_frames_equal_torchcodec_direct_decode(shard_dir):
+    data = _data()
+    samples = _all_samples(shard_dir, "train")
+    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=2, max_frames=8,
+                         train=False, rank=0, world=1)
+    seen = 0
+    for batch in loader:
+        for i, vid in enumerate(batch["video_id"]):
+            video, meta = samples[vid]
+            times = sample_times(meta["duration"], "uniform", data.clip_fps, 8)
+            direct = VideoDecoder(video, seek_mode="approximate").get_frames_played_at(times)
+            n = int(batch["frame_mask"][i].sum())
+            assert n == len(times)
+            assert torch.equal(batch["videos"][i, :n], direct.data)
+            assert torch.allclose(batch["frame_times"][i, :n], direct.pts_seconds.float())
+            seen += 1
+    assert seen == len(samples)
+
+
+def test_batch_layout_and_targets(shard_dir):
+    loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=3, max_frames=8, train=True,
+                         rank=0, world=1, epoch_batches=2)
+    batches = list(loader)
+    assert len(batches) == 2
+    b = batches[0]
+    n_videos, n_queries = b["videos"].shape[0], b["text_ids"].shape[0]
+    assert b["videos"].dtype == torch.uint8 and b["videos"].shape[2:] == (3, 16, 16)
+    assert b["frame_mask"].shape == b["frame_times"].shape == (n_videos, b["videos"].shape[1])
+    assert b["relevance"].shape == b["saliency"].shape == (n_queries, b["videos"].shape[1])
+    assert n_queries <= n_videos * 4 and b["video_index"].max() < n_videos
+    # The sentence ends with the end-of-text token, as CLIP's text tower expects.
+    last = b["text_mask"].sum(1) - 1
+    assert (b["text_ids"][torch.arange(n_queries), last] == TOKENIZER.eos_token_id).all()
+    assert b["has_saliency"].all(), "QVHighlights-style sample data has saliency"
+    for q in range(n_queries):
+        v = b["video_index"][q]
+        times = b["frame_times"][v][b["frame_mask"][v]]
+        inside = torch.zeros_like(times, dtype=torch.bool)
+        for k in range(int(b["window_mask"][q].sum())):
+            s, e = b["windows"][q, k]
+            assert 0 <= s < e <= b["duration"][v] + 1e-5
+            first, last_ = b["clip_windows"][q, k]
+            assert first <= last_
+            inside |= (times >= s) & (times < e)
+        # Positive frames are exactly those inside a window (or the nearest one to a tiny window).
+        assert (b["relevance"][q, : len(times)].bool() | ~inside).all()
+
+
+@settings(max_examples=200, deadline=None)
+@given(duration=st.floats(2.0, 200.0), clip_fps=st.sampled_from([0.5, 1.0, 2.0, 3.0]),
+       max_frames=st.integers(1, 64), seed=st.integers(0, 10**6), mode=st.sampled_from(["uniform", "random"]),
+       data=st.data())
+def test_windows_map_to_the_right_clip_indices(duration, clip_fps, max_frames, seed, mode, data):
+    rng = random.Random(seed)
+    crop = None
+    if data.draw(st.booleans()):  # a temporal crop, as in training
+        a = data.draw(st.floats(0, duration * 0.5))
+        crop = (a, data.draw(st.floats(a + 0.5, duration)))
+    times = sample_times(duration, mode, clip_fps, max_frames, rng=rng, jitter=True, span=crop)
+    lo, hi = crop or (0.0, duration)
+    assert all(lo <= t < hi for t in times) and times == sorted(times) and len(times) <= max_frames
+    shifted = [t - lo for t in times]
+    start = data.draw(st.floats(0, hi - lo - 0.01))
+    window = (start, data.draw(st.floats(start + 0.01, hi - lo)))
+    relevance, [(first, last)] = clip_targets([window], shifted)
+    inside = [j for j, t in enumerate(shifted) if window[0] <= t < window[1]]
+    if inside:
+        assert (first, last) == (inside[0], inside[-1])
+        assert [j for j, r in enumerate(relevance) if r] == inside
+    else:  # no sampled frame falls inside: the one nearest the centre stands for it
+        centre = sum(window) / 2
+        assert first == last and abs(shifted[first] - centre) == min(abs(t - centre) for t in shifted)
+
+
+@pytest.mark.parametrize("max_videos_per_shard", [1, None])
+def test_two_ranks_two_workers_read_every_sample_once(synth_dir, tmp_path, max_videos_per_shard):
+    from vmr.data.shards import build_shards
+
+    # 3 shards < 4 (rank, worker) slots, or 1 shard: both splitting paths.
+    build_shards(synth_dir / "videos", [synth_dir / "train.jsonl"], tmp_path, fps=2.0, size=16,
+                 keyframe_interval=0, max_videos_per_shard=max_videos_per_shard, progress=False)
+    expected = set(_all_samples(tmp_path, "train"))
+    seen = []
+    for rank in (0, 1):
+        loader = make_loader(str(tmp_path), _data(), TOKENIZER, batch_size=1, max_frames=4, train=False,
+                             rank=rank, world=2, num_workers=2)
+        seen += [vid for batch in loader for vid in batch["video_id"]]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_many_shards_split_by_shard_and_training_steps_are_equal(shard_dir):
+    expected = set(_all_samples(shard_dir, "train")) | set(_all_samples(shard_dir, "val"))
+    seen = []
+    for rank in (0, 1):  # 4 shards, 4 slots: one shard each
+        loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=1, max_frames=4, train=False,
+                             rank=rank, world=2, num_workers=2)
+        seen += [vid for batch in loader for vid in batch["video_id"]]
+    assert sorted(seen) == sorted(expected)
+    counts = []
+    for rank in (0, 1):
+        loader = make_loader(str(shard_dir / "train-*.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+                             train=True, rank=rank, world=2, num_workers=2)
+        counts.append(sum(1 for _ in loader))
+    # 3 training videos over 2 ranks at batch 1: ceil(3 / 2) = 2 steps on each rank.
+    assert counts == [2, 2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupt_video_is_skipped_and_counted(shard_dir, tmp_path, workers):
+    samples = [s for tar in sorted(shard_dir.glob("train-*.tar")) for s in iter_shard(tar)]
+    with open(tmp_path / "bad-000000.tar", "wb") as f:
+        writer = wds.TarWriter(f)
+        for i, (key, video, meta) in enumerate(samples):
+            writer.write({"__key__": key, "mp4": video[: len(video) // 3] if i == 1 else video,
+                          "json": json.dumps(meta)})
+        writer.close()
+    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+                         train=False, rank=0, world=1, num_workers=workers)
+    got = [vid for batch in loader for vid in batch["video_id"]]
+    assert got == [samples[0][2]["video_id"], samples[2][2]["video_id"]]
+    assert skipped(loader) == 1
+
+
+def test_keyframes_sampling_and_resizing(shard_dir):
+    data = _data(frame_sampling="keyframes", image_size=24, temporal_crop=0.0)
+    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=3, max_frames=6, train=True,
+                         rank=0, world=1, epoch_batches=1)
+    batch = next(iter(loader))
+    assert batch["videos"].shape[1:] == (6, 3, 24, 24)
+    # Every stored frame is a keyframe at 2 fps: the sampled frames sit on the 0.5-second grid.
+    times = batch["frame_times"][batch["frame_mask"]] * 2
+    assert torch.allclose(times, times.round(), atol=1e-4)
+
+
+def test_a_stream_of_only_corrupt_samples_stops_with_a_reason(shard_dir, tmp_path):
+    key, video, meta = next(iter_shard(sorted(shard_dir.glob("train-*.tar"))[0]))
+    with open(tmp_path / "bad-000000.tar", "wb") as f:
+        writer = wds.TarWriter(f)
+        writer.write({"__key__": key, "mp4": b"not a video", "json": json.dumps(meta)})
+        writer.close()
+    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+                         train=True, rank=0, world=1, epoch_batches=1)
+    with pytest.raises(RuntimeError, match="50 samples in a row could not be decoded"):
+        next(iter(loader))
+
+
+def test_hflip_swaps_left_and_right():
+    assert _swap_left_right("a red circle moves left") == "a red circle moves right"
+    assert _swap_left_right("a right left") == "a left right"
+
+
+def test_map_style_dataset_over_loose_files(synth_dir):
+    for annotations in ("val.jsonl", "annotations.json"):
+        dataset = VideoMomentDataset(synth_dir / "videos", synth_dir / annotations, max_frames=8, image_size=16,
+                                     frame_sampling="uniform")
+        item = dataset[0]
+        assert item["frames"].shape[1:] == (3, 16, 16) and item["frames"].dtype == torch.uint8
+        assert len(item["times"]) == item["frames"].shape[0] <= 8
+        batch = Collator(TOKENIZER, 32)([dataset[i] for i in range(min(2, len(dataset)))])
+        assert batch["videos"].shape[0] == min(2, len(dataset))
+    assert len(VideoMomentDataset(synth_dir / "videos", synth_dir / "annotations.json")) == TINY["videos"]
+
+
+def test_expand_shards(shard_dir):
+    assert len(expand_shards(str(shard_dir / "train-{000000..000002}.tar"))) == 3
+    assert expand_shards([str(shard_dir / "val-*.tar")]) == [str(shard_dir / "val-000000.tar")]
+    assert expand_shards("pipe:cat x.tar") == ["pipe:cat x.tar"]
+    with pytest.raises(UserError, match="does not exist"):
+        expand_shards(str(shard_dir / "nope.tar"))
+    with pytest.raises(UserError, match="no shard matches"):
+        expand_shards(str(shard_dir / "*.zip"))

@@ -1,0 +1,179 @@
+"""Typed configuration: dataclasses, YAML presets, ``section.key=value`` overrides.
+
+Importable by anything. Unknown keys and values of the wrong type are UserErrors naming the key;
+``load_config`` returns a validated ``Config`` and ``save_config`` writes the resolved one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from vmr.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    train_shards: list[str] = field(default_factory=list)  # paths, globs, brace patterns, pipe:/http URLs
+    val_shards: list[str] = field(default_factory=list)
+    frame_sampling: Literal["uniform", "random", "keyframes"] = "random"  # training; evaluation is uniform
+    clip_fps: float = 1.0  # frames per second sampled; lowered for videos longer than max_frames / clip_fps
+    image_size: int = 224
+    queries_per_video: int = 4  # queries trained per video and step (evaluation uses all)
+    max_text_len: int = 32
+    num_workers: int = 2
+    epoch_samples: int = 0  # videos per epoch; 0 = count them from the shards' manifest.json
+    shuffle_buffer: int = 64  # videos
+    seed: int = 0
+    # Augmentation (training only)
+    temporal_jitter: bool = True  # random offset of the uniform sampling grid
+    temporal_crop: float = 0.5  # probability of a random crop that keeps the chosen queries' windows
+    scale_jitter: tuple[float, float] = (0.7, 1.0)  # area fraction of a random square crop; (1, 1) = off
+    hflip: bool = False  # flips frames and swaps "left"/"right" in the query; off: it changes the meaning
+
+
+@dataclass
+class ModelConfig:
+    name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained)
+    tokenizer: str = ""  # "" = the model's; "synthetic" = built locally for `vmr synth` data
+    max_frames: int = 32
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> Config:
+        d, m = self.data, self.model
+        checks = [
+            (d.clip_fps > 0, "data.clip_fps", "must be positive"),
+            (d.image_size >= 8, "data.image_size", "must be at least 8"),
+            (d.queries_per_video >= 1, "data.queries_per_video", "must be at least 1"),
+            (d.max_text_len >= 4, "data.max_text_len", "must be at least 4"),
+            (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
+            (d.epoch_samples >= 0, "data.epoch_samples", "must be >= 0"),
+            (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1"),
+            (0 <= d.temporal_crop <= 1, "data.temporal_crop", "is a probability in [0, 1]"),
+            (0 < d.scale_jitter[0] <= d.scale_jitter[1] <= 1, "data.scale_jitter", "needs 0 < min <= max <= 1"),
+            (m.max_frames >= 1, "model.max_frames", "must be at least 1"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise UserError(f"{key} {why}, got {_get(self, key)!r}")
+        return self
+
+
+def _get(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _coerce(value, kind, key: str):
+    """Check (and gently convert: int -> float, "x" -> ["x"]) a value against a type hint."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif origin is Literal:
+        if value in args:
+            return value
+        raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
+    elif origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, args[0], key) for v in value]
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args, strict=True))
+    elif origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, key)
+            except UserError:
+                continue
+    name = getattr(kind, "__name__", str(kind))
+    raise UserError(f"{key}: expected {name}, got {value!r}")
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in hints:
+            known = ", ".join(f"{prefix}{n}" for n in hints)
+            raise UserError(f"unknown config key {key!r} (known: {known})")
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{key}: expected a section (mapping), got {value!r}")
+            _apply(current, value, f"{key}.")
+        else:
+            setattr(obj, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """``section.key=value`` with the value read as YAML (numbers, booleans, lists)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"override {text!r} is not of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset YAML (or the defaults) plus overrides, type-checked and validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except yaml.YAMLError as error:
+            raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: a config file must be a mapping of sections")
+        _apply(cfg, values)
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: object = value
+        for part in reversed(keys):
+            nested = {part: nested}
+        _apply(cfg, nested)
+    return cfg.validate()
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    path.write_text(yaml.safe_dump(plain(config_to_dict(cfg)), sort_keys=False))

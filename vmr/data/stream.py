@@ -1,0 +1,413 @@
+"""The input pipeline: WebDataset shards -> torchcodec decode in DataLoader workers -> batches.
+
+``make_loader(shards, cfg.data, ...)`` is the one entry point for training, evaluation and the
+benchmarks. Every stage is a step in ``ShardStream.__iter__``; stage functions live at module
+level so they pickle into worker processes.
+
+A batch (b videos, q queries, t frames, l text tokens, w windows per query):
+  videos        uint8 (b, t, 3, s, s)  CLIP normalisation happens on the device, not here
+  frame_mask    bool  (b, t)           False on padding
+  frame_times   float (b, t)           seconds from the start of the (cropped) video
+  duration      float (b,)
+  text_ids, text_mask        (q, l)
+  windows       float (q, w, 2) seconds; window_mask bool (q, w)
+  clip_windows  long  (q, w, 2) first and last frame index inside each window
+  relevance     float (q, t)           1 where the frame's time is inside a window
+  saliency      float (q, t)           annotator score / 4 of the frame's 2-second clip; has_saliency (q,)
+  video_index   long  (q,)             which video of the batch a query belongs to
+  qid, query, video_id               lists, for predictions and logging
+
+The loader is never passed through ``accelerator.prepare``: ranks and workers split the shards
+here, and ``loader.skipped`` counts samples that could not be decoded (they are skipped, the
+stream goes on).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import random
+from functools import partial
+from pathlib import Path
+
+import torch
+import webdataset as wds
+
+from vmr.config import DataConfig
+from vmr.data.annotations import read_annotations
+from vmr.data.video import decode_frames, find_video, sample_times
+from vmr.errors import UserError
+from vmr.spans import QVH_CLIP_SECONDS, clip_targets, frames_to_seconds
+
+# ----- shard lists ------------------------------------------------------------------------------
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Shard URLs from paths, folders (every .tar inside), globs, brace patterns
+    (``train-{000000..000099}.tar``) and ``pipe:``/``http(s)://`` URLs."""
+    import braceexpand
+
+    urls: list[str] = []
+    for item in [spec] if isinstance(spec, str) else spec:
+        for pattern in braceexpand.braceexpand(item):
+            if pattern.startswith("pipe:") or "://" in pattern:
+                urls.append(pattern)
+            elif Path(pattern).is_dir():
+                urls += sorted(str(p) for p in Path(pattern).glob("*.tar"))
+            elif any(c in pattern for c in "*?["):
+                urls += sorted(glob.glob(pattern))
+            elif Path(pattern).is_file():
+                urls.append(pattern)
+            else:
+                raise UserError(f"shards: {pattern} does not exist")
+    if not urls:
+        raise UserError(f"shards: no shard matches {spec!r}")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Videos in these shards according to the manifests beside them; None when unknown."""
+    total, manifests = 0, {}
+    for url in urls:
+        path = Path(url)
+        if not path.is_file():
+            return None
+        if path.parent not in manifests:
+            file = path.parent / "manifest.json"
+            manifests[path.parent] = json.loads(file.read_text()) if file.is_file() else None
+        manifest = manifests[path.parent]
+        entry = None if manifest is None else next(
+            (s for split in manifest["splits"].values() for s in split["shards"] if s["path"] == path.name), None)
+        if entry is None:
+            return None
+        total += entry["samples"]
+    return total
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed or the launcher's environment."""
+    import os
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+# ----- stages -------------------------------------------------------------------------------------
+
+
+class SkipCounter:
+    """Samples skipped as undecodable, summed over the DataLoader's worker processes. One slot per
+    worker in a shared-memory tensor: each worker writes only its own slot, so no locking."""
+
+    def __init__(self, workers: int):
+        self.slots = torch.zeros(max(1, workers), dtype=torch.int64).share_memory_()
+
+    def add(self, worker: int) -> None:
+        self.slots[worker] += 1
+
+    @property
+    def total(self) -> int:
+        return int(self.slots.sum())
+
+
+def _count_and_continue(counter: SkipCounter, worker: int, error: Exception) -> bool:
+    """webdataset handler for a damaged tar member: count it and go on."""
+    counter.add(worker)
+    return True
+
+
+def resampled_shards(urls: list[str], rng: random.Random):
+    """Training: shards drawn with replacement, forever; each rank and worker has its own rng,
+    so they read different shards, and no worker ever runs dry (no empty-shard hang)."""
+    while True:
+        yield {"url": rng.choice(urls)}
+
+
+def _qvh_saliency(saliency: dict | None, times: list[float]) -> list[float] | None:
+    """Per-frame saliency in [0, 1]: the mean annotator score (0-4) of the frame's clip, / 4."""
+    if not saliency:
+        return None
+    by_clip = {c: sum(s) / len(s) / 4.0 for c, s in zip(saliency["clip_ids"], saliency["scores"], strict=False)}
+    clip = saliency.get("clip_seconds", QVH_CLIP_SECONDS)
+    return [by_clip.get(int(t // clip), 0.0) for t in times]
+
+
+def _swap_left_right(text: str) -> str:
+    words = text.split(" ")
+    swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left"}
+    return " ".join(swap.get(w, w) for w in words)
+
+
+def fit_frames(frames: torch.Tensor, size: int, rng: random.Random | None = None,
+               scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """uint8 (t, 3, h, w) -> (t, 3, size, size): a square crop (centred; with ``rng``, of a random
+    area fraction in ``scale`` at a random place), resized only when its side is not ``size``."""
+    t, c, h, w = frames.shape
+    side = min(h, w)
+    if rng is not None and scale[0] < 1.0:
+        side = max(1, round(side * math.sqrt(rng.uniform(*scale))))
+        y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
+    else:
+        y0, x0 = (h - side) // 2, (w - side) // 2
+    crop = frames[:, :, y0:y0 + side, x0:x0 + side]
+    if side == size:
+        return crop.contiguous()
+    resized = torch.nn.functional.interpolate(crop.float(), size=(size, size), mode="bilinear",
+                                              antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def decode_video(sample: dict, data: DataConfig, max_frames: int, rng: random.Random | None) -> dict:
+    """One shard sample -> one item: sampled frames, their times, and the queries to train.
+    ``rng`` is None in evaluation: all queries, uniform sampling, no augmentation."""
+    from torchcodec.decoders import VideoDecoder
+
+    meta = json.loads(sample["json"])
+    duration = float(meta["duration"])
+    queries = list(meta["queries"])
+    train = rng is not None
+    if train and len(queries) > data.queries_per_video:
+        queries = rng.sample(queries, data.queries_per_video)
+
+    # A random temporal crop that keeps every chosen window whole; times shift by its start.
+    span = None
+    if train and rng.random() < data.temporal_crop:
+        lo = min(s for q in queries for s, _ in q["windows"])
+        hi = max(e for q in queries for _, e in q["windows"])
+        a, b = rng.uniform(0.0, lo), rng.uniform(hi, duration)
+        if b - a >= 1.0 / data.clip_fps:
+            span = (a, b)
+
+    mode = data.frame_sampling if train else "uniform"
+    # Approximate seeking trusts the header and skips a scan of the file; the key frame list needs
+    # that scan (it reads packets, decodes nothing).
+    seek_mode = "exact" if mode == "keyframes" else "approximate"
+    decoder = VideoDecoder(sample["mp4"], seek_mode=seek_mode, num_ffmpeg_threads=1)
+    keyframes = None
+    if mode == "keyframes":
+        fps = decoder.metadata.average_fps
+        keyframes = [int(i) / fps for i in decoder._get_key_frame_indices()]
+    times = sample_times(duration, mode, data.clip_fps, max_frames, rng=rng,
+                         jitter=train and data.temporal_jitter, keyframes=keyframes, span=span)
+    frames, pts = decode_frames(decoder, times, start=float(meta.get("start", 0.0)))
+    frames = fit_frames(frames, data.image_size, rng if train else None, data.scale_jitter)
+    flip = train and data.hflip and rng.random() < 0.5
+    if flip:
+        frames = frames.flip(-1)
+
+    offset, length = (span[0], span[1] - span[0]) if span else (0.0, duration)
+    frame_times = [float(t) - offset for t in pts]
+    items = []
+    for q in queries:
+        windows = [(max(0.0, s - offset), min(length, e - offset)) for s, e in q["windows"]]
+        items.append({
+            "qid": q["qid"],
+            "query": _swap_left_right(q["query"]) if flip else q["query"],
+            "windows": [(s, e) for s, e in windows if e > s],
+            "saliency": _qvh_saliency(q.get("saliency"), [float(t) for t in pts]),
+        })
+    return {"video_id": meta["video_id"], "frames": frames, "times": frame_times, "duration": length,
+            "queries": items}
+
+
+MAX_FAILURES_IN_A_ROW = 50
+
+
+def decode_stage(src, data: DataConfig, max_frames: int, rng: random.Random | None,
+                 counter: SkipCounter, worker: int):
+    """Decode every sample; an undecodable one is counted and skipped, the stream goes on. Only a
+    long run of failures stops it: a resampled stream of nothing but bad samples would otherwise
+    spin forever without yielding a batch."""
+    failures = 0
+    for sample in src:
+        try:
+            item = decode_video(sample, data, max_frames, rng)
+        except Exception as error:  # a corrupt video must never stop a run: count it and move on
+            counter.add(worker)
+            failures += 1
+            if failures >= MAX_FAILURES_IN_A_ROW:
+                raise RuntimeError(f"{failures} samples in a row could not be decoded (last: "
+                                   f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}: {error})") from error
+            continue
+        failures = 0
+        yield item
+
+
+class Collator:
+    """Items -> one padded batch (see the module docstring). Tokenises the queries."""
+
+    def __init__(self, tokenizer, max_text_len: int):
+        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+
+    def __call__(self, items: list[dict]) -> dict:
+        b, t = len(items), max(len(item["times"]) for item in items)
+        size = items[0]["frames"].shape[-1]
+        videos = torch.zeros(b, t, 3, size, size, dtype=torch.uint8)
+        frame_mask = torch.zeros(b, t, dtype=torch.bool)
+        frame_times = torch.zeros(b, t)
+        queries = [(i, q) for i, item in enumerate(items) for q in item["queries"]]
+        n_windows = max([len(q["windows"]) for _, q in queries] + [1])
+        windows = torch.zeros(len(queries), n_windows, 2)
+        clip_windows = torch.zeros(len(queries), n_windows, 2, dtype=torch.long)
+        window_mask = torch.zeros(len(queries), n_windows, dtype=torch.bool)
+        relevance = torch.zeros(len(queries), t)
+        saliency = torch.zeros(len(queries), t)
+        has_saliency = torch.zeros(len(queries), dtype=torch.bool)
+        for i, item in enumerate(items):
+            n = len(item["times"])
+            videos[i, :n] = item["frames"]
+            frame_mask[i, :n] = True
+            frame_times[i, :n] = torch.tensor(item["times"])
+        for j, (i, q) in enumerate(queries):
+            rel, clips = clip_targets(q["windows"], items[i]["times"])
+            relevance[j, : len(rel)] = torch.tensor(rel)
+            for k, (window, clip) in enumerate(zip(q["windows"], clips, strict=True)):
+                windows[j, k] = torch.tensor(window)
+                clip_windows[j, k] = torch.tensor(clip)
+                window_mask[j, k] = True
+            if q["saliency"] is not None:
+                saliency[j, : len(q["saliency"])] = torch.tensor(q["saliency"])
+                has_saliency[j] = True
+        text = self.tokenizer([q["query"] for _, q in queries], padding=True, truncation=True,
+                              max_length=self.max_text_len, return_tensors="pt")
+        return {
+            "videos": videos, "frame_mask": frame_mask, "frame_times": frame_times,
+            "duration": torch.tensor([item["duration"] for item in items]),
+            "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
+            "windows": windows, "window_mask": window_mask, "clip_windows": clip_windows,
+            "relevance": relevance, "saliency": saliency, "has_saliency": has_saliency,
+            "video_index": torch.tensor([i for i, _ in queries], dtype=torch.long),
+            "qid": [q["qid"] for _, q in queries], "query": [q["query"] for _, q in queries],
+            "video_id": [item["video_id"] for item in items],
+        }
+
+
+# ----- the stream -------------------------------------------------------------------------------
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """Batches from shards for one rank. Training: resampled shards, shuffled, augmented, exactly
+    ``epoch_batches`` batches per epoch on every rank. Evaluation: every sample exactly once over
+    all ranks and workers, in order, no augmentation."""
+
+    def __init__(self, urls: list[str], data: DataConfig, tokenizer, batch_size: int, max_frames: int,
+                 train: bool, rank: int, world: int, epoch_batches: int | None, counter: SkipCounter):
+        super().__init__()
+        self.urls, self.data, self.batch_size, self.max_frames = urls, data, batch_size, max_frames
+        self.train, self.rank, self.world, self.epoch_batches = train, rank, world, epoch_batches
+        self.collate = Collator(tokenizer, data.max_text_len)
+        self.counter = counter
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseeds shuffling and augmentation; call before iterating an epoch."""
+        self.epoch = epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        handler = partial(_count_and_continue, self.counter, worker)
+
+        if self.train:
+            rng = random.Random(f"{self.data.seed}-{self.epoch}-{slot}")
+            # Shard URLs drawn at random with this rank's and worker's own rng, forever.
+            stream = resampled_shards(self.urls, rng)
+            # At this point we have tar samples: {"__key__", "mp4": bytes, "json": bytes}.
+            stream = wds.tarfile_to_samples(handler=handler)(stream)
+            stream = wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_buffer, rng=rng)(stream)
+        else:
+            rng = None
+            # Every sample once over all (rank, worker) slots: whole shards per slot when there
+            # are enough of them, else every slot reads all shards and keeps every slots-th sample.
+            by_shard = len(self.urls) >= slots
+            mine = self.urls[slot::slots] if by_shard else self.urls
+            stream = wds.tarfile_to_samples(handler=handler)({"url": u} for u in mine)
+            if not by_shard:
+                stream = (s for i, s in enumerate(stream) if i % slots == slot)
+
+        # Decoded: {"frames": uint8 (t, 3, s, s), "times", "duration", "queries"} per video.
+        stream = decode_stage(stream, self.data, self.max_frames, rng, self.counter, worker)
+        # Batched and collated: the dict described at the top of this file.
+        stream = wds.batched(self.batch_size, collation_fn=self.collate, partial=not self.train)(stream)
+
+        if self.train:
+            # The rank's epoch_batches split over its workers: every rank runs the same number of steps.
+            quota = self.epoch_batches // workers + (1 if worker < self.epoch_batches % workers else 0)
+            for _, batch in zip(range(quota), stream, strict=False):
+                yield batch
+        else:
+            yield from stream
+
+
+def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size: int, max_frames: int,
+                train: bool, rank: int | None = None, world: int | None = None,
+                epoch_batches: int | None = None, num_workers: int | None = None):
+    """A DataLoader of batches for this rank (see ShardStream). ``loader.skipped`` is the number
+    of samples skipped as undecodable so far; ``loader.dataset.set_epoch(e)`` reseeds."""
+    urls = expand_shards(shards)
+    if rank is None or world is None:
+        rank, world = distributed_rank()
+    workers = data.num_workers if num_workers is None else num_workers
+    if train and epoch_batches is None:
+        samples = data.epoch_samples or count_samples(urls)
+        if samples is None:
+            raise UserError("data.epoch_samples: shards without a manifest.json beside them need the "
+                            "number of videos per epoch")
+        epoch_batches = max(1, math.ceil(samples / (world * batch_size)))
+    counter = SkipCounter(workers)
+    stream = ShardStream(urls, data, tokenizer, batch_size, max_frames, train, rank, world, epoch_batches, counter)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
+                                         persistent_workers=False, prefetch_factor=2 if workers else None)
+    loader.skip_counter = counter
+    return loader
+
+
+def skipped(loader) -> int:
+    return loader.skip_counter.total
+
+
+# ----- map-style access to loose files (small data, the demo) -------------------------------------
+
+
+class VideoMomentDataset(torch.utils.data.Dataset):
+    """Videos in a folder plus an annotation file (any supported format), one item per video in
+    the same format as the stream's decoded items; batch them with ``Collator``."""
+
+    def __init__(self, video_dir: str | Path, annotation_file: str | Path, max_frames: int = 32,
+                 image_size: int = 224, frame_sampling: str = "uniform", clip_fps: float = 1.0):
+        self.video_dir = Path(video_dir)
+        records, _ = read_annotations(Path(annotation_file))
+        self.videos: dict[str, list] = {}
+        for record in records:
+            self.videos.setdefault(record.video_id, []).append(record)
+        self.ids = list(self.videos)
+        # Every query of a video, whatever the sampling; no augmentation.
+        self.data = DataConfig(frame_sampling=frame_sampling, image_size=image_size, clip_fps=clip_fps,
+                               queries_per_video=1 << 30, temporal_crop=0.0, scale_jitter=(1.0, 1.0), temporal_jitter=False)
+        self.max_frames = max_frames
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        from vmr.data.video import probe
+
+        video_id = self.ids[index]
+        records = self.videos[video_id]
+        path = find_video(self.video_dir, video_id, records[0].video_file)
+        if path is None:
+            raise UserError(f"{self.video_dir}: no video file for {video_id!r}")
+        info = probe(path, check_decode=False)
+        queries = []
+        for r in records:
+            windows = [frames_to_seconds(int(s), int(e), info.fps) if r.unit == "frames" else (s, e)
+                       for s, e in r.windows]
+            queries.append({"qid": r.qid, "query": r.query, "windows": windows, "saliency": r.saliency})
+        sample = {"mp4": path.read_bytes(),
+                  "json": json.dumps({"video_id": video_id, "duration": info.duration, "start": info.start,
+                                      "queries": queries})}
+        rng = random.Random(index) if self.data.frame_sampling == "random" else None
+        return decode_video(sample, self.data, self.max_frames, rng)
