@@ -17,6 +17,7 @@ EPILOG = """examples:
   vmr synth --out data/synth
   vmr shards build --videos data/synth/videos --annotations data/synth/train.jsonl --out data/shards --split train
   vmr shards verify data/shards
+  vmr bench loader --quick
 """
 
 
@@ -62,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.add_verify_arguments(v)
     v.set_defaults(handler=shards.run_verify)
+
+    from vmr import bench
+
+    p = commands.add_parser(
+        "bench", help="measure the input pipeline's throughput",
+        description="Measure throughput with warm-up, repetitions and medians. 'loader': the full "
+                    "pipeline with 0..N workers against raw torchcodec decode of the same frames.",
+        epilog="example:\n  vmr bench loader --quick --json bench.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.run)
     return parser
 
 
