@@ -208,14 +208,28 @@ def render_video(events: list[Event], n_frames: int, fps: float, size: int, tint
 
 
 def encode_mp4(frames: torch.Tensor, fps: float, path: Path, keyframe_every: int) -> None:
-    """H.264 / yuv420p with a keyframe every ``keyframe_every`` frames (cheap seeking later)."""
-    from torchcodec.encoders import VideoEncoder
+    """H.264 / yuv420p with a keyframe every ``keyframe_every`` frames (cheap seeking later).
 
-    encoder = VideoEncoder(frames, frame_rate=fps)
-    encoder.to_file(
-        str(path), codec="libx264", pixel_format="yuv420p", crf=20, preset="fast",
-        extra_options={"g": keyframe_every, "threads": 1},
-    )
+    Raw RGB frames go through the ffmpeg program with one thread and bit-exact flags: the same
+    frames always give the same bytes. (torchcodec's in-process encoder gave different bytes now
+    and then for identical frames in one process, which breaks --seed reproducibility.)
+    """
+    import subprocess
+
+    from vmr.data.video import require_ffmpeg
+
+    t, _, h, w = frames.shape
+    command = [
+        require_ffmpeg(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", f"{fps:g}", "-i", "-",
+        "-c:v", "libx264", "-preset", "fast", "-crf", "20", "-pix_fmt", "yuv420p",
+        "-g", str(keyframe_every), "-threads", "1", "-map_metadata", "-1",
+        "-fflags", "+bitexact", "-flags:v", "+bitexact", str(path),
+    ]
+    rgb = frames.permute(0, 2, 3, 1).contiguous().numpy().tobytes()
+    result = subprocess.run(command, input=rgb, capture_output=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not encode {path}: {result.stderr.decode(errors='replace').strip()[-300:]}")
 
 
 def _video_id(index: int, rng: np.random.Generator, duration: float) -> str:

@@ -36,7 +36,7 @@ import webdataset as wds
 
 from vmr.config import DataConfig
 from vmr.data.annotations import read_annotations
-from vmr.data.video import decode_frames, find_video, sample_times
+from vmr.data.video import decode_frames, find_video, keyframe_times, sample_times
 from vmr.errors import UserError
 from vmr.spans import QVH_CLIP_SECONDS, clip_targets, frames_to_seconds
 
@@ -185,10 +185,7 @@ def decode_video(sample: dict, data: DataConfig, max_frames: int, rng: random.Ra
     # that scan (it reads packets, decodes nothing).
     seek_mode = "exact" if mode == "keyframes" else "approximate"
     decoder = VideoDecoder(sample["mp4"], seek_mode=seek_mode, num_ffmpeg_threads=1)
-    keyframes = None
-    if mode == "keyframes":
-        fps = decoder.metadata.average_fps
-        keyframes = [int(i) / fps for i in decoder._get_key_frame_indices()]
+    keyframes = keyframe_times(decoder) if mode == "keyframes" else None
     times = sample_times(duration, mode, data.clip_fps, max_frames, rng=rng,
                          jitter=train and data.temporal_jitter, keyframes=keyframes, span=span)
     frames, pts = decode_frames(decoder, times, start=float(meta.get("start", 0.0)))

@@ -104,14 +104,15 @@ def reencode(src: Path, dst: Path, fps: float | None, size: int | None, keyframe
         raise ValueError(f"ffmpeg failed: {message[:300]}")
 
 
-def keyframe_times(source: str | Path | bytes) -> list[float]:
-    """Presentation times in seconds of the key frames (used by tests and `keyframes` sampling)."""
+def keyframe_times(source) -> list[float]:
+    """Times in seconds from the video's start of its key frames. ``source`` is a path, bytes, or
+    a VideoDecoder opened with ``seek_mode="exact"`` (the key frame list needs that scan)."""
     from torchcodec.decoders import VideoDecoder
 
-    decoder = VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact")
-    fps = decoder.metadata.average_fps
-    start = decoder.metadata.begin_stream_seconds or 0.0
-    return [start + int(i) / fps for i in decoder._get_key_frame_indices()]
+    if not isinstance(source, VideoDecoder):
+        source = VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact")
+    fps = source.metadata.average_fps
+    return [int(i) / fps for i in source._get_key_frame_indices()]
 
 
 def window_tolerance(fps: float) -> float:
