@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmr.errors import UserError
+from vmr.spans import frames_to_seconds
 
 FORMATS = ("seed", "qvhighlights", "charades")
 VIDEO_EXTENSIONS = ("mp4", "mkv", "avi", "mov", "webm")
@@ -39,6 +40,12 @@ class QueryRecord:
     video_file: str | None = None  # a file name given by the annotation (seed format)
     source: str = ""  # "file:line" for messages
     extra: dict = field(default_factory=dict)
+
+    def seconds(self, fps: float) -> list[tuple[float, float]]:
+        """The windows in seconds; frame windows are converted with the video's real fps."""
+        if self.unit == "frames":
+            return [frames_to_seconds(int(s), int(e), fps) for s, e in self.windows]
+        return list(self.windows)
 
 
 @dataclass

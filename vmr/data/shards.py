@@ -34,7 +34,6 @@ from tqdm import tqdm
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
 from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError
-from vmr.spans import frames_to_seconds
 
 MANIFEST = "manifest.json"
 TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
@@ -106,8 +105,7 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
     queries, skips = [], []
     tolerance = window_tolerance(source.fps)
     for record in task.queries:
-        windows = [frames_to_seconds(int(s), int(e), source.fps) if record.unit == "frames" else (s, e)
-                   for s, e in record.windows]
+        windows = record.seconds(source.fps)
         bad = next(((s, e) for s, e in windows if e > source.duration + tolerance), None)
         if bad is not None:
             skips.append(Skip(task.video_id, f"{record.source}: window [{bad[0]:g}, {bad[1]:g}] is outside "

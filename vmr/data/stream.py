@@ -38,7 +38,7 @@ from vmr.config import DataConfig
 from vmr.data.annotations import read_annotations
 from vmr.data.video import decode_frames, find_video, keyframe_times, sample_times
 from vmr.errors import UserError
-from vmr.spans import QVH_CLIP_SECONDS, clip_targets, frames_to_seconds
+from vmr.spans import QVH_CLIP_SECONDS, clip_targets
 
 # ----- shard lists ------------------------------------------------------------------------------
 
@@ -398,11 +398,8 @@ class VideoMomentDataset(torch.utils.data.Dataset):
         if path is None:
             raise UserError(f"{self.video_dir}: no video file for {video_id!r}")
         info = probe(path, check_decode=False)
-        queries = []
-        for r in records:
-            windows = [frames_to_seconds(int(s), int(e), info.fps) if r.unit == "frames" else (s, e)
-                       for s, e in r.windows]
-            queries.append({"qid": r.qid, "query": r.query, "windows": windows, "saliency": r.saliency})
+        queries = [{"qid": r.qid, "query": r.query, "windows": r.seconds(info.fps), "saliency": r.saliency}
+                   for r in records]
         sample = {"mp4": path.read_bytes(),
                   "json": json.dumps({"video_id": video_id, "duration": info.duration, "start": info.start,
                                       "queries": queries})}
