@@ -41,8 +41,39 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained)
+    init: Literal["pretrained", "random"] = "pretrained"  # random: a CLIP of the sizes below, untrained
     tokenizer: str = ""  # "" = the model's; "synthetic" = built locally for `vmr synth` data
     max_frames: int = 32
+    # CLIP sizes for init=random (pretrained models bring their own); defaults are ViT-B/32's
+    image_size: int = 224
+    patch_size: int = 32
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    text_width: int = 512
+    text_layers: int = 12
+    text_heads: int = 8
+    projection_dim: int = 512
+    # Backbone handling
+    freeze_clip: bool = False
+    gradient_checkpointing: bool = False  # recompute the CLIP towers' activations in backward
+    frame_chunk: int = 256  # frames per vision-tower call: bounds activation memory on long batches
+    # Temporal and cross-attention layers on top of CLIP
+    temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
+    hidden_dim: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    dropout: float = 0.1
+    # Losses
+    relevance_loss: Literal["bce", "focal"] = "bce"
+    focal_gamma: float = 2.0
+    loss_relevance: float = 1.0
+    loss_l1: float = 1.0
+    loss_giou: float = 1.0
+    loss_saliency: float = 1.0
+    saliency_margin: float = 0.2
+    # Decoding
+    nms_iou: float = 0.7  # proposals overlapping a better one by more than this are dropped
 
 
 @dataclass
@@ -63,6 +94,14 @@ class Config:
             (0 <= d.temporal_crop <= 1, "data.temporal_crop", "is a probability in [0, 1]"),
             (0 < d.scale_jitter[0] <= d.scale_jitter[1] <= 1, "data.scale_jitter", "needs 0 < min <= max <= 1"),
             (m.max_frames >= 1, "model.max_frames", "must be at least 1"),
+            (m.image_size % m.patch_size == 0, "model.image_size", "must be a multiple of model.patch_size"),
+            (m.hidden_dim % m.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads"),
+            (m.vision_width % m.vision_heads == 0, "model.vision_width", "must be a multiple of vision_heads"),
+            (m.text_width % m.text_heads == 0, "model.text_width", "must be a multiple of text_heads"),
+            (m.num_layers >= 0, "model.num_layers", "must be >= 0"),
+            (m.frame_chunk >= 1, "model.frame_chunk", "must be at least 1"),
+            (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
+            (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),
         ]
         for ok, key, why in checks:
             if not ok:

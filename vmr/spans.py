@@ -42,6 +42,19 @@ def overlap(a: Window, b: Window) -> float:
     return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
+def nms(candidates: Sequence[tuple[float, float, float]], iou_threshold: float,
+        top_k: int | None = None) -> list[tuple[float, float, float]]:
+    """Greedy non-maximum suppression of ``(start, end, score)`` windows: best score first, and
+    a window overlapping an already kept one by more than ``iou_threshold`` is dropped."""
+    kept: list[tuple[float, float, float]] = []
+    for cand in sorted(candidates, key=lambda c: -c[2]):
+        if all(iou(cand[:2], k[:2]) <= iou_threshold for k in kept):
+            kept.append(cand)
+            if top_k is not None and len(kept) == top_k:
+                break
+    return kept
+
+
 def clip_relevance(
     windows: Sequence[Window], duration: float, clip_seconds: float = QVH_CLIP_SECONDS
 ) -> list[float]:

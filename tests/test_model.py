@@ -1,0 +1,189 @@
+"""The model on tiny random CLIPs: shapes, masks, query sensitivity, gradients, decoding,
+from_pretrained round trips, and overfitting one real batch from the shards."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from vmr import load_config
+from vmr.config import DataConfig
+from vmr.data.stream import make_loader
+from vmr.model import VideoMomentRetrievalModel, decode_moments, moment_losses
+from vmr.model.losses import giou_1d
+from vmr.text import load_tokenizer
+
+TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
+
+
+def tiny_model(**changes) -> VideoMomentRetrievalModel:
+    cfg = load_config(TINY).model
+    torch.manual_seed(0)
+    return VideoMomentRetrievalModel.from_config(dataclasses.replace(cfg, **changes)).eval()
+
+
+def frames(b=2, t=6, size=32, seed=0):
+    return torch.randint(0, 256, (b, t, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_output_shapes_with_several_queries_per_video():
+    model = tiny_model()
+    text = model.tokenize(["a red circle spins", "a blue square moves left", "the green triangle jumps"])
+    out = model(frames(), text, video_index=torch.tensor([0, 0, 1]))
+    assert out["relevance_logits"].shape == out["saliency"].shape == out["frame_mask"].shape == (3, 6)
+    assert out["boundaries"].shape == (3, 6, 2) and (out["boundaries"] >= 0).all()
+    assert out["duration"].tolist() == [6.0, 6.0, 6.0]
+
+
+def test_original_constructor_arguments():
+    model = VideoMomentRetrievalModel(model_name="unused-for-random-init", max_frames=8, temporal_modeling=False,
+                                      freeze_clip=True, init="random", tokenizer="synthetic", image_size=32,
+                                      patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
+                                      text_layers=1, text_heads=2, projection_dim=32, hidden_dim=32, num_heads=2)
+    assert model.config.max_frames == 8 and not model.config.temporal_modeling
+    assert not any(p.requires_grad for p in model.towers.parameters())
+
+
+def test_padded_frames_and_padded_words_change_nothing():
+    model = tiny_model()
+    video = frames(b=1, t=5)
+    text = model.tokenize(["a red circle spins"])
+    alone = model(video, text)
+    # Same video padded with 3 junk frames, in a batch with a longer query (so the first is padded).
+    padded = torch.cat([video, frames(b=1, t=3, seed=1)], dim=1)
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    both = model.tokenize(["a red circle spins", "the big blue square moves quickly to the left"])
+    assert both["attention_mask"][0].sum() < both["attention_mask"][1].sum()
+    batch = model(padded, both, frame_mask=mask, video_index=torch.tensor([0, 0]))
+    for key in ("relevance_logits", "saliency", "boundaries"):
+        torch.testing.assert_close(batch[key][0, :5], alone[key][0], atol=1e-5, rtol=1e-4)
+
+
+def test_different_queries_give_different_outputs():
+    """The original model was blind to the query; this one must not be, even untrained."""
+    model = tiny_model()
+    text = model.tokenize(["a red circle spins", "a blue square jumps"])
+    out = model(frames(b=1), text)
+    assert (out["relevance_logits"][0] - out["relevance_logits"][1]).abs().max() > 1e-4
+    assert (out["boundaries"][0] - out["boundaries"][1]).abs().max() > 1e-6
+
+
+def _targets(q: int, t: int) -> dict:
+    relevance = torch.zeros(q, t)
+    relevance[:, 1:3] = 1
+    return {"relevance": relevance, "windows": torch.tensor([[[1.0, 3.0]]] * q),
+            "window_mask": torch.ones(q, 1, dtype=torch.bool), "clip_windows": torch.tensor([[[1, 2]]] * q),
+            "saliency": relevance * 0.75, "has_saliency": torch.tensor([True] + [False] * (q - 1))}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_gradients_reach_every_trainable_parameter(freeze):
+    model = tiny_model(freeze_clip=freeze, dropout=0.1).train()
+    text = model.tokenize(["a red circle spins", "a blue square jumps"])
+    out = model(frames(b=1), text)
+    moment_losses(out, _targets(2, 6), model.config)["loss"].backward()
+    for name, p in model.named_parameters():
+        if name.startswith("towers.") and freeze:
+            assert not p.requires_grad and p.grad is None, name
+        else:
+            assert p.requires_grad and p.grad is not None, name
+            if "token_embedding" not in name:  # rows of words absent from these queries stay 0
+                assert p.grad.abs().sum() > 0, name
+
+
+def test_decoding_hand_built_outputs():
+    # 4 frames at 0, 1, 2, 3 s of a 4-s video. Frame 2 is the most relevant and points 1 s back
+    # and 0.5 s ahead; frame 1 proposes nearly the same window (suppressed by NMS); frame 3 points
+    # past the end (clipped to 4 s); frame 0 is padding.
+    logit = lambda p: torch.logit(torch.tensor(p))  # noqa: E731
+    outputs = {
+        "relevance_logits": torch.stack([logit(0.99), logit(0.8), logit(0.9), logit(0.5)])[None],
+        "boundaries": torch.tensor([[[0.0, 0.0], [0.0, 0.4], [0.25, 0.125], [0.25, 1.0]]]),
+        "saliency": torch.zeros(1, 4),
+        "frame_mask": torch.tensor([[False, True, True, True]]),
+        "frame_times": torch.tensor([[0.0, 1.0, 2.0, 3.0]]),
+        "duration": torch.tensor([4.0]),
+    }
+    result = decode_moments(outputs, top_k=5, nms_iou=0.5)[0]
+    moments = [(round(s, 4), round(e, 4), round(p, 4)) for s, e, p in result["moments"]]
+    assert moments == [(1.0, 2.5, 0.9), (2.0, 4.0, 0.5)]  # (1.0, 2.6, 0.8) has IoU 0.94 with the first
+    assert result["clip_times"] == [1.0, 2.0, 3.0]
+    assert [round(p, 4) for p in result["clip_scores"]] == [0.8, 0.9, 0.5]
+    assert decode_moments(outputs, top_k=1, nms_iou=0.5)[0]["moments"][0][:2] == pytest.approx((1.0, 2.5))
+
+
+def test_giou_1d():
+    a = torch.tensor([[0.0, 2.0], [0.0, 1.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 2.0], [0.5, 1.5], [2.0, 3.0]])
+    # identical: 1; overlap 0.5 over union 1.5: 1/3; disjoint, hull 3, union 2: 0 - 1/3
+    torch.testing.assert_close(giou_1d(a, b), torch.tensor([1.0, 1 / 3, -1 / 3]), atol=1e-5, rtol=0)
+
+
+def test_retrieve_moments_in_seconds():
+    model = tiny_model()
+    moments, scores = model.retrieve_moments(frames(b=1, t=40)[0], "a red circle spins", top_k=3,
+                                             frame_times=[i * 0.5 for i in range(40)])
+    assert len(scores) == model.config.max_frames  # 40 frames subsampled to 32
+    assert 1 <= len(moments) <= 3
+    assert all(0 <= m["start"] < m["end"] <= 20.0 for m in moments)
+    assert [m["score"] for m in moments] == sorted((m["score"] for m in moments), reverse=True)
+    with pytest.raises(ValueError, match="empty"):
+        model.retrieve_moments(frames(b=1)[0], "  ")
+
+
+def test_clip_from_pretrained_directory(tmp_path):
+    """The pretrained path (hub name or local directory) on a tiny CLIP saved to disk."""
+    from transformers import CLIPModel
+
+    from vmr.model.backbone import random_clip_config
+
+    cfg = load_config(TINY).model
+    clip = CLIPModel(random_clip_config(cfg, load_tokenizer("synthetic")))
+    clip.save_pretrained(tmp_path / "clip")
+    model = VideoMomentRetrievalModel.from_config(dataclasses.replace(cfg, init="pretrained", name=str(tmp_path / "clip")))
+    torch.testing.assert_close(model.towers.vision.state_dict(), clip.vision_model.state_dict())
+    torch.testing.assert_close(model.towers.text_projection.weight, clip.text_projection.weight)
+
+
+def test_bundle_round_trip(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "bundle")
+    files = {p.name for p in (tmp_path / "bundle").iterdir()}
+    assert {"model.safetensors", "config.yaml", "clip_config.json", "tokenizer.json",
+            "preprocessor_config.json"} <= files
+    loaded = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    text = model.tokenize(["a red circle spins"])
+    torch.testing.assert_close(loaded(frames(b=1), text), model(frames(b=1), text))
+    model.save_pretrained(tmp_path / "bundle")  # overwriting an existing bundle works
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_from_pretrained_names_a_missing_file(tmp_path):
+    from vmr.errors import UserError
+
+    with pytest.raises(UserError, match="model.safetensors"):
+        VideoMomentRetrievalModel.from_pretrained(tmp_path)
+
+
+@pytest.mark.slow
+def test_overfits_one_real_batch(shard_dir):
+    data = DataConfig(image_size=16, clip_fps=2.0, num_workers=0, temporal_crop=0.0, scale_jitter=(1.0, 1.0))
+    loader = make_loader(str(shard_dir / "train-*.tar"), data, load_tokenizer("synthetic"), batch_size=2,
+                         max_frames=16, train=False, rank=0, world=1)
+    batch = next(iter(loader))
+    model = tiny_model().train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    text = {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]}
+    losses = []
+    for _ in range(150):
+        out = model(batch["videos"], text, frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                    frame_times=batch["frame_times"], duration=batch["duration"])
+        loss = moment_losses(out, batch, model.config)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])

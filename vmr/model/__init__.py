@@ -1,0 +1,8 @@
+"""The moment retrieval model: CLIP towers (backbone.py), einops attention blocks (blocks.py),
+losses (losses.py) and VideoMomentRetrievalModel with decoding and inference bundles (model.py).
+Never imports vmr.data."""
+
+from vmr.model.losses import moment_losses
+from vmr.model.model import VideoMomentRetrievalModel, decode_moments
+
+__all__ = ["VideoMomentRetrievalModel", "decode_moments", "moment_losses"]

@@ -1,0 +1,254 @@
+"""VideoMomentRetrievalModel: CLIP towers -> query-conditioned frame features -> temporal and
+cross-attention blocks -> per-clip heads; decoding to ranked windows in seconds; inference bundles.
+
+Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c CLIP width,
+d model width. A batch may hold several queries per video: each video is encoded once and
+its features are copied to its queries by ``video_index`` (q,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vmr.config import Config, ModelConfig, _apply
+from vmr.errors import UserError
+from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
+from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
+from vmr.spans import nms
+from vmr.text import load_tokenizer
+
+WEIGHTS, CONFIG, CLIP_CONFIG = "model.safetensors", "config.yaml", "clip_config.json"
+
+
+class VideoMomentRetrievalModel(nn.Module):
+    """``VideoMomentRetrievalModel(model_name=..., max_frames=32, temporal_modeling=True,
+    freeze_clip=False, **model_config_fields)``, or ``from_config(cfg.model)``, or
+    ``from_pretrained(bundle_dir)``."""
+
+    def __init__(self, model_name: str | None = None, max_frames: int = 32, temporal_modeling: bool = True,
+                 freeze_clip: bool = False, *, config: ModelConfig | None = None, tokenizer=None,
+                 clip_config=None, processor_source: str | None = None, **options):
+        super().__init__()
+        if isinstance(tokenizer, str):  # the config field (a name), not a tokenizer object
+            options["tokenizer"], tokenizer = tokenizer, None
+        if config is None:
+            config = ModelConfig(max_frames=max_frames, temporal_modeling=temporal_modeling,
+                                 freeze_clip=freeze_clip, **options)
+            if model_name is not None:
+                config.name = model_name
+            Config(model=config).validate()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.name)
+        clip = load_clip(config, self.tokenizer, clip_config)
+        if processor_source is None and clip_config is None and config.init == "pretrained":
+            processor_source = config.name
+        self.processor = load_processor(config, clip.config, processor_source)
+        self.clip_config = clip.config
+        self.towers = ClipTowers(clip, self.processor, config)
+
+        c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
+        self.frame_in, self.patch_in = nn.Linear(c, d), nn.Linear(c, d)
+        self.word_in, self.sentence_in = nn.Linear(c, d), nn.Linear(c, d)
+        self.pool = QueryPool(d, heads)
+        self.norm_in = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
+        self.norm_out = nn.LayerNorm(d)
+        self.relevance_head = nn.Linear(d, 1)
+        self.boundary_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
+        self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **kwargs) -> VideoMomentRetrievalModel:
+        return cls(config=cfg, **kwargs)
+
+    # ----- forward ------------------------------------------------------------------------------
+
+    def forward(self, video_frames: torch.Tensor, text_inputs: dict, frame_mask: torch.Tensor | None = None,
+                video_index: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
+                duration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-clip outputs for every query.
+
+        video_frames uint8 (b, t, 3, s, s); text_inputs {"input_ids", "attention_mask"} (q, l);
+        frame_mask (b, t) False on padding; video_index (q,) the video of each query (default: one
+        query per video, or every query on a single video); frame_times (b, t) seconds (default one
+        frame per second) and duration (b,) seconds, carried through for losses and decoding.
+
+        Returns (q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances
+        from each frame to its moment's start and end, over the duration), and each query's
+        ``frame_mask``, ``frame_times`` and ``duration``. Values at padded frames mean nothing.
+        """
+        b, t = video_frames.shape[:2]
+        device = video_frames.device
+        ids, word_mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
+        q = len(ids)
+        if frame_mask is None:
+            frame_mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        if frame_times is None:
+            frame_times = torch.arange(t, device=device, dtype=torch.float).expand(b, t)
+        if duration is None:
+            duration = frame_mask.sum(dim=1).float()
+        if video_index is None:
+            if b not in (1, q):
+                raise ValueError(f"{q} queries for {b} videos: pass video_index")
+            video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
+
+        tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
+        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(tokens[:, :, 1:])  # (b,t,d) (b,t,p,d)
+        words, sentence = self.towers.encode_text(ids, word_mask)  # (q, l, c), (q, c)
+        words, sentence = self.word_in(words), self.sentence_in(sentence)
+
+        # At this point each query sees its video's frames through what it asks for.
+        x = self.pool(sentence, patches, video_index) + frames[video_index]  # (q, t, d)
+        x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=device, dtype=x.dtype)
+        mask = frame_mask[video_index]
+        for block in self.blocks:
+            x = block(x, mask, words, word_mask)
+        x = self.norm_out(x)
+        return {
+            "relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
+            "boundaries": F.softplus(self.boundary_head(x)),
+            "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t"),
+            "frame_mask": mask,
+            "frame_times": frame_times[video_index],
+            "duration": duration[video_index],
+        }
+
+    # ----- decoding -----------------------------------------------------------------------------
+
+    def decode(self, outputs: dict, top_k: int = 5, nms_iou: float | None = None) -> list[dict]:
+        return decode_moments(outputs, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+
+    def tokenize(self, queries: list[str], max_length: int = 77) -> dict:
+        limit = min(max_length, self.clip_config.text_config.max_position_embeddings)
+        enc = self.tokenizer(queries, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def retrieve_moments(self, frames: torch.Tensor, query: str, top_k: int = 5,
+                         frame_times: list[float] | torch.Tensor | None = None,
+                         duration: float | None = None, nms_iou: float | None = None):
+        """Ranked moments for one query on one video.
+
+        ``frames`` uint8 (t, 3, h, w); ``frame_times`` in seconds (default one frame per second);
+        ``duration`` defaults to one frame interval past the last frame. More than ``max_frames``
+        frames are subsampled evenly. Returns ``([{"start", "end", "score"}, ...], clip_scores)``
+        with one relevance probability per (kept) frame.
+        """
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be (t, 3, h, w), got {tuple(frames.shape)}")
+        if not query.strip():
+            raise ValueError("the query is empty")
+        times = torch.arange(len(frames), dtype=torch.float) if frame_times is None else \
+            torch.as_tensor(frame_times, dtype=torch.float).cpu()
+        if len(times) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(times)} frame times")
+        if duration is None:
+            step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0
+            duration = float(times[-1]) + step
+        if len(frames) > self.config.max_frames:
+            keep = torch.linspace(0, len(frames) - 1, self.config.max_frames).round().long()
+            frames, times = frames[keep.to(frames.device)], times[keep]
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        outputs = self(frames[None].to(device), {k: v.to(device) for k, v in self.tokenize([query]).items()},
+                       frame_times=times[None].to(device), duration=torch.tensor([duration], device=device))
+        self.train(was_training)
+        result = self.decode(outputs, top_k=top_k, nms_iou=nms_iou)[0]
+        moments = [{"start": s, "end": e, "score": score} for s, e, score in result["moments"]]
+        return moments, result["clip_scores"]
+
+    # ----- optimisation -------------------------------------------------------------------------
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """AdamW groups: CLIP at ``lr * backbone_lr_mult``, the rest at ``lr``; no weight decay on
+        biases, norms and embeddings (tensors with fewer than 2 dimensions)."""
+        backbone = {id(p) for p in self.towers.parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in backbone, p.ndim >= 2), []).append(p)
+        return [{"params": params, "lr": lr * (backbone_lr_mult if is_backbone else 1.0),
+                 "weight_decay": weight_decay if decays else 0.0,
+                 "name": f"{'backbone' if is_backbone else 'head'}{'' if decays else '_no_decay'}"}
+                for (is_backbone, decays), params in sorted(groups.items())]
+
+    # ----- inference bundles --------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, config: Config | None = None) -> Path:
+        """Write an inference bundle: safetensors weights, the resolved config, CLIP's config,
+        tokenizer and image-processor files. Written to a temporary folder, then renamed."""
+        from safetensors.torch import save_file
+
+        from vmr.config import save_config
+
+        directory = Path(directory)
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+        full = dataclasses.replace(config or Config(), model=self.config)
+        save_config(full, tmp / CONFIG)
+        (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
+        self.tokenizer.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
+        """Load an inference bundle written by ``save_pretrained`` (no training code, no pickles,
+        no network: CLIP is rebuilt from the bundle's own config)."""
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, CLIPConfig
+
+        directory = Path(directory)
+        for name in (WEIGHTS, CONFIG, CLIP_CONFIG):
+            if not (directory / name).is_file():
+                raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
+        import yaml
+
+        cfg = ModelConfig()
+        _apply(cfg, (yaml.safe_load((directory / CONFIG).read_text()) or {}).get("model", {}), "model.")
+        clip_config = CLIPConfig.from_dict(json.loads((directory / CLIP_CONFIG).read_text()))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory))
+        model.load_state_dict(load_file(directory / WEIGHTS, device=str(map_location)))
+        return model.to(map_location).eval()
+
+
+def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
+    """Per query: every valid frame proposes the window its boundary head points to, scored by the
+    frame's relevance probability; windows are clipped to [0, duration], suppressed (NMS), and the
+    ``top_k`` best kept. Also returns the per-frame relevance and saliency scores."""
+    probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
+    saliency = outputs["saliency"].float().cpu()
+    bounds = outputs["boundaries"].float().cpu()
+    times, duration = outputs["frame_times"].float().cpu(), outputs["duration"].float().cpu()
+    mask = outputs["frame_mask"].cpu()
+    results = []
+    for i in range(len(probs)):
+        valid = mask[i]
+        length = float(duration[i])
+        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length)
+        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length)
+        scores = probs[i][valid]
+        candidates = [(s, e, p) for s, e, p in zip(start.tolist(), end.tolist(), scores.tolist(), strict=True)
+                      if e > s]
+        results.append({"moments": nms(candidates, nms_iou, top_k), "clip_scores": scores.tolist(),
+                        "saliency": saliency[i][valid].tolist(), "clip_times": times[i][valid].tolist()})
+    return results
