@@ -17,6 +17,9 @@ EPILOG = """examples:
   vmr synth --out data/synth
   vmr shards build --videos data/synth/videos --annotations data/synth/train.jsonl --out data/shards --split train
   vmr shards verify data/shards
+  vmr train --config configs/tiny.yaml train.max_steps=200
+  vmr eval --predictions preds.jsonl --ground-truth val.jsonl --json metrics.json
+  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query "a red circle spins"
   vmr bench loader --quick
 """
 
@@ -63,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.add_verify_arguments(v)
     v.set_defaults(handler=shards.run_verify)
+
+    from vmr.eval import predict
+
+    p = commands.add_parser(
+        "eval", help="score predictions (official protocols), or predict on shards and score",
+        description="Score a predictions file against ground truth with the official QVHighlights or "
+                    "Charades-STA protocol, or run a trained model over shards first. Prints a "
+                    "leaderboard row; --json writes the official metrics layout.",
+        epilog="examples:\n  vmr eval --predictions preds.jsonl --ground-truth data/highlight_val_release.jsonl\n"
+               "  vmr eval --checkpoint runs/quickstart --shards data/shards/val-*.tar --json metrics.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_eval_arguments(p)
+    p.set_defaults(handler=predict.run_eval)
+
+    p = commands.add_parser(
+        "predict", help="find the moments of one query in one video (JSON on stdout)",
+        description="Decode a video (any format FFmpeg reads), run a trained model and print the "
+                    "ranked moments in seconds with per-clip scores as JSON.",
+        epilog="example:\n  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_predict_arguments(p)
+    p.set_defaults(handler=predict.run_predict)
 
     from vmr import bench
 

@@ -16,6 +16,7 @@ A batch (b videos, q queries, t frames, l text tokens, w windows per query):
   saliency      float (q, t)           annotator score / 4 of the frame's 2-second clip; has_saliency (q,)
   video_index   long  (q,)             which video of the batch a query belongs to
   qid, query, video_id               lists, for predictions and logging
+  ground_truth  list of QVHighlights-style rows, one per query (scoring predictions on shards)
 
 The loader is never passed through ``accelerator.prepare``: ranks and workers split the shards
 here, and ``loader.skipped`` counts samples that could not be decoded (they are skipped, the
@@ -204,6 +205,7 @@ def decode_video(sample: dict, data: DataConfig, max_frames: int, rng: random.Ra
             "query": _swap_left_right(q["query"]) if flip else q["query"],
             "windows": [(s, e) for s, e in windows if e > s],
             "saliency": _qvh_saliency(q.get("saliency"), [float(t) for t in pts]),
+            "clip_saliency": q.get("saliency"),
         })
     return {"video_id": meta["video_id"], "frames": frames, "times": frame_times, "duration": length,
             "queries": items}
@@ -278,7 +280,18 @@ class Collator:
             "video_index": torch.tensor([i for i, _ in queries], dtype=torch.long),
             "qid": [q["qid"] for _, q in queries], "query": [q["query"] for _, q in queries],
             "video_id": [item["video_id"] for item in items],
+            "ground_truth": [ground_truth_row(items[i], q) for i, q in queries],
         }
+
+
+def ground_truth_row(item: dict, query: dict) -> dict:
+    """A query's ground truth in the QVHighlights JSONL layout, for scoring predictions on shards."""
+    row = {"qid": query["qid"], "query": query["query"], "vid": item["video_id"], "duration": item["duration"],
+           "relevant_windows": [list(w) for w in query["windows"]]}
+    saliency = query.get("clip_saliency")
+    if saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
+        row["relevant_clip_ids"], row["saliency_scores"] = list(saliency["clip_ids"]), list(saliency["scores"])
+    return row
 
 
 # ----- the stream -------------------------------------------------------------------------------
