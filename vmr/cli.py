@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_verify_arguments(v)
     v.set_defaults(handler=shards.run_verify)
 
+    from vmr import train
+
+    p = commands.add_parser(
+        "train", help="train a model (the same as 'accelerate launch -m vmr.train')",
+        description="Train on WebDataset shards with the config's preset plus overrides. For several "
+                    "processes or GPUs, DeepSpeed or multi-node runs use 'accelerate launch "
+                    "--config_file launch/X.yaml -m vmr.train --config FILE ...'.",
+        epilog="examples:\n  vmr train --config configs/tiny.yaml train.max_steps=200\n"
+               "  vmr train --config configs/tiny.yaml --resume latest",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_arguments(p)
+    p.set_defaults(handler=train.run)
+
     from vmr.eval import predict
 
     p = commands.add_parser(

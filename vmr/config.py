@@ -77,12 +77,38 @@ class ModelConfig:
 
 
 @dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 0  # optimizer steps; 0 = run train.epochs epochs
+    epochs: int = 1  # an epoch is every training video once (over all processes)
+    batch_size: int = 8  # videos per process and micro-batch (each with up to data.queries_per_video queries)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    backbone_lr_mult: float = 0.1  # CLIP's learning rate is lr times this
+    weight_decay: float = 1e-5
+    warmup_steps: int = 1000  # linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 (else fp16) on CUDA, fp16 on MPS, fp32 on CPU
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 3  # the last K checkpoints are kept
+    eval_every: int = 500  # steps between validations (and one at the end); needs data.val_shards
+    eval_batch_size: int = 8
+    best_metric: str = "MR-full-R1@0.5"  # a key of the metrics' "brief" section; higher is better
+    log_every: int = 10  # steps between TensorBoard scalars
+    max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
+    figure_queries: int = 4  # validation queries drawn in TensorBoard at each validation
+    seed: int = 0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> Config:
-        d, m = self.data, self.model
+        d, m, t = self.data, self.model, self.train
         checks = [
             (d.clip_fps > 0, "data.clip_fps", "must be positive"),
             (d.image_size >= 8, "data.image_size", "must be at least 8"),
@@ -102,6 +128,18 @@ class Config:
             (m.frame_chunk >= 1, "model.frame_chunk", "must be at least 1"),
             (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),
+            (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
+            (t.epochs >= 1, "train.epochs", "must be at least 1"),
+            (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
+            (t.grad_accum >= 1, "train.grad_accum", "must be at least 1"),
+            (t.lr > 0, "train.lr", "must be positive"),
+            (t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0"),
+            (t.save_every >= 0, "train.save_every", "must be >= 0"),
+            (t.eval_every >= 0, "train.eval_every", "must be >= 0"),
+            (t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be at least 1"),
+            (t.log_every >= 1, "train.log_every", "must be at least 1"),
+            (t.eval_batch_size >= 1, "train.eval_batch_size", "must be at least 1"),
+            (t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be at least 1"),
         ]
         for ok, key, why in checks:
             if not ok:
@@ -127,6 +165,11 @@ def _coerce(value, kind, key: str):
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif kind is str:
         if isinstance(value, str):
             return value

@@ -36,6 +36,10 @@ LENGTH_RANGES = {"short": (0, 10), "middle": (10, 30), "long": (30, 150), "full"
 HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}
 MAX_PRED_WINDOWS = 10  # mAP uses the top 10 predicted windows of each query
 CHARADES_IOUS = (0.3, 0.5, 0.7)
+# What the "brief" section of a QVHighlights metrics JSON can hold (e.g. train.best_metric).
+BRIEF_KEYS = ("MR-full-R1@0.5", "MR-full-R1@0.7", "MR-full-mAP", "MR-full-mAP@0.5", "MR-full-mAP@0.75",
+              "MR-short-mAP", "MR-middle-mAP", "MR-long-mAP",
+              *(f"HL-min-{level}-{m}" for level in ("Fair", "Good", "VeryGood") for m in ("mAP", "Hit1")))
 
 
 class BadInput(ValueError):
@@ -198,9 +202,11 @@ def moment_retrieval(gt: dict, preds: dict) -> dict:
 
 
 def _clip_scores(row: dict) -> np.ndarray:
-    """(clips, 3) annotator scores 0-4 over the whole video, 0 outside relevant_clip_ids."""
-    scores = np.zeros((int(row["duration"] / QVH_CLIP_SECONDS), 3))
-    scores[np.array(row["relevant_clip_ids"], dtype=int)] = np.array(row["saliency_scores"])
+    """(clips, 3) annotator scores 0-4 over the whole video, 0 outside relevant_clip_ids. The official
+    code has int(duration / 2) clips; a last partial clip with scores (official: an IndexError) is kept."""
+    ids = [int(c) for c in row["relevant_clip_ids"]]
+    scores = np.zeros((max([int(row["duration"] / QVH_CLIP_SECONDS), *(c + 1 for c in ids)]), 3))
+    scores[np.array(ids, dtype=int)] = np.array(row["saliency_scores"])
     return scores
 
 

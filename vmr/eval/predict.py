@@ -64,18 +64,20 @@ def best_device():
     return torch.device("cpu")
 
 
-def batch_predictions(model, batch: dict, top_k: int = TOP_K) -> list[dict]:
-    """One loader batch -> prediction rows (official schema) for its queries."""
+def batch_predictions(model, batch: dict, device, nms_iou: float, top_k: int = TOP_K) -> list[dict]:
+    """One loader batch -> prediction rows (official schema) for its queries. ``model`` may be
+    wrapped (DDP, DeepSpeed): only its forward is used."""
     import torch
 
-    device = next(model.parameters()).device
+    from vmr.model import decode_moments
+
     with torch.no_grad():
         outputs = model(batch["videos"].to(device),
                         {"input_ids": batch["text_ids"].to(device), "attention_mask": batch["text_mask"].to(device)},
                         frame_mask=batch["frame_mask"].to(device), video_index=batch["video_index"].to(device),
                         frame_times=batch["frame_times"].to(device), duration=batch["duration"].to(device))
     rows = []
-    for j, result in enumerate(model.decode(outputs, top_k=top_k)):
+    for j, result in enumerate(decode_moments(outputs, top_k, nms_iou)):
         video = int(batch["video_index"][j])
         saliency = [1 / (1 + math.exp(-s)) for s in result["saliency"]]
         rows.append({
@@ -86,22 +88,41 @@ def batch_predictions(model, batch: dict, top_k: int = TOP_K) -> list[dict]:
     return rows
 
 
-def predict_shards(model, shards, cfg, batch_size: int = 8, rank: int | None = None, world: int | None = None,
-                   progress: bool = True) -> tuple[list[dict], list[dict], int]:
+def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=None, rank: int | None = None,
+                   world: int | None = None, lockstep=None, progress: bool = True) -> tuple[list[dict], list[dict], int]:
     """Predictions and ground-truth rows for every query in ``shards`` (this rank's share when
-    ``rank``/``world`` are given), and the number of videos that could not be decoded."""
+    ``rank``/``world`` are given), and the number of videos that could not be decoded.
+
+    ``lockstep`` (an Accelerator) keeps every rank calling forward the same number of times, as
+    DeepSpeed ZeRO-3 needs (its forward gathers weights from all ranks): a rank out of batches
+    repeats its last one and throws the result away."""
+    import torch
     from tqdm import tqdm
 
     from vmr.data.stream import make_loader, skipped
 
-    loader = make_loader(shards, cfg.data, model.tokenizer, batch_size=batch_size,
-                         max_frames=model.config.max_frames, train=False, rank=rank, world=world)
-    predictions, truth = [], []
+    device = device or next(model.parameters()).device
+    loader = make_loader(shards, cfg.data, tokenizer, batch_size=batch_size, max_frames=cfg.model.max_frames,
+                         train=False, rank=rank, world=world)
+    predictions, truth, last = [], [], None
     was_training = model.training
     model.eval()
-    for batch in tqdm(loader, desc="predicting", unit="batch", disable=not progress, leave=False):
-        predictions += batch_predictions(model, batch)
+    batches = iter(tqdm(loader, desc="predicting", unit="batch", disable=not progress, leave=False))
+    while True:
+        batch = next(batches, None)
+        if lockstep is not None:
+            active = lockstep.reduce(torch.tensor([0.0 if batch is None else 1.0], device=device), "sum")
+            if active.item() == 0:
+                break
+            if batch is None:
+                if last is not None:
+                    batch_predictions(model, last, device, cfg.model.nms_iou)
+                continue
+        elif batch is None:
+            break
+        predictions += batch_predictions(model, batch, device, cfg.model.nms_iou)
         truth += batch["ground_truth"]
+        last = batch
     model.train(was_training)
     return predictions, truth, skipped(loader)
 
@@ -229,8 +250,9 @@ def _predict_for_eval(args):
     state = PartialState()
     model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
     start = time.perf_counter()
-    predictions, truth, bad = predict_shards(model, args.shards, cfg, args.batch_size, rank=state.process_index,
-                                             world=state.num_processes, progress=state.is_main_process)
+    predictions, truth, bad = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
+                                             rank=state.process_index, world=state.num_processes,
+                                             progress=state.is_main_process)
     if state.num_processes > 1:
         predictions, truth = gather_object(predictions), gather_object(truth)
         bad = sum(gather_object([bad]))

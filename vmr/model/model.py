@@ -184,9 +184,10 @@ class VideoMomentRetrievalModel(nn.Module):
 
     # ----- inference bundles --------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path, config: Config | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, config: Config | None = None, state_dict: dict | None = None) -> Path:
         """Write an inference bundle: safetensors weights, the resolved config, CLIP's config,
-        tokenizer and image-processor files. Written to a temporary folder, then renamed."""
+        tokenizer and image-processor files. Written to a temporary folder, then renamed.
+        ``state_dict`` replaces this module's own (e.g. weights gathered from ZeRO-3 shards)."""
         from safetensors.torch import save_file
 
         from vmr.config import save_config
@@ -195,7 +196,8 @@ class VideoMomentRetrievalModel(nn.Module):
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
         save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
         full = dataclasses.replace(config or Config(), model=self.config)
         save_config(full, tmp / CONFIG)

@@ -1,0 +1,69 @@
+"""Checkpoints and inference bundles of a run directory:
+
+  <output_dir>/config.yaml                 the resolved config
+  <output_dir>/checkpoints/step_0000100/   resumable state (accelerate save_state: model, optimizer,
+                                           scheduler, RNG states, loop counters), written atomically
+  <output_dir>/export/, export_best/       inference bundles (VideoMomentRetrievalModel.save_pretrained)
+  <output_dir>/tensorboard/                TensorBoard event files
+
+Every function here is collective: all processes call it (DeepSpeed writes one shard per rank and
+ZeRO-3 gathers weights from all of them); only the main process renames and deletes.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from vmr.errors import UserError
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
+    folder = Path(output_dir) / "checkpoints"
+    found = [p for p in folder.glob("step_*") if p.is_dir() and STEP_DIR.match(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def find_checkpoint(output_dir: Path, resume: str) -> Path:
+    """``latest`` (the newest complete checkpoint of the run) or a checkpoint folder."""
+    if resume == "latest":
+        found = checkpoints(output_dir)
+        if not found:
+            raise UserError(f"--resume latest: no checkpoint in {Path(output_dir) / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"--resume: {path} is not a checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+    """save_state into a temporary folder, then rename: a run killed mid-save leaves the previous
+    checkpoint intact. Keeps the newest ``keep`` checkpoints."""
+    final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_bundle(accelerator, model, cfg, directory: Path) -> None:
+    """The inference bundle of the current weights (gathered from all ranks under ZeRO-3)."""
+    state = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(directory, cfg, state_dict=state)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,311 @@
+"""Training: one loop, readable top to bottom. Accelerate does the plumbing (DDP, DeepSpeed ZeRO,
+mixed precision, checkpoint state); the loop does, at every step: once in a while validate /
+checkpoint, then one optimizer step of ``train.grad_accum`` micro-batches.
+
+    vmr train --config configs/tiny.yaml train.max_steps=200
+    accelerate launch --config_file launch/cpu_2proc.yaml -m vmr.train --config configs/tiny.yaml
+
+Both run ``main``. The data loader is not passed through ``accelerator.prepare``: the stream
+splits shards by rank and worker itself (vmr.data.stream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from vmr.config import Config, load_config, save_config
+from vmr.errors import UserError
+from vmr.eval.metrics import BRIEF_KEYS
+
+
+class LoopState:
+    """Counters saved with every checkpoint (accelerate's register_for_checkpointing)."""
+
+    def __init__(self):
+        self.step, self.best, self.nonfinite = 0, None, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best": self.best, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best, self.nonfinite = state["step"], state["best"], state["nonfinite"]
+
+
+def precision_for(asked: str, cuda: bool, mps: bool, bf16_ok: bool) -> str:
+    """``auto``: bf16 on CUDA where supported, else fp16 (with loss scaling); fp16 on MPS; fp32 on CPU."""
+    if asked == "auto":
+        return ("bf16" if bf16_ok else "fp16") if cuda else "fp16" if mps else "no"
+    if asked == "fp16" and not (cuda or mps):
+        raise UserError("train.mixed_precision: fp16 needs a CUDA or MPS device; on a CPU use bf16 or no")
+    return asked
+
+
+def make_accelerator(cfg: Config):
+    import torch
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import ProjectConfiguration
+
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed and not cuda:
+        # Without a GPU, DeepSpeed's ranks only find each other over gloo (else each believes it is alone).
+        PartialState(backend="gloo")
+    precision = precision_for(cfg.train.mixed_precision, cuda, mps, cuda and torch.cuda.is_bf16_supported())
+    out = Path(cfg.train.output_dir)
+    accelerator = Accelerator(
+        cpu=not (cuda or mps or deepspeed),  # CPU ranks must be told, or each trains alone
+        mixed_precision=precision,
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
+    )
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        # The loader is not prepared, so DeepSpeed's "auto" batch and clipping values come from here.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
+        plugin.deepspeed_config["train_batch_size"] = (cfg.train.batch_size * cfg.train.grad_accum
+                                                       * accelerator.num_processes)
+        if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
+            plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm
+    return accelerator
+
+
+def lr_schedule(warmup: int, total: int, min_ratio: float):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def endless(loader, label: str):
+    """Batches forever, reseeding the stream each epoch. After a resume ``label`` holds the step, so
+    the resumed run draws fresh samples instead of replaying the start of an epoch."""
+    epoch = 0
+    while True:
+        loader.dataset.set_epoch(f"{label}{epoch}")
+        yield from loader
+        epoch += 1
+
+
+def memory_mb(device) -> float:
+    import psutil
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def train(cfg: Config, resume: str | None = None) -> dict | None:
+    """Run the configured training; returns the last validation metrics (main process)."""
+    import torch
+    from accelerate.utils import broadcast_object_list, set_seed
+    from tqdm import tqdm
+
+    from vmr.checkpoint import export_bundle, find_checkpoint, save_checkpoint
+    from vmr.data.stream import make_loader, skipped
+    from vmr.model import VideoMomentRetrievalModel, moment_losses
+
+    t = cfg.train
+    if not cfg.data.train_shards:
+        raise UserError("data.train_shards is empty: give the training shards (folder, glob or URLs)")
+    if t.best_metric not in BRIEF_KEYS:
+        raise UserError(f"train.best_metric: {t.best_metric!r} is not one of {', '.join(BRIEF_KEYS)}")
+    accelerator = make_accelerator(cfg)
+    main_process, device = accelerator.is_main_process, accelerator.device
+    out = Path(t.output_dir)
+    set_seed(t.seed, device_specific=True)
+
+    # ----- model, optimizer, schedule, data
+    model = VideoMomentRetrievalModel.from_config(cfg.model)
+    tokenizer = model.tokenizer
+    optimizer = torch.optim.AdamW(model.parameter_groups(t.lr, t.weight_decay, t.backbone_lr_mult), lr=t.lr)
+    loader = make_loader(cfg.data.train_shards, cfg.data, tokenizer, t.batch_size, cfg.model.max_frames, train=True,
+                         rank=accelerator.process_index, world=accelerator.num_processes)
+    steps_per_epoch = max(1, loader.dataset.epoch_batches // t.grad_accum)
+    total = t.max_steps or t.epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t.warmup_steps, total, t.min_lr_ratio))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
+    loop = LoopState()
+    # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
+    accelerator.register_for_checkpointing(scheduler, loop)
+
+    if resume:
+        checkpoint = find_checkpoint(out, resume)
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {loop.step}")
+    start = loop.step
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    accelerator.init_trackers("run")
+    tracker = accelerator.get_tracker("tensorboard", unwrap=False) if main_process else None
+    batches = endless(loader, f"resume{start}-" if start else "")
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not main_process, dynamic_ncols=True)
+    accelerator.print(f"{accelerator.num_processes} process(es) on {device.type}, precision "
+                      f"{accelerator.mixed_precision}, {steps_per_epoch} steps per epoch, {total} steps")
+
+    metrics, window = None, {"time": 0.0, "wait": 0.0, "videos": 0, "frames": 0, "steps": 0}
+    nonfinite_in_a_row = 0
+    while True:
+        step = loop.step
+        last = step >= total
+
+        # ----- once in a while: validate, keep the best, checkpoint
+        if cfg.data.val_shards and (last or (t.eval_every and step % t.eval_every == 0 and step > start)):
+            metrics = validate(accelerator, model, cfg, tokenizer, step, tracker, zero3)
+            score = None if metrics is None else metrics["brief"].get(t.best_metric)
+            is_best = [score is not None and (loop.best is None or score > loop.best)]
+            broadcast_object_list(is_best)
+            if is_best[0]:
+                loop.best = score
+                export_bundle(accelerator, model, cfg, out / "export_best")
+            loop.best = broadcast_object_list([loop.best])[0]
+        if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
+            save_checkpoint(accelerator, out, step, t.keep_checkpoints)
+        if last:
+            break
+
+        # ----- one optimizer step
+        step_start, skipped_step = time.perf_counter(), False
+        model.train()
+        for _ in range(t.grad_accum):
+            wait_start = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - wait_start
+            window["videos"] += len(batch["video_id"]) * accelerator.num_processes
+            window["frames"] += int(batch["frame_mask"].sum()) * accelerator.num_processes
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with accelerator.accumulate(model):
+                outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
+                                frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                                frame_times=batch["frame_times"], duration=batch["duration"])
+                losses = moment_losses(outputs, batch, accelerator.unwrap_model(model).config)
+                # Every rank must agree, or one would wait forever for the others' gradients.
+                bad = accelerator.reduce((~torch.isfinite(losses["loss"].detach())).float().reshape(1), "sum")
+                if bad.item() > 0:
+                    skipped_step = True
+                else:
+                    accelerator.backward(losses["loss"])
+                grad_norm = None
+                if accelerator.sync_gradients and not skipped_step:
+                    if t.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+        loop.step += 1
+        if skipped_step:
+            loop.nonfinite += 1
+            nonfinite_in_a_row += 1
+            if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                raise UserError(f"the loss was not finite for {nonfinite_in_a_row} steps in a row (step {loop.step}); "
+                                "the last checkpoint is intact: lower train.lr, use bf16 instead of fp16, "
+                                "or check the data, then --resume latest")
+        else:
+            nonfinite_in_a_row = 0
+        window["time"] += time.perf_counter() - step_start
+        window["steps"] += 1
+        bar.update(1)
+
+        if loop.step % t.log_every == 0 or loop.step == total:
+            values = {f"loss/{k}": v.item() for k, v in losses.items()}
+            elapsed = max(window["time"], 1e-9)
+            values.update({
+                "perf/samples_per_s": window["videos"] / elapsed,
+                "perf/frames_per_s": window["frames"] / elapsed,
+                "perf/data_wait_fraction": window["wait"] / elapsed,
+                "perf/step_s": elapsed / window["steps"],
+                "perf/memory_mb": memory_mb(device),
+                "data/skipped_samples": skipped(loader),
+                "train/nonfinite_steps": loop.nonfinite,
+            })
+            for group in optimizer.param_groups:
+                values[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            if grad_norm is not None:
+                values["train/grad_norm"] = float(grad_norm)
+            accelerator.log(values, step=loop.step)
+            bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}")
+            window = dict.fromkeys(window, 0)
+
+    bar.close()
+    export_bundle(accelerator, model, cfg, out / "export")
+    accelerator.end_training()
+    if main_process:
+        print(f"done: {loop.step} steps. Inference bundle: {out / 'export'}"
+              + (f" (best {t.best_metric} = {loop.best:.2f}: {out / 'export_best'})" if loop.best is not None else ""))
+        print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
+    return metrics
+
+
+def validate(accelerator, model, cfg: Config, tokenizer, step: int, tracker, zero3: bool) -> dict | None:
+    """Predict on the validation shards on every rank, gather, score on the main process, log."""
+    from accelerate.utils import gather_object
+    from tqdm import tqdm
+
+    from vmr.eval.metrics import evaluate
+    from vmr.eval.predict import predict_shards
+
+    # ZeRO-3 keeps each rank's slice of the weights: only the engine's forward can run the model.
+    runner = model if zero3 else accelerator.unwrap_model(model)
+    predictions, truth, bad = predict_shards(
+        runner, cfg.data.val_shards, cfg, tokenizer, cfg.train.eval_batch_size, device=accelerator.device,
+        rank=accelerator.process_index, world=accelerator.num_processes, lockstep=accelerator if zero3 else None,
+        progress=False)
+    if accelerator.num_processes > 1:
+        predictions, truth, bad = gather_object(predictions), gather_object(truth), sum(gather_object([bad]))
+    if not accelerator.is_main_process:
+        return None
+    metrics, _ = evaluate(predictions, truth, allow_missing=True)
+    values = {f"val/{k}": v for k, v in metrics["brief"].items() if isinstance(v, float) and math.isfinite(v)}
+    values["val/skipped_videos"] = bad
+    accelerator.log(values, step=step)
+    if tracker is not None and cfg.train.figure_queries:
+        from vmr.figures import scores_figure
+
+        image = scores_figure(predictions[: cfg.train.figure_queries], truth[: cfg.train.figure_queries])
+        tracker.log_images({"val/clip_scores": image[None]}, step=step, dataformats="NHWC")
+    brief = metrics["brief"]
+    tqdm.write(f"step {step}: " + ", ".join(f"{k} {brief[k]:.2f}" for k in ("MR-full-R1@0.5", "MR-full-R1@0.7",
+                                                                          "MR-full-mAP") if k in brief))
+    return metrics
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="a YAML preset (configs/tiny.yaml, configs/default.yaml, ...)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. train.max_steps=200 data.train_shards=data/shards/train-*.tar")
+    p.add_argument("--resume", metavar="latest|PATH",
+                   help="continue from the newest checkpoint of train.output_dir, or from a checkpoint folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    train(load_config(args.config, args.overrides), resume=args.resume)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m vmr.train`` / ``accelerate launch -m vmr.train``: the same as ``vmr train``."""
+    parser = argparse.ArgumentParser(prog="vmr train", description="Train a moment retrieval model.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UserError as error:
+        print(f"vmr train: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
