@@ -174,7 +174,9 @@ def _coerce(value, kind, key: str):
         if isinstance(value, str):
             return value
     elif origin is Literal:
-        if value in args:
+        if value is False and "no" in args:  # YAML 1.1 reads a bare `no` as false
+            return "no"
+        if value in args and not isinstance(value, bool):
             return value
         raise UserError(f"{key}: {value!r} is not one of {', '.join(map(str, args))}")
     elif origin is list:

@@ -152,7 +152,9 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
     accelerator.init_trackers("run")
     tracker = accelerator.get_tracker("tensorboard", unwrap=False) if main_process else None
     batches = endless(loader, f"resume{start}-" if start else "")
-    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not main_process, dynamic_ncols=True)
+    # In a log file (no terminal) a bar redrawn 10 times a second is noise: redraw every 30 s there.
+    bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not main_process, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 30)
     accelerator.print(f"{accelerator.num_processes} process(es) on {device.type}, precision "
                       f"{accelerator.mixed_precision}, {steps_per_epoch} steps per epoch, {total} steps")
 

@@ -55,7 +55,8 @@ def load_clip(cfg: ModelConfig, tokenizer, clip_config=None):
 def load_processor(cfg: ModelConfig, clip_config, source: str | None = None):
     """The image processor (pixel mean/std and input size): from ``source`` (a bundle or the
     pretrained checkpoint) when it has one, else CLIP's defaults at the tower's input size."""
-    from transformers import CLIPImageProcessor
+    # The Pillow-based processor: same files and values, without the torchvision dependency.
+    from transformers import CLIPImageProcessorPil as CLIPImageProcessor
 
     if source is not None:
         try:
