@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.vmr-installed
 
-.PHONY: quickstart test lint install ffmpeg clean
+.PHONY: quickstart test lint install ffmpeg chromium clean
 
 QUICK_DATA := runs/quickstart-data
 QUICK_RUN  := runs/quickstart
@@ -37,7 +37,7 @@ $(QUICK_DATA)/shards/manifest.json: $(QUICK_DATA)/synth/val.jsonl
 			--max-videos-per-shard 20 --workers 2 --overwrite || exit 1; \
 	done
 
-test: install
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -63,6 +63,18 @@ ffmpeg:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
 	else \
 		echo "vmr needs FFmpeg 4-8 (libraries and the ffmpeg program): install it, e.g. 'sudo apt-get install ffmpeg' or 'brew install ffmpeg', then run make again" >&2; \
+		exit 1; \
+	fi
+
+# The demo's browser test drives Debian's chromium through Playwright (playwright's own browser
+# download is not used).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing chromium with apt-get (browser test)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+		echo "the browser test needs chromium: install it (e.g. 'sudo apt-get install chromium'), or run pytest -m 'not browser'" >&2; \
 		exit 1; \
 	fi
 

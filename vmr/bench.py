@@ -1,12 +1,23 @@
-"""``vmr bench``: measured throughput of the input pipeline (first part of the benchmark suite).
+"""``vmr bench``: the benchmark suite. What it costs to train and serve, measured, never assumed.
 
+decode  frames/s per core of torchcodec sampling 32 frames from shard bytes (README settings),
+        against a per-file baseline that decodes every frame of the original file and then picks
+        32 (what the original OpenCV loader did), on the same videos in the same run: the ratio.
 loader  samples/s and frames/s of the full pipeline (shards -> decode -> sampling -> batches)
         with 0, 1, 2, ... workers, against raw torchcodec decode of the very same frames in one
         process: the overhead is what the pipeline adds on top of decoding.
+train   the real training loop (vmr.train) for a few dozen steps: steps/s, samples/s, the
+        fraction of step time spent waiting for data, peak memory; tiny config on a CPU, the
+        default architecture on a GPU (random weights: same cost, no download), with model FLOP
+        utilisation from a FLOP count when the GPU's peak is known.
+infer   latency of one 32-frame video at batch 1 (p50, p95) and batched throughput from decoded
+        frames, end-to-end latency from a video file, peak memory.
 
 Without ``--shards`` it makes its own sample data with ``vmr synth`` and builds shards with the
 README's recommended settings. Every figure is the median of several repetitions after a warm-up,
-with its spread; results go to stdout as a markdown table and, with ``--json``, to a file.
+with its spread and count; GPU timings synchronise the device. Results: a markdown table on
+stdout beside the targets of DESIGN.md and what the original project promised, and with
+``--json`` the full report (machine, versions, config, every figure).
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,8 +47,13 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
+    ffmpeg = None
+    try:
+        ffmpeg = subprocess.run(["ffmpeg", "-version"], capture_output=True, text=True).stdout.split()[2]
+    except (OSError, IndexError):
+        pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchcodec": torchcodec.__version__, "transformers": transformers.__version__,
+            "torchcodec": torchcodec.__version__, "ffmpeg": ffmpeg, "transformers": transformers.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -57,6 +74,11 @@ def _make_shards(workdir: Path, quick: bool) -> Path:
     build_shards(synth / "videos", [synth / "train.jsonl"], out, fps=2.0, size=224, keyframe_interval=0,
                  max_videos_per_shard=1, workers=2, progress=False)
     return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> dict:
@@ -120,39 +142,297 @@ def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> di
             "results": results}
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_decode(shards: str, videos_dir: Path | None, quick: bool, repeats: int) -> dict:
+    """Shard sampling (32 frames, approximate seek) against decoding every frame of the original
+    file and picking 32, per core, on the same videos."""
+    import torch
+    from torchcodec.decoders import VideoDecoder
+
+    from vmr.data.shards import iter_shard
+    from vmr.data.stream import expand_shards, fit_frames
+    from vmr.data.video import decode_frames, find_video, sample_times
+
+    torch.set_num_threads(1)
+    max_frames, size = 32, 224
+    samples = [(video, meta) for url in expand_shards(shards) for _, video, meta in iter_shard(Path(url))]
+    originals = []
+    if videos_dir is not None:
+        originals = [find_video(videos_dir, meta["video_id"], meta.get("source_file")) for _, meta in samples]
+    if not originals or any(path is None for path in originals):
+        originals = None
+
+    def shard_pass() -> tuple[float, int]:
+        frames, start = 0, time.perf_counter()
+        for video, meta in samples:
+            decoder = VideoDecoder(video, seek_mode="approximate", num_ffmpeg_threads=1)
+            times = sample_times(meta["duration"], "uniform", 1.0, max_frames)
+            out, _ = decode_frames(decoder, times, start=meta.get("start", 0.0))
+            frames += len(fit_frames(out, size))
+        return time.perf_counter() - start, frames
+
+    def naive_pass() -> tuple[float, int]:
+        frames, start = 0, time.perf_counter()
+        for path in originals:
+            decoder = VideoDecoder(str(path), seek_mode="exact", num_ffmpeg_threads=1)
+            n = len(decoder)
+            keep = set(torch.linspace(0, n - 1, min(max_frames, n)).round().long().tolist())
+            picked = []
+            for first in range(0, n, 64):  # every frame is decoded; 32 are kept
+                batch = decoder.get_frames_in_range(first, min(n, first + 64)).data
+                picked += [batch[i - first] for i in range(first, min(n, first + 64)) if i in keep]
+            frames += len(fit_frames(torch.stack(picked), size))
+        return time.perf_counter() - start, frames
+
+    results = {}
+    shard_pass()
+    runs = [shard_pass() for _ in range(repeats)]
+    results["shards_frames_per_s"] = _figure([f / t for t, f in runs], "frames/s")
+    if originals is not None:
+        naive_pass()
+        base = [naive_pass() for _ in range(max(1, repeats - 1))]
+        results["baseline_frames_per_s"] = _figure([f / t for t, f in base], "frames/s")
+        results["speedup_vs_baseline"] = _figure(
+            [results["shards_frames_per_s"]["median"] / (f / t) for t, f in base], "x")
+    return {"videos": len(samples), "frames_per_video": max_frames, "image_size": size, "results": results}
+
+
+def _bench_config(device: str, shards: str, quick: bool):
+    """tiny on a CPU; on a GPU the default architecture with random weights (same cost, no download)."""
+    from vmr.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    if device == "cuda":
+        return load_config(root / "default.yaml", [f"data.train_shards={shards}", "model.init=random",
+                                                   "model.tokenizer=synthetic", "data.num_workers=4"])
+    return load_config(root / "tiny.yaml", [f"data.train_shards={shards}", "data.val_shards=[]",
+                                            "data.image_size=224", "data.num_workers=1"])
+
+
+def training_flops(model, batch: dict, device) -> float:
+    """FLOPs of one forward and backward pass on ``batch`` (torch's FLOP counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vmr.model import moment_losses
+
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    with FlopCounterMode(display=False) as counter:
+        outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
+                        frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                        frame_times=batch["frame_times"], duration=batch["duration"])
+        moment_losses(outputs, batch, model.config)["loss"].backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+# Dense bf16 peaks (FLOP/s) for model FLOP utilisation; other devices report achieved FLOP/s only.
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
+    """The real loop (vmr.train.train) for a few dozen steps; figures from its TensorBoard scalars
+    after the first steps (warm-up)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vmr.data.stream import make_loader
+    from vmr.model import VideoMomentRetrievalModel
+    from vmr.train import train
+
+    steps, warmup = (12, 4) if quick else (60, 10)
+    cfg = _bench_config(device, shards, quick)
+    cfg.train.output_dir = str(workdir / "train")
+    cfg.train.max_steps, cfg.train.log_every, cfg.train.save_every, cfg.train.eval_every = steps, 1, 0, 0
+    if device == "cpu":
+        cfg.train.mixed_precision = "no"
+    train(cfg)
+    events = EventAccumulator(str(next((workdir / "train" / "tensorboard").rglob("events.out.tfevents.*")))).Reload()
+
+    def series(tag: str) -> list[float]:
+        return [e.value for e in events.Scalars(tag) if e.step > warmup]
+
+    step_s = series("perf/step_s")
+    results = {
+        "steps_per_s": _figure([1 / t for t in step_s], "steps/s"),
+        "samples_per_s": _figure(series("perf/samples_per_s"), "videos/s"),
+        "frames_per_s": _figure(series("perf/frames_per_s"), "frames/s"),
+        "data_wait_fraction": _figure(series("perf/data_wait_fraction"), "fraction"),
+        "peak_memory": _figure([max(series("perf/memory_mb"))], "MB"),
+    }
+    import torch
+
+    dev = torch.device(device)
+    model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).train()
+    loader = make_loader(shards, cfg.data, model.tokenizer, cfg.train.batch_size, cfg.model.max_frames, train=True,
+                         rank=0, world=1, num_workers=0)
+    flops = training_flops(model, next(iter(loader)), dev)
+    achieved = [flops / t for t in step_s]
+    results["model_tflops_per_s"] = _figure([a / 1e12 for a in achieved], "TFLOP/s")
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
+    if peak:
+        results["mfu"] = _figure([a / peak for a in achieved], "fraction")
+    return {"config": "default (random init)" if device == "cuda" else "tiny", "steps": steps,
+            "warmup_steps": warmup, "batch_size": cfg.train.batch_size, "flops_per_step": flops, "results": results}
+
+
+def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, repeats: int) -> dict:
+    """Latency at batch 1 and throughput batched, from decoded 32-frame clips; end to end from a file."""
+    import torch
+
+    from vmr.eval.predict import read_video
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = _bench_config(device, shards, quick)
+    dev = torch.device(device)
+    model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).eval()
+    if device == "cuda":
+        model = model.to(torch.bfloat16)
+        torch.cuda.reset_peak_memory_stats(dev)
+    size, t = cfg.data.image_size, 32
+    text = {k: v.to(dev) for k, v in model.tokenize(["a red circle moves left"]).items()}
+
+    def forward(batch: int) -> float:
+        videos = torch.randint(0, 256, (batch, t, 3, size, size), dtype=torch.uint8, device=dev)
+        tokens = {k: v.expand(batch, -1) for k, v in text.items()}
+        _sync(dev)
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.decode(model(videos, tokens), top_k=5)
+        _sync(dev)
+        return time.perf_counter() - start
+
+    n = 20 if quick else 100
+    for _ in range(3):
+        forward(1)
+    latency = [forward(1) * 1000 for _ in range(n)]
+    batch = 32 if device == "cuda" else 8
+    for _ in range(2):
+        forward(batch)
+    throughput = [batch / forward(batch) for _ in range(max(3, n // 10))]
+    results = {
+        "latency_ms_p50": {**_figure(latency, "ms"), "median": _percentile(latency, 0.5)},
+        "latency_ms_p95": {**_figure(latency, "ms"), "median": _percentile(latency, 0.95)},
+        f"batched_videos_per_s_batch{batch}": _figure(throughput, "videos/s"),
+    }
+    if videos_dir is not None:
+        files = sorted(Path(videos_dir).glob("*.mp4"))[:4]
+        end_to_end = []
+        for path in files * (1 if quick else 3):
+            start = time.perf_counter()
+            frames, times, duration = read_video(path, cfg.data.clip_fps, cfg.model.max_frames, size)
+            model.retrieve_moments(frames.to(dev), "a red circle moves left", frame_times=times, duration=duration)
+            _sync(dev)
+            end_to_end.append((time.perf_counter() - start) * 1000)
+        results["end_to_end_ms_from_file"] = _figure(end_to_end, "ms")
+    memory = torch.cuda.max_memory_allocated(dev) / 2**20 if device == "cuda" else _rss_mb()
+    results["peak_memory"] = _figure([memory], "MB")
+    return {"config": "default (random init, bf16)" if device == "cuda" else "tiny (fp32)", "frames": t,
+            "image_size": size, "results": results}
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# Targets (DESIGN.md) and the original project's promises, per figure: (value, "min" | "max").
+TARGETS = {
+    "decode.speedup_vs_baseline": ((10.0, "min"), None),
+    "loader.loader_workers_0.overhead_vs_raw_decode": ((0.15, "max"), None),
+    "train.data_wait_fraction": ((0.05, "max"), None),
+    "infer.latency_ms_p50": ((10.0, "max"), (50.0, "max")),
+    "infer.batched_videos_per_s_batch32": ((500.0, "min"), (20.0, "min")),
+    "infer.batched_videos_per_s_batch8": ((500.0, "min"), (20.0, "min")),
+    "infer.peak_memory": (None, (2048.0, "max")),
+}
+
+
+def _rows(report: dict):
+    for part in ("decode", "loader", "train", "infer"):
+        if part not in report:
+            continue
+        for name, entry in report[part]["results"].items():
+            if "median" in entry:
+                yield f"{part}.{name}", entry
+            else:  # loader: one entry per worker count
+                for key, fig in entry.items():
+                    yield f"{part}.{name}.{key}", fig
+
+
+def _fmt(value: float, unit: str) -> str:
+    return f"{100 * value:.1f}%" if unit == "fraction" else f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def _versus(value: float, goal) -> tuple[str, str]:
+    if goal is None:
+        return "", ""
+    level, kind = goal
+    ratio = value / level if kind == "min" else level / value if value else float("inf")
+    return f"{'>=' if kind == 'min' else '<='} {level:g}", f"{ratio:.2f}x {'met' if ratio >= 1 else 'not met'}"
+
+
 def _table(report: dict) -> str:
-    lines = ["| figure | median | spread (min-max) | unit |", "| --- | --- | --- | --- |"]
-    for name, entry in report["loader"]["results"].items():
-        for key, fig in entry.items():
-            spread = f"{fig['min']:.1f}-{fig['max']:.1f}" if "min" in fig else ""
-            value = f"{100 * fig['median']:.1f}%" if fig["unit"] == "fraction" else f"{fig['median']:.1f}"
-            lines.append(f"| {name}.{key} | {value} | {spread} | {fig['unit']} |")
+    lines = ["| figure | median | spread (min-max) | n | unit | target | vs target | original promise | vs promise |",
+             "| --- | ---: | --- | ---: | --- | --- | --- | --- | --- |"]
+    for name, fig in _rows(report):
+        spread = f"{_fmt(fig['min'], fig['unit'])}-{_fmt(fig['max'], fig['unit'])}" if "min" in fig else ""
+        target, promise = TARGETS.get(name, (None, None))
+        t_goal, t_ratio = _versus(fig["median"], target)
+        p_goal, p_ratio = _versus(fig["median"], promise)
+        lines.append(f"| {name} | {_fmt(fig['median'], fig['unit'])} | {spread} | {fig.get('repetitions', '')} | "
+                     f"{fig['unit']} | {t_goal} | {t_ratio} | {p_goal} | {p_ratio} |")
     return "\n".join(lines)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=("loader",), help="what to measure (more parts arrive with the full suite)")
-    p.add_argument("--quick", action="store_true", help="small data and few repetitions (about a minute)")
+    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "all"), help="what to measure")
+    p.add_argument("--quick", action="store_true", help="small data and few repetitions (under 3 minutes on 2 cores)")
     p.add_argument("--shards", help="shards to read (path, glob or folder); default: make sample shards")
-    p.add_argument("--max-workers", type=int, default=2, help="measure 0..N loader workers (default: 2)")
+    p.add_argument("--videos", type=Path, help="the original video files of --shards (decode baseline, end-to-end)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train/infer device (default: auto)")
+    p.add_argument("--max-workers", type=int, default=2, help="loader: measure 0..N workers (default: 2)")
     p.add_argument("--json", type=Path, help="write the full report here")
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from vmr.errors import UserError
 
     if args.max_workers < 0:
         raise UserError(f"--max-workers must be >= 0, got {args.max_workers}")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here")
+    parts = ("decode", "loader", "train", "infer") if args.suite == "all" else (args.suite,)
     repeats = 2 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="vmr-bench-") as tmp:
+        videos = args.videos
         if args.shards:
             shards = args.shards
         else:
             print("making sample shards ...", file=sys.stderr)
             shards = str(_make_shards(Path(tmp), args.quick))
-        print("measuring the loader ...", file=sys.stderr)
-        report = {"machine": _machine(), "command": "vmr bench " + " ".join(sys.argv[2:]),
-                  "loader": bench_loader(shards, args.quick, args.max_workers, repeats)}
+            videos = Path(tmp) / "synth" / "videos"
+        report = {"machine": _machine(), "command": "vmr bench " + " ".join(sys.argv[2:]), "device": device,
+                  "quick": args.quick, "shards": args.shards or "sample shards (vmr synth, README settings)"}
+        for part in parts:
+            print(f"measuring {part} ...", file=sys.stderr)
+            if part == "decode":
+                report["decode"] = bench_decode(shards, videos, args.quick, repeats)
+            elif part == "loader":
+                report["loader"] = bench_loader(shards, args.quick, args.max_workers, repeats)
+            elif part == "train":
+                report["train"] = bench_train(shards, device, args.quick, Path(tmp))
+            else:
+                report["infer"] = bench_infer(shards, videos, device, args.quick, repeats)
     print(_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -105,13 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_predict_arguments(p)
     p.set_defaults(handler=predict.run_predict)
 
+    from vmr import demo
+
+    p = commands.add_parser(
+        "demo", help="the Streamlit app: find moments in your own video",
+        description="Start the Streamlit demo: upload a video or pick a sample, type a query, see the "
+                    "ranked moments, their thumbnails and the per-clip scores.",
+        epilog="example:\n  vmr demo --checkpoint runs/quickstart --port 8501",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_arguments(p)
+    p.set_defaults(handler=demo.run)
+
     from vmr import bench
 
     p = commands.add_parser(
-        "bench", help="measure the input pipeline's throughput",
-        description="Measure throughput with warm-up, repetitions and medians. 'loader': the full "
-                    "pipeline with 0..N workers against raw torchcodec decode of the same frames.",
-        epilog="example:\n  vmr bench loader --quick --json bench.json",
+        "bench", help="the benchmark suite: decode, loader, train, infer",
+        description="Measure decode, loader, training and inference speed with warm-up, repetitions and "
+                    "medians, beside the design targets and the original project's promises.",
+        epilog="examples:\n  vmr bench all --quick --json bench.json\n  vmr bench infer --device cuda",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     bench.add_arguments(p)

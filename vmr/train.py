@@ -238,7 +238,8 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
             if grad_norm is not None:
                 values["train/grad_norm"] = float(grad_norm)
             accelerator.log(values, step=loop.step)
-            bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}")
+            bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}",
+                            refresh=False)
             window = dict.fromkeys(window, 0)
 
     bar.close()

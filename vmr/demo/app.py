@@ -1,0 +1,199 @@
+"""Streamlit demo: find the moments of a sentence in a video.
+
+    vmr demo [--checkpoint DIR] [--port P]
+    streamlit run vmr/demo/app.py -- --checkpoint DIR
+
+The model is an inference bundle (or a run directory); without one the app uses the quickstart's
+model when it exists. It is loaded once per process and cached across reruns. Bad input (not a
+video, a corrupt video, a file over the size limit, an empty query) gets a message in the page
+and the app stays usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import streamlit as st
+
+VIDEO_TYPES = ["mp4", "avi", "mov", "mkv", "webm"]
+MAX_UPLOAD_MB = float(os.environ.get("VMR_DEMO_MAX_MB", "200"))
+QUICKSTART = (Path("runs/quickstart/export_best"), Path("runs/quickstart/export"))
+
+
+def checkpoint_argument() -> tuple[Path | None, bool]:
+    """The bundle to load and whether the user named it (``--checkpoint`` or VMR_DEMO_CHECKPOINT)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--checkpoint")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    named = args.checkpoint or os.environ.get("VMR_DEMO_CHECKPOINT")
+    if named:
+        return Path(named), True
+    return next((p for p in QUICKSTART if (p / "model.safetensors").is_file()), None), False
+
+
+@st.cache_resource(show_spinner="Loading the model ...")
+def load_model(checkpoint: str):
+    from vmr.eval.predict import load_model as load
+
+    return load(checkpoint)
+
+
+@st.cache_resource(show_spinner="Making the sample videos ...")
+def sample_videos() -> dict[str, dict]:
+    """Three synthetic videos with their ground truth (made once per process, deterministic)."""
+    import json
+
+    from vmr.synth import synthesize
+
+    folder = Path(tempfile.gettempdir()) / "vmr-demo-samples"
+    if not (folder / "val.jsonl").is_file():
+        synthesize(folder, videos=3, queries_per_video=4, min_duration=20, max_duration=30, fps=8, size=128,
+                   val_fraction=0.0, seed=11, progress=False)
+    samples: dict[str, dict] = {}
+    for line in (folder / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        entry = samples.setdefault(row["vid"], {"path": folder / "videos" / f"{row['vid']}.mp4", "queries": {}})
+        entry["queries"][row["query"]] = row["relevant_windows"]
+    return samples
+
+
+def thumbnail(path: Path, seconds: float):
+    """The frame shown at ``seconds``, as an HWC uint8 array, or None if it cannot be decoded."""
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        decoder = VideoDecoder(str(path), seek_mode="approximate")
+        end = decoder.metadata.end_stream_seconds or seconds
+        frame = decoder.get_frames_played_at([min(seconds, max(0.0, float(end) - 1e-3))]).data[0]
+    except (RuntimeError, ValueError, IndexError):
+        return None
+    return frame.permute(1, 2, 0).numpy()
+
+
+def scores_chart(result: dict, truth: list | None):
+    import altair as alt
+    import pandas as pd
+
+    scores = pd.DataFrame({"time (s)": result["clip_times"], "score": result["clip_scores"]})
+    moments = pd.DataFrame([{"start": m["start"], "end": m["end"], "what": f"moment {i + 1}"}
+                            for i, m in enumerate(result["moments"])])
+    layers = []
+    if truth:
+        gt = pd.DataFrame([{"start": s, "end": e, "what": "ground truth"} for s, e in truth])
+        layers.append(alt.Chart(gt).mark_rect(opacity=0.25, color="green").encode(x="start:Q", x2="end:Q"))
+    if len(moments):
+        layers.append(alt.Chart(moments).mark_rect(opacity=0.2, color="orange").encode(
+            x="start:Q", x2="end:Q", tooltip=["what", "start", "end"]))
+    layers.append(alt.Chart(scores).mark_line(point=True).encode(
+        x=alt.X("time (s)", scale=alt.Scale(domain=[0, result["duration"]])),
+        y=alt.Y("score", scale=alt.Scale(domain=[0, 1]))))
+    return alt.layer(*layers).properties(height=220)
+
+
+def find_moments(model, cfg, path: Path, query: str, top_k: int, max_frames: int, nms_iou: float) -> dict:
+    """Decode, run the model and return the result (raises UserError on a bad video or query)."""
+    from vmr.errors import UserError
+    from vmr.eval.predict import read_video
+
+    if not query.strip():
+        raise UserError("Type a query first, e.g. 'a red circle moves left'.")
+    start = time.perf_counter()
+    frames, times, duration = read_video(path, cfg.data.clip_fps, max_frames, cfg.data.image_size)
+    moments, scores = model.retrieve_moments(frames, query, top_k=top_k, frame_times=times, duration=duration,
+                                             nms_iou=nms_iou)
+    # read_video returns at most max_frames <= model.config.max_frames frames: one score per frame.
+    return {"path": str(path), "query": query, "duration": duration, "moments": moments, "clip_scores": scores,
+            "clip_times": times, "seconds": time.perf_counter() - start}
+
+
+def show_results(result: dict, truth: list | None) -> None:
+    import pandas as pd
+
+    st.subheader(f"Moments for \u201c{result['query']}\u201d")
+    st.caption(f"Processed in {result['seconds']:.2f} s ({len(result['clip_scores'])} frames, "
+               f"{result['duration']:.1f} s of video)")
+    if not result["moments"]:
+        st.info("No moment found for this query.")
+        return
+    table = pd.DataFrame([{"rank": i + 1, "start (s)": round(m["start"], 2), "end (s)": round(m["end"], 2),
+                           "length (s)": round(m["end"] - m["start"], 2), "score": round(m["score"], 3)}
+                          for i, m in enumerate(result["moments"])])
+    st.dataframe(table, hide_index=True, width="stretch")
+    player, chart = st.columns([2, 3])
+    with player:
+        choice = st.radio("Play moment", list(range(len(result["moments"]))), horizontal=True,
+                          format_func=lambda i: f"#{i + 1} at {result['moments'][i]['start']:.1f} s")
+        st.video(result["path"], start_time=int(result["moments"][choice]["start"]))
+    with chart:
+        st.altair_chart(scores_chart(result, truth), width="stretch")
+    columns = st.columns(len(result["moments"]))
+    for i, (column, moment) in enumerate(zip(columns, result["moments"], strict=True)):
+        image = thumbnail(Path(result["path"]), moment["start"])
+        if image is not None:
+            column.image(image, caption=f"#{i + 1}: {moment['start']:.1f}-{moment['end']:.1f} s", width="stretch")
+
+
+def main() -> None:
+    from vmr.errors import UserError
+
+    st.set_page_config(page_title="vmr: find moments in a video", layout="wide")
+    st.title("Find moments in a video")
+    checkpoint, named = checkpoint_argument()
+    if checkpoint is None:
+        st.warning("No model to load. Start the demo with `vmr demo --checkpoint DIR` (an inference bundle or "
+                   "a run directory), or run `make quickstart` first to train the sample model.")
+        st.stop()
+    if not named:
+        st.info(f"No --checkpoint given: using the quickstart's model ({checkpoint}).")
+    try:
+        model, cfg = load_model(str(checkpoint))
+    except UserError as error:
+        st.error(f"Cannot load the model: {error}")
+        st.stop()
+
+    with st.sidebar:
+        st.header("Settings")
+        max_frames = st.slider("Max frames", 4, model.config.max_frames, model.config.max_frames)
+        top_k = st.slider("Top-k moments", 1, 10, 5)
+        nms_iou = st.slider("NMS IoU threshold", 0.1, 0.95, float(model.config.nms_iou), 0.05)
+        st.caption(f"Model: {checkpoint}")
+
+    source = st.radio("Video", ["Bundled sample", "Upload a video"], horizontal=True)
+    path, truth_by_query, suggestion = None, {}, ""
+    if source == "Bundled sample":
+        samples = sample_videos()
+        name = st.selectbox("Sample", sorted(samples))
+        path, truth_by_query = samples[name]["path"], samples[name]["queries"]
+        suggestion = next(iter(truth_by_query))
+        st.caption("Its events: " + "; ".join(truth_by_query))
+    else:
+        uploaded = st.file_uploader(f"A video file ({', '.join(VIDEO_TYPES).upper()}, up to {MAX_UPLOAD_MB:g} MB)",
+                                    type=VIDEO_TYPES)
+        if uploaded is not None:
+            if uploaded.size > MAX_UPLOAD_MB * 2**20:
+                st.error(f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB, over the {MAX_UPLOAD_MB:g} MB limit.")
+            else:
+                folder = Path(tempfile.gettempdir()) / "vmr-demo-uploads"
+                folder.mkdir(exist_ok=True)
+                path = folder / f"{uploaded.file_id}{Path(uploaded.name).suffix.lower()}"
+                if not path.exists():
+                    path.write_bytes(uploaded.getvalue())
+    query = st.text_input("Query", value=suggestion, placeholder="a red circle moves left")
+
+    if st.button("Find moments", type="primary", disabled=path is None):
+        try:
+            st.session_state["result"] = find_moments(model, cfg, path, query, top_k, max_frames, nms_iou)
+        except UserError as error:
+            st.session_state.pop("result", None)
+            st.error(str(error).replace(str(path), Path(str(path)).name))
+    result = st.session_state.get("result")
+    if result is not None and result["path"] == str(path):
+        show_results(result, truth_by_query.get(result["query"]))
+
+
+main()
