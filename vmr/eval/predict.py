@@ -244,10 +244,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _predict_for_eval(args):
     """Batched inference on the best device; under ``accelerate launch`` every process predicts its
     share of the shards and the main process gathers them."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    state = PartialState()
+    # On CPU-only hosts the ranks must be told, or each believes it is alone and predicts everything.
+    state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
     start = time.perf_counter()
     predictions, truth, bad = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
