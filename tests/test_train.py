@@ -68,6 +68,7 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
     result = run(overrides(shard_dir, out, eval_every=2, grad_accum=2))
     assert result.returncode == 0, result.stderr[-3000:]
     assert steps_of(out) == ["step_0000002", "step_0000004"]
+    assert load_config(out / "checkpoints" / "step_0000004" / "config.yaml").train.grad_accum == 2
     saved = load_config(out / "config.yaml")
     assert saved.train.max_steps == 4 and saved.train.grad_accum == 2 and saved.data.image_size == 16
     for bundle in ("export", "export_best"):

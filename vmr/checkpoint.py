@@ -41,9 +41,9 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return path
 
 
-def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path:
+def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=None) -> Path:
     """save_state into a temporary folder, then rename: a run killed mid-save leaves the previous
-    checkpoint intact. Keeps the newest ``keep`` checkpoints."""
+    checkpoint intact. The resolved config goes beside the state. Keeps the newest ``keep``."""
     final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -53,6 +53,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int) -> Path
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if cfg is not None:
+            from vmr.config import save_config
+
+            save_config(cfg, tmp / "config.yaml")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoints(output_dir)[:-keep]:

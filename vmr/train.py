@@ -175,7 +175,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                 export_bundle(accelerator, model, cfg, out / "export_best")
             loop.best = broadcast_object_list([loop.best])[0]
         if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
-            save_checkpoint(accelerator, out, step, t.keep_checkpoints)
+            save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
         if last:
             break
 

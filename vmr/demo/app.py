@@ -196,4 +196,8 @@ def main() -> None:
         show_results(result, truth_by_query.get(result["query"]))
 
 
-main()
+# Streamlit runs this file as __main__. The guard matters: after an in-process run (AppTest) the
+# interpreter's __main__ can still point here, and a process pool started later re-imports
+# __main__ in every worker, which must not start the app.
+if __name__ == "__main__":
+    main()
