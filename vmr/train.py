@@ -244,6 +244,8 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
 
     bar.close()
     export_bundle(accelerator, model, cfg, out / "export")
+    if hasattr(model, "destroy"):  # a DeepSpeed engine: release ZeRO-3 hooks and threads before exit
+        model.destroy()
     accelerator.end_training()
     if main_process:
         print(f"done: {loop.step} steps. Inference bundle: {out / 'export'}"
