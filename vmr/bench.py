@@ -240,6 +240,7 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
     after the first steps (warm-up)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from vmr.config import config_to_dict
     from vmr.data.stream import make_loader
     from vmr.model import VideoMomentRetrievalModel
     from vmr.train import train
@@ -278,13 +279,15 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
     if peak:
         results["mfu"] = _figure([a / peak for a in achieved], "fraction")
     return {"config": "default (random init)" if device == "cuda" else "tiny", "steps": steps,
-            "warmup_steps": warmup, "batch_size": cfg.train.batch_size, "flops_per_step": flops, "results": results}
+            "warmup_steps": warmup, "batch_size": cfg.train.batch_size, "flops_per_step": flops,
+            "resolved_config": config_to_dict(cfg), "results": results}
 
 
 def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, repeats: int) -> dict:
     """Latency at batch 1 and throughput batched, from decoded 32-frame clips; end to end from a file."""
     import torch
 
+    from vmr.config import config_to_dict
     from vmr.eval.predict import read_video
     from vmr.model import VideoMomentRetrievalModel
 
@@ -333,7 +336,7 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
     memory = torch.cuda.max_memory_allocated(dev) / 2**20 if device == "cuda" else _rss_mb()
     results["peak_memory"] = _figure([memory], "MB")
     return {"config": "default (random init, bf16)" if device == "cuda" else "tiny (fp32)", "frames": t,
-            "image_size": size, "results": results}
+            "image_size": size, "batch_size": batch, "model_config": config_to_dict(cfg)["model"], "results": results}
 
 
 def _rss_mb() -> float:
