@@ -187,3 +187,18 @@ def test_overfits_one_real_batch(shard_dir):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    text_queries = ["a red circle spins", "a blue square jumps"]
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(gradient_checkpointing=checkpointing).train()
+        assert model.towers.vision.encoder.gradient_checkpointing is checkpointing
+        assert model.towers.text.encoder.gradient_checkpointing is checkpointing
+        out = model(frames(b=1), model.tokenize(text_queries))
+        moment_losses(out, _targets(2, 6), model.config)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)

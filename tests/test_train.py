@@ -182,3 +182,32 @@ def test_deepspeed_zero_train_save_resume(shard_dir, tmp_path, stage, precision)
 
     model = VideoMomentRetrievalModel.from_pretrained(out / "export")  # full weights, gathered from the shards
     assert sum(p.numel() for p in model.parameters()) > 500_000
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
+    """`vmr eval --checkpoint` under accelerate launch: each rank predicts its share, rank 0 gathers;
+    the predictions are the single-process ones, every query once."""
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = load_config(TINY, ["data.image_size=16"])
+    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    rows = {}
+    for n in (1, 2):
+        out = tmp_path / f"preds{n}.jsonl"
+        command = [*launch(n, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")), "-m", "vmr.cli", "eval",
+                   "--checkpoint", str(tmp_path / "bundle"), "--shards", f"{shard_dir}/val-*.tar",
+                   "--predictions-out", str(out), "--json", str(tmp_path / f"metrics{n}.json")]
+        if n == 1:
+            command = [str(BIN / "vmr"), *command[command.index("eval"):]]
+        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[n] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows[2]) == len({r["qid"] for r in rows[2]}) == len(rows[1]) > 0
+    one = {r["qid"]: r for r in rows[1]}
+    for row in rows[2]:
+        flat = lambda r: [v for window in r["pred_relevant_windows"] for v in window]  # noqa: E731
+        assert flat(row) == pytest.approx(flat(one[row["qid"]]), abs=1e-3)
+    assert json.loads((tmp_path / "metrics2.json").read_text())["brief"] == pytest.approx(
+        json.loads((tmp_path / "metrics1.json").read_text())["brief"], abs=0.01, nan_ok=True)  # empty ranges: NaN

@@ -84,7 +84,7 @@ class ClipTowers(nn.Module):
         if cfg.freeze_clip:
             self.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def pixels(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, s, s) -> normalised floats at the tower's input size and dtype."""
