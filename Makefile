@@ -54,29 +54,30 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# torchcodec links against the system FFmpeg libraries (4 to 8); the ffmpeg program itself is
-# used to re-encode videos when building shards. Debian's package brings both.
-ffmpeg:
-	@if command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1; then exit 0; fi; \
+# $(call apt_require,CHECK,PACKAGE,WHY): nothing when the shell test CHECK passes; else, as root
+# with apt-get, install PACKAGE; else print WHY and fail.
+define apt_require
+	@if $(1); then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing FFmpeg with apt-get"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+		echo "installing $(2) with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(2) >/dev/null; \
 	else \
-		echo "vmr needs FFmpeg 4-8 (libraries and the ffmpeg program): install it, e.g. 'sudo apt-get install ffmpeg' or 'brew install ffmpeg', then run make again" >&2; \
+		echo "$(3)" >&2; \
 		exit 1; \
 	fi
+endef
+
+# torchcodec links against the system FFmpeg libraries (4 to 8); the ffmpeg program itself is
+# used to re-encode videos when building shards. Debian's package brings both.
+FFMPEG_WHY := vmr needs FFmpeg 4-8 (libraries and the ffmpeg program): install it, e.g. 'sudo apt-get install ffmpeg' or 'brew install ffmpeg', then run make again
+ffmpeg:
+	$(call apt_require,command -v ffmpeg >/dev/null 2>&1 && command -v ffprobe >/dev/null 2>&1,ffmpeg,$(FFMPEG_WHY))
 
 # The demo's browser test drives Debian's chromium through Playwright (playwright's own browser
 # download is not used).
+CHROMIUM_WHY := the browser test needs chromium: install it (e.g. 'sudo apt-get install chromium'), or run pytest -m 'not browser'
 chromium:
-	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then exit 0; fi; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing chromium with apt-get (browser test)"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
-	else \
-		echo "the browser test needs chromium: install it (e.g. 'sudo apt-get install chromium'), or run pytest -m 'not browser'" >&2; \
-		exit 1; \
-	fi
+	$(call apt_require,command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1,chromium,$(CHROMIUM_WHY))
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
 
 from vmr.synth import synthesize
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on right now (for servers and rendezvous the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 TINY = dict(videos=4, queries_per_video=3, min_duration=6.0, max_duration=9.0, fps=5.0, size=32, seed=7)
 

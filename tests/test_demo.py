@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ import pytest
 
 from vmr.config import load_config
 from vmr.model import VideoMomentRetrievalModel
+
+from .conftest import free_port
 
 APP = Path(__file__).parents[1] / "vmr" / "demo" / "app.py"
 TINY = Path(__file__).parents[1] / "configs" / "tiny.yaml"
@@ -106,12 +107,6 @@ def test_without_a_model_the_app_says_so(monkeypatch, tmp_path):
     assert "No model to load" in at.warning[0].value
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.browser
 @pytest.mark.slow
 def test_in_a_real_browser(bundle, synth_dir, tmp_path):
@@ -120,7 +115,7 @@ def test_in_a_real_browser(bundle, synth_dir, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.fail("the browser test needs Debian's chromium (make test installs it as root)")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(port),
                                "--server.headless", "true", "--browser.gatherUsageStats", "false", "--",
                                "--checkpoint", str(bundle)], env={**os.environ}, stdout=subprocess.DEVNULL,

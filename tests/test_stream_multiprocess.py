@@ -1,5 +1,4 @@
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -8,13 +7,9 @@ import pytest
 
 from vmr.data.shards import iter_shard
 
+from .conftest import free_port
+
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -22,7 +17,7 @@ def _free_port() -> int:
 def test_accelerate_launch_two_ranks_two_workers(shard_dir, tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     command = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(HERE / "launch_stream.py"), str(shard_dir), str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
