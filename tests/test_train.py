@@ -32,10 +32,8 @@ def overrides(shard_dir: Path, out: Path, **train) -> list[str]:
 
 
 def run(args: list[str], launcher: list[str] | None = None, timeout: int = 300, **popen):
-    command = [*(launcher or [str(BIN / "vmr"), "train"]), "--config", str(TINY), *args]
-    if launcher:
-        command[len(launcher):len(launcher)] = ["-m", "vmr.train"]
-    return subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
+    head = [*launcher, "-m", "vmr.train"] if launcher else [str(BIN / "vmr"), "train"]
+    return subprocess.run([*head, "--config", str(TINY), *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def launch(n: int = 2, *extra: str) -> list[str]:
@@ -196,12 +194,11 @@ def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
     rows = {}
     for n in (1, 2):
         out = tmp_path / f"preds{n}.jsonl"
-        command = [*launch(n, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")), "-m", "vmr.cli", "eval",
-                   "--checkpoint", str(tmp_path / "bundle"), "--shards", f"{shard_dir}/val-*.tar",
-                   "--predictions-out", str(out), "--json", str(tmp_path / f"metrics{n}.json")]
-        if n == 1:
-            command = [str(BIN / "vmr"), *command[command.index("eval"):]]
-        result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        args = ["eval", "--checkpoint", str(tmp_path / "bundle"), "--shards", f"{shard_dir}/val-*.tar",
+                "--predictions-out", str(out), "--json", str(tmp_path / f"metrics{n}.json")]
+        head = [*launch(2, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")), "-m", "vmr.cli"] if n == 2 else [
+            str(BIN / "vmr")]
+        result = subprocess.run([*head, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[n] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows[2]) == len({r["qid"] for r in rows[2]}) == len(rows[1]) > 0

@@ -288,8 +288,9 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
     import torch
 
     from vmr.config import config_to_dict
-    from vmr.eval.predict import read_video
+    from vmr.eval.predict import predict_video
     from vmr.model import VideoMomentRetrievalModel
+    from vmr.train import memory_mb
 
     cfg = _bench_config(device, shards, quick)
     dev = torch.device(device)
@@ -328,21 +329,13 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
         end_to_end = []
         for path in files * (1 if quick else 3):
             start = time.perf_counter()
-            frames, times, duration = read_video(path, cfg.data.clip_fps, cfg.model.max_frames, size)
-            model.retrieve_moments(frames.to(dev), "a red circle moves left", frame_times=times, duration=duration)
+            predict_video(model, cfg, path, "a red circle moves left")
             _sync(dev)
             end_to_end.append((time.perf_counter() - start) * 1000)
         results["end_to_end_ms_from_file"] = _figure(end_to_end, "ms")
-    memory = torch.cuda.max_memory_allocated(dev) / 2**20 if device == "cuda" else _rss_mb()
-    results["peak_memory"] = _figure([memory], "MB")
+    results["peak_memory"] = _figure([memory_mb(dev)], "MB")
     return {"config": "default (random init, bf16)" if device == "cuda" else "tiny (fp32)", "frames": t,
             "image_size": size, "batch_size": batch, "model_config": config_to_dict(cfg)["model"], "results": results}
-
-
-def _rss_mb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**20
 
 
 # Targets (DESIGN.md) and the original project's promises, per figure: (value, "min" | "max").

@@ -167,13 +167,11 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
         # ----- once in a while: validate, keep the best, checkpoint
         if cfg.data.val_shards and (last or (t.eval_every and step % t.eval_every == 0 and step > start)):
             metrics = validate(accelerator, model, cfg, tokenizer, step, tracker, zero3)
-            score = None if metrics is None else metrics["brief"].get(t.best_metric)
-            is_best = [score is not None and (loop.best is None or score > loop.best)]
-            broadcast_object_list(is_best)
-            if is_best[0]:
+            score = None if metrics is None else metrics["brief"].get(t.best_metric)  # main process only
+            score = broadcast_object_list([score])[0]
+            if score is not None and (loop.best is None or score > loop.best):
                 loop.best = score
                 export_bundle(accelerator, model, cfg, out / "export_best")
-            loop.best = broadcast_object_list([loop.best])[0]
         if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
             save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
         if last:

@@ -207,9 +207,11 @@ def read_manifest(out: Path) -> dict:
     return manifest
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -316,7 +318,7 @@ def build_shards(
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split]
     manifest["skipped"] += [{"split": split, **s.to_json()} for s in skips]
     manifest["params"] = params_json
-    _write_json_atomic(out / MANIFEST, manifest)
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return {**entry, "skipped": skips}
 
 

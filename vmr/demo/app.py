@@ -96,19 +96,15 @@ def scores_chart(result: dict, truth: list | None):
 
 
 def find_moments(model, cfg, path: Path, query: str, top_k: int, max_frames: int, nms_iou: float) -> dict:
-    """Decode, run the model and return the result (raises UserError on a bad video or query)."""
+    """``vmr predict``'s result plus the processing time (raises UserError on a bad video or query)."""
     from vmr.errors import UserError
-    from vmr.eval.predict import read_video
+    from vmr.eval.predict import predict_video
 
     if not query.strip():
         raise UserError("Type a query first, e.g. 'a red circle moves left'.")
     start = time.perf_counter()
-    frames, times, duration = read_video(path, cfg.data.clip_fps, max_frames, cfg.data.image_size)
-    moments, scores = model.retrieve_moments(frames, query, top_k=top_k, frame_times=times, duration=duration,
-                                             nms_iou=nms_iou)
-    # read_video returns at most max_frames <= model.config.max_frames frames: one score per frame.
-    return {"path": str(path), "query": query, "duration": duration, "moments": moments, "clip_scores": scores,
-            "clip_times": times, "seconds": time.perf_counter() - start}
+    result = predict_video(model, cfg, path, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
+    return {**result, "seconds": time.perf_counter() - start}
 
 
 def show_results(result: dict, truth: list | None) -> None:
@@ -128,12 +124,12 @@ def show_results(result: dict, truth: list | None) -> None:
     with player:
         choice = st.radio("Play moment", list(range(len(result["moments"]))), horizontal=True,
                           format_func=lambda i: f"#{i + 1} at {result['moments'][i]['start']:.1f} s")
-        st.video(result["path"], start_time=int(result["moments"][choice]["start"]))
+        st.video(result["video"], start_time=int(result["moments"][choice]["start"]))
     with chart:
         st.altair_chart(scores_chart(result, truth), width="stretch")
     columns = st.columns(len(result["moments"]))
     for i, (column, moment) in enumerate(zip(columns, result["moments"], strict=True)):
-        image = thumbnail(Path(result["path"]), moment["start"])
+        image = thumbnail(Path(result["video"]), moment["start"])
         if image is not None:
             column.image(image, caption=f"#{i + 1}: {moment['start']:.1f}-{moment['end']:.1f} s", width="stretch")
 
@@ -192,7 +188,7 @@ def main() -> None:
             st.session_state.pop("result", None)
             st.error(str(error).replace(str(path), Path(str(path)).name))
     result = st.session_state.get("result")
-    if result is not None and result["path"] == str(path):
+    if result is not None and result["video"] == str(path):
         show_results(result, truth_by_query.get(result["query"]))
 
 

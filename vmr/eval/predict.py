@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from vmr.data.shards import write_text_atomic
 from vmr.errors import UserError
 from vmr.eval.metrics import BadInput, evaluate, leaderboard, load_jsonl
 from vmr.spans import QVH_CLIP_SECONDS
@@ -147,29 +148,19 @@ def read_video(path: str | Path, clip_fps: float, max_frames: int, size: int):
     return fit_frames(frames, size), [float(t) for t in pts], info.duration
 
 
-def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5) -> dict:
-    """The ``vmr predict`` JSON for one video and one query."""
+def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, max_frames: int | None = None,
+                  nms_iou: float | None = None) -> dict:
+    """The ``vmr predict`` JSON for one video and one query (also what the demo shows).
+    ``max_frames`` (at most the model's) and ``nms_iou`` default to the model's config."""
     if not query.strip():
-        raise UserError("--query is empty")
-    frames, times, duration = read_video(path, cfg.data.clip_fps, model.config.max_frames, cfg.data.image_size)
-    moments, scores = model.retrieve_moments(frames, query, top_k=top_k, frame_times=times, duration=duration)
+        raise UserError("the query is empty")
+    frames, times, duration = read_video(path, cfg.data.clip_fps, max_frames or model.config.max_frames,
+                                         cfg.data.image_size)
+    moments, scores = model.retrieve_moments(frames, query, top_k=top_k, frame_times=times, duration=duration,
+                                             nms_iou=nms_iou)
     return {"video": str(path), "duration": round(duration, 4), "query": query,
             "moments": [{k: round(v, 4) for k, v in m.items()} for m in moments],
             "clip_times": [round(t, 4) for t in times], "clip_scores": [round(s, 4) for s in scores]}
-
-
-def write_jsonl(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    tmp.replace(path)
-
-
-def write_json(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 # ----- commands -----------------------------------------------------------------------------------
@@ -236,7 +227,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         print(f"warning: {missing} queries had no prediction and were scored as empty", file=sys.stderr)
     print(leaderboard({args.name or name: metrics}))
     if args.json:
-        write_json(metrics, Path(args.json))
+        write_text_atomic(Path(args.json), json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     return 0
 
@@ -263,7 +254,7 @@ def _predict_for_eval(args):
     print(f"predicted {len(predictions)} queries in {time.perf_counter() - start:.1f} s"
           + (f"; {bad} videos could not be decoded and were skipped" if bad else ""), file=sys.stderr)
     if args.predictions_out:
-        write_jsonl(predictions, Path(args.predictions_out))
+        write_text_atomic(Path(args.predictions_out), "".join(json.dumps(row) + "\n" for row in predictions))
         print(f"predictions written to {args.predictions_out}")
     return predictions, truth, resolve_bundle(args.checkpoint).parent.name
 

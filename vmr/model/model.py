@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vmr.config import Config, ModelConfig, _apply
+from vmr.config import Config, ModelConfig, load_config
 from vmr.errors import UserError
 from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
@@ -222,10 +222,7 @@ class VideoMomentRetrievalModel(nn.Module):
         for name in (WEIGHTS, CONFIG, CLIP_CONFIG):
             if not (directory / name).is_file():
                 raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
-        import yaml
-
-        cfg = ModelConfig()
-        _apply(cfg, (yaml.safe_load((directory / CONFIG).read_text()) or {}).get("model", {}), "model.")
+        cfg = load_config(directory / CONFIG).model
         clip_config = CLIPConfig.from_dict(json.loads((directory / CLIP_CONFIG).read_text()))
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory))
