@@ -24,12 +24,22 @@ EPILOG = """examples:
 """
 
 
+def add_command(commands, add_arguments, handler, name: str, help: str, description: str,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """One subcommand: its texts, its arguments (``add_arguments(parser)``) and its handler. An
+    epilog (examples) is printed as written."""
+    p = commands.add_parser(name, help=help, description=description, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter if epilog else argparse.HelpFormatter)
+    add_arguments(p)
+    p.set_defaults(handler=handler)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vmr",
         description="Video moment retrieval at scale: sample data, WebDataset shards, training, evaluation.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"vmr {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -37,97 +47,83 @@ def build_parser() -> argparse.ArgumentParser:
     from vmr import synth
     from vmr.data import shards
 
-    p = commands.add_parser(
+    add_command(
+        commands, synth.add_arguments, synth.run,
         "synth", help="make learnable synthetic videos and annotations",
         description="Make learnable synthetic videos (coloured shapes doing actions) with exact "
                     "annotations in the seed and QVHighlights formats.",
     )
-    synth.add_arguments(p)
-    p.set_defaults(handler=synth.run)
 
     p = commands.add_parser("shards", help="build and verify WebDataset shards",
                             description="Build and verify WebDataset tar shards of videos and their queries.")
     shard_commands = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
-    b = shard_commands.add_parser(
+    add_command(
+        shard_commands, shards.add_build_arguments, shards.run_build,
         "build", help="pack videos and annotations into shards",
         description="Pack videos and their annotations into WebDataset tar shards: one sample per "
                     "video with all of its queries. Bad videos and queries are skipped and listed "
                     "in the manifest; everything valid is written.",
         epilog="example:\n  vmr shards build --videos data/synth/videos --annotations data/synth/train.jsonl "
                "--out data/shards --split train --fps 2 --size 112 --keyframe-interval 1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    shards.add_build_arguments(b)
-    b.set_defaults(handler=shards.run_build)
-    v = shard_commands.add_parser(
+    add_command(
+        shard_commands, shards.add_verify_arguments, shards.run_verify,
         "verify", help="check shards against their manifest",
         description="Re-read every shard: sha256 and counts against manifest.json, and decode "
                     "frames of every video. Exits non-zero naming the shard and key of any problem.",
     )
-    shards.add_verify_arguments(v)
-    v.set_defaults(handler=shards.run_verify)
 
     from vmr import train
 
-    p = commands.add_parser(
+    add_command(
+        commands, train.add_arguments, train.run,
         "train", help="train a model (the same as 'accelerate launch -m vmr.train')",
         description="Train on WebDataset shards with the config's preset plus overrides. For several "
                     "processes or GPUs, DeepSpeed or multi-node runs use 'accelerate launch "
                     "--config_file launch/X.yaml -m vmr.train --config FILE ...'.",
         epilog="examples:\n  vmr train --config configs/tiny.yaml train.max_steps=200\n"
                "  vmr train --config configs/tiny.yaml --resume latest",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_arguments(p)
-    p.set_defaults(handler=train.run)
 
     from vmr.eval import predict
 
-    p = commands.add_parser(
+    add_command(
+        commands, predict.add_eval_arguments, predict.run_eval,
         "eval", help="score predictions (official protocols), or predict on shards and score",
         description="Score a predictions file against ground truth with the official QVHighlights or "
                     "Charades-STA protocol, or run a trained model over shards first. Prints a "
                     "leaderboard row; --json writes the official metrics layout.",
         epilog="examples:\n  vmr eval --predictions preds.jsonl --ground-truth data/highlight_val_release.jsonl\n"
                "  vmr eval --checkpoint runs/quickstart --shards data/shards/val-*.tar --json metrics.json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_eval_arguments(p)
-    p.set_defaults(handler=predict.run_eval)
 
-    p = commands.add_parser(
+    add_command(
+        commands, predict.add_predict_arguments, predict.run_predict,
         "predict", help="find the moments of one query in one video (JSON on stdout)",
         description="Decode a video (any format FFmpeg reads), run a trained model and print the "
                     "ranked moments in seconds with per-clip scores as JSON.",
         epilog="example:\n  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins'",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    predict.add_predict_arguments(p)
-    p.set_defaults(handler=predict.run_predict)
 
     from vmr import demo
 
-    p = commands.add_parser(
+    add_command(
+        commands, demo.add_arguments, demo.run,
         "demo", help="the Streamlit app: find moments in your own video",
         description="Start the Streamlit demo: upload a video or pick a sample, type a query, see the "
                     "ranked moments, their thumbnails and the per-clip scores.",
         epilog="example:\n  vmr demo --checkpoint runs/quickstart --port 8501",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_arguments(p)
-    p.set_defaults(handler=demo.run)
 
     from vmr import bench
 
-    p = commands.add_parser(
+    add_command(
+        commands, bench.add_arguments, bench.run,
         "bench", help="the benchmark suite: decode, loader, train, infer",
         description="Measure decode, loader, training and inference speed with warm-up, repetitions and "
                     "medians, beside the design targets and the original project's promises.",
         epilog="examples:\n  vmr bench all --quick --json bench.json\n  vmr bench infer --device cuda",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    bench.add_arguments(p)
-    p.set_defaults(handler=bench.run)
     return parser
 
 
