@@ -21,13 +21,15 @@ quickstart: install $(QUICK_DATA)/shards/manifest.json
 	$(BIN)/accelerate launch --config_file launch/cpu_2proc.yaml -m vmr.train --config configs/tiny.yaml \
 		train.output_dir=$(QUICK_RUN)
 	$(BIN)/vmr eval --checkpoint $(QUICK_RUN)/export --shards '$(QUICK_DATA)/shards/val-*.tar' --name vmr-tiny \
-		--predictions-out $(QUICK_RUN)/eval/predictions.jsonl --json $(QUICK_RUN)/eval/metrics.json
+		--predictions-out $(QUICK_RUN)/eval/predictions.jsonl --json $(QUICK_RUN)/eval/metrics.json \
+		--group-by told_apart_by
 	@echo
 	@echo "Run: $(QUICK_RUN)  (inference bundle in export/, best on validation in export_best/)"
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(QUICK_RUN)/tensorboard   then open http://localhost:6006"
 	@echo "Try it:      $(BIN)/vmr predict --checkpoint $(QUICK_RUN) --video $$(ls $(QUICK_DATA)/synth/videos/*.mp4 | tail -1) --query 'a red circle blinks'"
 
-$(QUICK_DATA)/synth/val.jsonl: | install
+# Remade when the generator changes (its annotations gain fields, e.g. told_apart_by).
+$(QUICK_DATA)/synth/val.jsonl: vmr/synth.py | install
 	$(BIN)/vmr synth --out $(QUICK_DATA)/synth --videos 400 --size 32 --fps 4 --min-duration 20 --max-duration 40
 
 $(QUICK_DATA)/shards/manifest.json: $(QUICK_DATA)/synth/val.jsonl

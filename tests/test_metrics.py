@@ -16,6 +16,7 @@ from vmr.eval.metrics import (
     compute_comprehensive_metrics,
     detection_ap,
     evaluate,
+    evaluate_groups,
     leaderboard,
     ranking_ap,
 )
@@ -236,3 +237,35 @@ def test_nms_properties(candidates, threshold, top_k):
             assert iou(a[:2], b[:2]) <= threshold
     if cands:
         assert kept[0][2] == max(c[2] for c in cands)
+
+
+def test_group_by_a_field_scores_each_group_on_its_own(tmp_path, capsys):
+    """Hand-made: group a has 2 queries (1 hit), b has 1 (a hit), one query lacks the field; a list
+    value counts in each of its groups; numbers bucket at the given edges."""
+    gt = [gt_row(1, [[0, 10]]), gt_row(2, [[20, 30]]), gt_row(3, [[40, 50]]), gt_row(4, [[0, 5]], duration=200)]
+    for row, tag in zip(gt, ["a", "a", ["b", "a"], None], strict=True):
+        if tag is not None:
+            row["kind"] = tag
+    preds = [pred_row(1, [[0, 10, 0.9]]), pred_row(2, [[0, 10, 0.9]]), pred_row(3, [[40, 50, 0.9]]),
+             pred_row(4, [[0, 5, 0.9]])]
+    groups = evaluate_groups(preds, gt, "kind")["groups"]
+    assert list(groups) == ["a", "(missing)", "b"]  # largest first
+    assert groups["a"]["queries"] == 3 and groups["a"]["brief"]["MR-full-R1@0.5"] == pytest.approx(66.67)
+    assert groups["b"]["queries"] == 1 and groups["b"]["brief"]["MR-full-R1@0.5"] == 100.0
+    assert groups["(missing)"]["queries"] == 1
+    buckets = evaluate_groups(preds, gt, "duration:100")["groups"]
+    assert {k: v["queries"] for k, v in buckets.items()} == {"<100": 3, ">=100": 1}
+    with pytest.raises(BadInput, match="no ground-truth query has a field 'colour'"):
+        evaluate_groups(preds, gt, "colour")
+    with pytest.raises(BadInput, match="not a number"):
+        evaluate_groups(preds, gt, "kind:1,2")
+
+    gt_file, pred_file = _write_jsonl(tmp_path / "gt.jsonl", gt), _write_jsonl(tmp_path / "p.jsonl", preds)
+    assert main(["eval", "--predictions", pred_file, "--ground-truth", gt_file, "--group-by", "kind",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| kind |" in out and "| a (3 queries) |" in out
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["groups"]["field"] == "kind" and saved["groups"]["groups"]["b"]["queries"] == 1
+    assert main(["eval", "--predictions", pred_file, "--ground-truth", gt_file, "--group-by", "nope"]) == 2
+    assert "no ground-truth query has a field 'nope'" in capsys.readouterr().err

@@ -40,6 +40,8 @@ def test_qvhighlights_build_one_sample_per_video(synth_dir, tmp_path, capsys):
     for row in rows:
         assert by_qid[row["qid"]]["windows"] == row["relevant_windows"]
         assert by_qid[row["qid"]]["saliency"]["clip_ids"] == row["relevant_clip_ids"]
+        # Fields beyond the schema (tags) travel with the query, for `vmr eval --group-by`.
+        assert by_qid[row["qid"]]["tags"] == {"told_apart_by": row["told_apart_by"]}
     meta = next(iter(samples.values()))
     assert {"duration", "fps", "num_frames", "width", "height"} <= set(meta)
     # Without re-encode options the bytes are the source file's.

@@ -179,7 +179,7 @@ def test_a_stream_of_only_corrupt_samples_stops_with_a_reason(shard_dir, tmp_pat
         writer.close()
     loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
                          train=True, rank=0, world=1, epoch_batches=1)
-    with pytest.raises(RuntimeError, match="50 samples in a row could not be decoded"):
+    with pytest.raises(UserError, match="50 shards or samples in a row could not be read; last: .*bad-000000.tar"):
         next(iter(loader))
 
 
@@ -203,7 +203,9 @@ def test_map_style_dataset_over_loose_files(synth_dir):
 def test_expand_shards(shard_dir):
     assert len(expand_shards(str(shard_dir / "train-{000000..000002}.tar"))) == 3
     assert expand_shards([str(shard_dir / "val-*.tar")]) == [str(shard_dir / "val-000000.tar")]
-    assert expand_shards("pipe:cat x.tar") == ["pipe:cat x.tar"]
+    assert expand_shards("pipe:cat x.tar", allow_pipe=True) == ["pipe:cat x.tar"]
+    with pytest.raises(UserError, match="runs a shell command"):
+        expand_shards("pipe:cat x.tar")
     with pytest.raises(UserError, match="does not exist"):
         expand_shards(str(shard_dir / "nope.tar"))
     with pytest.raises(UserError, match="no shard matches"):

@@ -111,3 +111,24 @@ def test_durations_respect_bounds(synth_dir):
     for row in _rows(synth_dir / "train.jsonl"):
         assert TINY["min_duration"] - 0.2 <= row["duration"] <= TINY["max_duration"] + 0.2
         assert math.isclose(row["duration"] * TINY["fps"], round(row["duration"] * TINY["fps"]))
+
+
+def test_told_apart_by_names_the_only_differing_attribute(synth_dir):
+    from vmr.synth import told_apart_by
+
+    red_circle_grows = ("red", "circle", "grows")
+    assert told_apart_by(red_circle_grows, []) == "alone"
+    assert told_apart_by(red_circle_grows, [("blue", "square", "grows")]) == "several"
+    assert told_apart_by(red_circle_grows, [("blue", "circle", "grows")]) == "colour"
+    # Two close neighbours: the action is reported first (it is the hardest to see).
+    assert told_apart_by(red_circle_grows, [("red", "square", "grows"), ("red", "circle", "blinks")]) == "action"
+    # Written into the annotations, consistent with each video's own queries.
+    rows = _rows(synth_dir / "train.jsonl") + _rows(synth_dir / "val.jsonl")
+    by_video: dict[str, list[tuple[str, ...]]] = {}
+    for row in rows:
+        words = row["query"].split()  # "a <colour> <shape> <action...>"
+        by_video.setdefault(row["vid"], []).append((words[1], words[2], " ".join(words[3:])))
+    for row in rows:
+        words = row["query"].split()
+        mine = (words[1], words[2], " ".join(words[3:]))
+        assert row["told_apart_by"] == told_apart_by(mine, [t for t in by_video[row["vid"]] if t != mine])

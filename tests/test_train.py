@@ -95,10 +95,14 @@ def test_predict_and_eval_with_the_trained_bundle(shard_dir, synth_dir, tmp_path
     assert all(0 <= m["start"] < m["end"] <= result["duration"] for m in result["moments"])
     metrics = tmp_path / "eval" / "metrics.json"
     assert main(["eval", "--checkpoint", str(out / "export"), "--shards", f"{shard_dir}/val-*.tar",
-                 "--predictions-out", str(tmp_path / "eval" / "preds.jsonl"), "--json", str(metrics)]) == 0
-    brief = json.loads(metrics.read_text())["brief"]
-    assert 0 <= brief["MR-full-R1@0.5"] <= 100
+                 "--predictions-out", str(tmp_path / "eval" / "preds.jsonl"), "--json", str(metrics),
+                 "--group-by", "told_apart_by"]) == 0
+    saved = json.loads(metrics.read_text())
+    assert 0 <= saved["brief"]["MR-full-R1@0.5"] <= 100
+    # The shards carry vmr synth's tag, so the breakdown needs no ground-truth file.
     rows = [json.loads(line) for line in (tmp_path / "eval" / "preds.jsonl").read_text().splitlines()]
+    groups = saved["groups"]["groups"]
+    assert "(missing)" not in groups and sum(g["queries"] for g in groups.values()) == len(rows)
     assert {"qid", "query", "vid", "pred_relevant_windows", "pred_saliency_scores"} <= set(rows[0])
     assert main(["predict", "--checkpoint", str(out), "--video", str(tmp_path / "missing.mp4"), "--query", "x"]) == 2
     assert "missing.mp4: file not found" in capsys.readouterr().err
@@ -109,9 +113,18 @@ def test_predict_and_eval_with_the_trained_bundle(shard_dir, synth_dir, tmp_path
 
 
 def test_nonfinite_losses_stop_the_run_with_a_reason(shard_dir, tmp_path):
-    result = run([*overrides(shard_dir, tmp_path / "run", max_nonfinite_steps=2), "model.loss_relevance=.nan"])
+    """A loss weight of 1e38 overflows in backward (the loss itself may stay finite): the steps are
+    skipped, the run stops with the reason, and no bundle of broken weights is written."""
+    result = run([*overrides(shard_dir, tmp_path / "run", max_nonfinite_steps=2), "model.loss_relevance=1e38"])
     assert result.returncode == 2
-    assert "the loss was not finite for 2 steps in a row" in result.stderr
+    assert "were not finite for 2 steps in a row" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_an_infinite_learning_rate_is_refused(shard_dir, tmp_path):
+    result = run([*overrides(shard_dir, tmp_path / "run"), "train.lr=1e400"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "vmr train: error: train.lr: must be a finite number, got inf"
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
-from vmr.errors import UserError
+from vmr.errors import UserError, out_of_space
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -41,22 +41,47 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return path
 
 
+def _agree(accelerator, error: str | None) -> None:
+    """Collective: every rank learns whether any rank failed, and all raise the same one-line
+    error, so no rank is left waiting for the others."""
+    from accelerate.utils import gather_object
+
+    errors = [e for e in (gather_object([error]) if accelerator.num_processes > 1 else [error]) if e]
+    if errors:
+        raise UserError(errors[0])
+
+
 def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=None) -> Path:
     """save_state into a temporary folder, then rename: a run killed mid-save leaves the previous
-    checkpoint intact. The resolved config goes beside the state. Keeps the newest ``keep``."""
+    checkpoint intact. The resolved config goes beside the state. Keeps the newest ``keep``.
+    A full disk stops the run with one line naming the disk and the checkpoint still intact."""
     final = Path(output_dir) / "checkpoints" / f"step_{step:07d}"
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if cfg is not None:
+    error = None
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process and cfg is not None:
             from vmr.config import save_config
 
             save_config(cfg, tmp / "config.yaml")
+    except (OSError, RuntimeError) as failure:
+        full = out_of_space(failure, tmp)
+        if full is None:
+            raise
+        previous = checkpoints(output_dir)
+        error = (f"checkpoint of step {step} not written: {full}; "
+                 + (f"the last complete checkpoint {previous[-1]} is intact (--resume latest continues from it)"
+                    if previous else "no earlier checkpoint exists"))
+    if error is not None or accelerator.num_processes > 1:
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        _agree(accelerator, error)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoints(output_dir)[:-keep]:
@@ -66,8 +91,19 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
 
 
 def export_bundle(accelerator, model, cfg, directory: Path) -> None:
-    """The inference bundle of the current weights (gathered from all ranks under ZeRO-3)."""
+    """The inference bundle of the current weights (gathered from all ranks under ZeRO-3). Refused
+    on every rank alike when the weights are not finite or the disk is full."""
     state = accelerator.get_state_dict(model)
+    error = None
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(directory, cfg, state_dict=state)
+        try:
+            accelerator.unwrap_model(model).save_pretrained(directory, cfg, state_dict=state)
+        except UserError as failure:
+            error = str(failure)
+        except (OSError, RuntimeError) as failure:
+            full = out_of_space(failure, directory)
+            if full is None:
+                raise
+            error = f"inference bundle {directory} not written: {full}"
+    _agree(accelerator, error)
     accelerator.wait_for_everyone()

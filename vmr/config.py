@@ -7,6 +7,7 @@ Importable by anything. Unknown keys and values of the wrong type are UserErrors
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from vmr.errors import UserError
 class DataConfig:
     train_shards: list[str] = field(default_factory=list)  # paths, globs, brace patterns, pipe:/http URLs
     val_shards: list[str] = field(default_factory=list)
+    allow_pipe: bool = False  # accept pipe:COMMAND shard URLs, which run COMMAND in a shell
     frame_sampling: Literal["uniform", "random", "keyframes"] = "random"  # training; evaluation is uniform
     clip_fps: float = 1.0  # frames per second sampled; lowered for videos longer than max_frames / clip_fps
     image_size: int = 224
@@ -60,6 +62,7 @@ class ModelConfig:
     frame_chunk: int = 256  # frames per vision-tower call: bounds activation memory on long batches
     # Temporal and cross-attention layers on top of CLIP
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
+    motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
     hidden_dim: int = 256
     num_layers: int = 2
     num_heads: int = 4
@@ -163,13 +166,19 @@ def _coerce(value, kind, key: str):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means infinity or NaN (1e400 reads as inf): it would only train a broken model.
+            if not math.isfinite(number):
+                raise UserError(f"{key}: must be a finite number, got {value!r}")
+            return number
     elif kind is str:
         if isinstance(value, str):
             return value

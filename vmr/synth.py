@@ -16,7 +16,9 @@ Output (DIR):
   videos/<video_id>.mp4   H.264, yuv420p, one keyframe every second
   annotations.json        all queries, seed schema (frame indices at the video's fps)
   train.jsonl, val.jsonl  QVHighlights schema (seconds), split by video, with 2-second clip
-                          ids and saliency scores derived from how much of a clip is covered
+                          ids and saliency scores derived from how much of a clip is covered,
+                          and ``told_apart_by``: which attribute alone separates the query from
+                          the most similar other query of its video (``vmr eval --group-by``)
 """
 
 from __future__ import annotations
@@ -241,7 +243,24 @@ def _video_id(index: int, rng: np.random.Generator, duration: float) -> str:
     return f"synth_{index:04d}"
 
 
-def _qvh_record(qid: int, query: str, vid: str, duration: float, windows: list[tuple[float, float]]) -> dict:
+def told_apart_by(triple: tuple[str, str, str], others: list[tuple[str, str, str]]) -> str:
+    """What tells a query apart from the most similar other query of its video: ``"action"`` when
+    another event has the same colour and shape (only the action differs), likewise ``"shape"`` and
+    ``"colour"``; ``"several"`` when every other event differs in two attributes or more; ``"alone"``
+    when the video has no other query. Ties between two-attribute matches go to action, then shape,
+    because motion is the hardest attribute to see."""
+    if not others:
+        return "alone"
+    differing = [{name for name, a, b in zip(("colour", "shape", "action"), triple, other, strict=True) if a != b}
+                 for other in others]
+    for attribute in ("action", "shape", "colour"):
+        if {attribute} in differing:
+            return attribute
+    return "several"
+
+
+def _qvh_record(qid: int, query: str, vid: str, duration: float, windows: list[tuple[float, float]],
+                apart_by: str) -> dict:
     """One QVHighlights line; saliency from the fraction of each 2-second clip the event covers:
     score ceil(4 * fraction) in 1..4 from two annotators, one less from a stricter third."""
     fractions = clip_relevance(windows, duration)
@@ -258,6 +277,7 @@ def _qvh_record(qid: int, query: str, vid: str, duration: float, windows: list[t
         "relevant_windows": [[round(s, 6), round(e, 6)] for s, e in windows],
         "relevant_clip_ids": clip_ids,
         "saliency_scores": scores,
+        "told_apart_by": apart_by,  # an optional field: `vmr eval --group-by told_apart_by`
     }
 
 
@@ -309,7 +329,9 @@ def synthesize(
         by_query: dict[str, list[Event]] = {}
         for event in events:
             by_query.setdefault(event.query, []).append(event)
+        triples = {query: (evs[0].colour, evs[0].shape, evs[0].action) for query, evs in by_query.items()}
         for query, evs in by_query.items():
+            apart_by = told_apart_by(triples[query], [t for q, t in triples.items() if q != query])
             evs.sort(key=lambda e: e.first)
             for e in evs:
                 seed_rows.append({
@@ -322,7 +344,7 @@ def synthesize(
                 })
             windows = [frames_to_seconds(e.first, e.last, fps) for e in evs]
             split = "val" if index in val_set else "train"
-            splits[split].append(_qvh_record(qid, query, vid, duration, windows))
+            splits[split].append(_qvh_record(qid, query, vid, duration, windows, apart_by))
             qid += 1
 
     (out / "annotations.json").write_text(json.dumps(seed_rows, indent=1) + "\n")

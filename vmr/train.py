@@ -160,92 +160,108 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
 
     metrics, window = None, {"time": 0.0, "wait": 0.0, "videos": 0, "frames": 0, "steps": 0}
     nonfinite_in_a_row = 0
-    while True:
-        step = loop.step
-        last = step >= total
+    try:
+        while True:
+            step = loop.step
+            last = step >= total
 
-        # ----- once in a while: validate, keep the best, checkpoint
-        if cfg.data.val_shards and (last or (t.eval_every and step % t.eval_every == 0 and step > start)):
-            metrics = validate(accelerator, model, cfg, tokenizer, step, tracker, zero3)
-            score = None if metrics is None else metrics["brief"].get(t.best_metric)  # main process only
-            score = broadcast_object_list([score])[0]
-            if score is not None and (loop.best is None or score > loop.best):
-                loop.best = score
-                export_bundle(accelerator, model, cfg, out / "export_best")
-        if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
-            save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
-        if last:
-            break
+            # ----- once in a while: validate, keep the best, checkpoint
+            if cfg.data.val_shards and (last or (t.eval_every and step % t.eval_every == 0 and step > start)):
+                metrics = validate(accelerator, model, cfg, tokenizer, step, tracker, zero3)
+                score = None if metrics is None else metrics["brief"].get(t.best_metric)  # main process only
+                score = broadcast_object_list([score])[0]
+                if score is not None and (loop.best is None or score > loop.best):
+                    loop.best = score
+                    export_bundle(accelerator, model, cfg, out / "export_best")
+            if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
+                save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
+            if last:
+                break
 
-        # ----- one optimizer step
-        step_start, skipped_step = time.perf_counter(), False
-        model.train()
-        for _ in range(t.grad_accum):
-            wait_start = time.perf_counter()
-            batch = next(batches)
-            window["wait"] += time.perf_counter() - wait_start
-            window["videos"] += len(batch["video_id"]) * accelerator.num_processes
-            window["frames"] += int(batch["frame_mask"].sum()) * accelerator.num_processes
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with accelerator.accumulate(model):
-                outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
-                                frame_mask=batch["frame_mask"], video_index=batch["video_index"],
-                                frame_times=batch["frame_times"], duration=batch["duration"])
-                losses = moment_losses(outputs, batch, accelerator.unwrap_model(model).config)
-                # Every rank must agree, or one would wait forever for the others' gradients.
-                bad = accelerator.reduce((~torch.isfinite(losses["loss"].detach())).float().reshape(1), "sum")
-                if bad.item() > 0:
-                    skipped_step = True
-                else:
-                    accelerator.backward(losses["loss"])
-                grad_norm = None
-                if accelerator.sync_gradients and not skipped_step:
-                    if t.max_grad_norm > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-        loop.step += 1
-        if skipped_step:
-            loop.nonfinite += 1
-            nonfinite_in_a_row += 1
-            if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                raise UserError(f"the loss was not finite for {nonfinite_in_a_row} steps in a row (step {loop.step}); "
-                                "the last checkpoint is intact: lower train.lr, use bf16 instead of fp16, "
-                                "or check the data, then --resume latest")
-        else:
-            nonfinite_in_a_row = 0
-        window["time"] += time.perf_counter() - step_start
-        window["steps"] += 1
-        bar.update(1)
+            # ----- one optimizer step
+            step_start, skipped_step = time.perf_counter(), False
+            model.train()
+            for _ in range(t.grad_accum):
+                wait_start = time.perf_counter()
+                batch = next(batches)
+                window["wait"] += time.perf_counter() - wait_start
+                window["videos"] += len(batch["video_id"]) * accelerator.num_processes
+                window["frames"] += int(batch["frame_mask"].sum()) * accelerator.num_processes
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                with accelerator.accumulate(model):
+                    outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
+                                    frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                                    frame_times=batch["frame_times"], duration=batch["duration"])
+                    losses = moment_losses(outputs, batch, accelerator.unwrap_model(model).config)
+                    # Every rank must agree, or one would wait forever for the others' gradients.
+                    bad = accelerator.reduce((~torch.isfinite(losses["loss"].detach())).float().reshape(1), "sum")
+                    if bad.item() > 0:
+                        skipped_step = True
+                    else:
+                        accelerator.backward(losses["loss"])
+                    grad_norm = None
+                    if accelerator.sync_gradients and not skipped_step:
+                        if t.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                        # A finite loss can still overflow in backward; clipping by an infinite norm
+                        # would write NaN into every weight. (Gradients are reduced: every rank agrees.)
+                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+                            skipped_step = True
+                        else:
+                            optimizer.step()
+                            scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+            loop.step += 1
+            if skipped_step:
+                loop.nonfinite += 1
+                nonfinite_in_a_row += 1
+                if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                    raise UserError(f"the loss or its gradients were not finite for {nonfinite_in_a_row} steps in a row "
+                                    f"(step {loop.step}); "
+                                    "the last checkpoint is intact: lower train.lr, use bf16 instead of fp16, "
+                                    "or check the data, then --resume latest")
+            else:
+                nonfinite_in_a_row = 0
+            window["time"] += time.perf_counter() - step_start
+            window["steps"] += 1
+            bar.update(1)
 
-        if loop.step % t.log_every == 0 or loop.step == total:
-            values = {f"loss/{k}": v.item() for k, v in losses.items()}
-            elapsed = max(window["time"], 1e-9)
-            values.update({
-                "perf/samples_per_s": window["videos"] / elapsed,
-                "perf/frames_per_s": window["frames"] / elapsed,
-                "perf/data_wait_fraction": window["wait"] / elapsed,
-                "perf/step_s": elapsed / window["steps"],
-                "perf/memory_mb": memory_mb(device),
-                "data/skipped_samples": skipped(loader),
-                "train/nonfinite_steps": loop.nonfinite,
-            })
-            for group in optimizer.param_groups:
-                values[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            if grad_norm is not None:
-                values["train/grad_norm"] = float(grad_norm)
-            accelerator.log(values, step=loop.step)
-            bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}",
-                            refresh=False)
-            window = dict.fromkeys(window, 0)
+            if loop.step % t.log_every == 0 or loop.step == total:
+                values = {f"loss/{k}": v.item() for k, v in losses.items()}
+                elapsed = max(window["time"], 1e-9)
+                values.update({
+                    "perf/samples_per_s": window["videos"] / elapsed,
+                    "perf/frames_per_s": window["frames"] / elapsed,
+                    "perf/data_wait_fraction": window["wait"] / elapsed,
+                    "perf/step_s": elapsed / window["steps"],
+                    "perf/memory_mb": memory_mb(device),
+                    "data/skipped_samples": skipped(loader),
+                    "train/nonfinite_steps": loop.nonfinite,
+                })
+                for group in optimizer.param_groups:
+                    values[f"lr/{group.get('name', 'group')}"] = group["lr"]
+                if grad_norm is not None:
+                    values["train/grad_norm"] = float(grad_norm)
+                accelerator.log(values, step=loop.step)
+                bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}",
+                                refresh=False)
+                window = dict.fromkeys(window, 0)
 
-    bar.close()
+    finally:  # the bar's last redraw must not land after an error's one line
+        bar.close()
     export_bundle(accelerator, model, cfg, out / "export")
     if hasattr(model, "destroy"):  # a DeepSpeed engine: release ZeRO-3 hooks and threads before exit
         model.destroy()
+    bad = skipped(loader)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        bad = sum(gather_object([bad]))
     accelerator.end_training()
     if main_process:
+        if bad:
+            print(f"{bad} unreadable shard or sample read(s) were skipped (each read counts once; last reason on "
+                  f"this process: {loader.skip_counter.last_reason or 'none here'})", file=sys.stderr)
         print(f"done: {loop.step} steps. Inference bundle: {out / 'export'}"
               + (f" (best {t.best_metric} = {loop.best:.2f}: {out / 'export_best'})" if loop.best is not None else ""))
         print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
@@ -258,16 +274,19 @@ def validate(accelerator, model, cfg: Config, tokenizer, step: int, tracker, zer
     from tqdm import tqdm
 
     from vmr.eval.metrics import evaluate
-    from vmr.eval.predict import predict_shards
+    from vmr.eval.predict import nothing_read, predict_shards
 
     # ZeRO-3 keeps each rank's slice of the weights: only the engine's forward can run the model.
     runner = model if zero3 else accelerator.unwrap_model(model)
-    predictions, truth, bad = predict_shards(
+    predictions, truth, bad, reason = predict_shards(
         runner, cfg.data.val_shards, cfg, tokenizer, cfg.train.eval_batch_size, device=accelerator.device,
         rank=accelerator.process_index, world=accelerator.num_processes, lockstep=accelerator if zero3 else None,
         progress=False)
     if accelerator.num_processes > 1:
         predictions, truth, bad = gather_object(predictions), gather_object(truth), sum(gather_object([bad]))
+        reason = next((r for r in gather_object([reason]) if r), "")
+    if not predictions:
+        raise nothing_read(cfg.data.val_shards, bad, reason)
     if not accelerator.is_main_process:
         return None
     metrics, _ = evaluate(predictions, truth, allow_missing=True)

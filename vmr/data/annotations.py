@@ -5,7 +5,9 @@
   several windows (the event happens more than once). Frames become seconds only once the
   video's real fps is known (vmr.spans.frames_to_seconds), so records keep ``unit="frames"``.
 - QVHighlights JSONL: ``{"qid","query","vid","duration","relevant_windows",
-  "relevant_clip_ids"?,"saliency_scores"?}`` per line, seconds, 2-second clips.
+  "relevant_clip_ids"?,"saliency_scores"?}`` per line, seconds, 2-second clips. Any other field
+  of a line (a tag such as ``"dataset"`` or ``"told_apart_by"``) is kept in ``QueryRecord.tags``
+  and travels with the query into the shards, so ``vmr eval --group-by`` can break metrics down by it.
 - Charades-STA text: ``VIDEO START END##sentence`` per line, seconds. The qid is
   ``<file stem>:<line number>`` since the format has none.
 
@@ -39,7 +41,7 @@ class QueryRecord:
     saliency: dict | None = None  # {"clip_seconds", "clip_ids", "scores"} when the data has it
     video_file: str | None = None  # a file name given by the annotation (seed format)
     source: str = ""  # "file:line" for messages
-    extra: dict = field(default_factory=dict)
+    tags: dict = field(default_factory=dict)  # the annotation's own extra fields, kept as given
 
     def seconds(self, fps: float) -> list[tuple[float, float]]:
         """The windows in seconds; frame windows are converted with the video's real fps."""
@@ -69,6 +71,9 @@ def detect_format(path: Path) -> str:
     text = _read_text(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
+        if path.suffix.lower() == ".jsonl":
+            raise UserError(f"{path}: holds one JSON array, but a .jsonl file holds one JSON object per line "
+                            "(QVHighlights); rename it .json if it is seed-format, or write one object per line")
         return "seed"
     first = next((line for line in text.splitlines() if line.strip()), "")
     if first.lstrip().startswith("{"):
@@ -82,11 +87,46 @@ def detect_format(path: Path) -> str:
 
 
 def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[QueryRecord], list[Skip]]:
+    """Every usable query of the file, and a skip for each bad row. A file with rows but not one
+    usable query is a UserError (a wrong format or schema, not a few bad rows)."""
     if fmt == "auto":
         fmt = detect_format(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown annotation format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
-    return {"seed": _read_seed, "qvhighlights": _read_qvhighlights, "charades": _read_charades}[fmt](path)
+    records, skips = {"seed": _read_seed, "qvhighlights": _read_qvhighlights, "charades": _read_charades}[fmt](path)
+    if not records:
+        more = f" (and {len(skips) - 1} more like it)" if len(skips) > 1 else ""
+        raise UserError(skips[0].reason + more if skips else f"{path}: no annotations in this file")
+    return records, skips
+
+
+def _id(value, key: str) -> int | str:
+    """A qid or video id: a number or a non-empty string (a list or object cannot name anything)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or value == "":
+        raise TypeError(f"{key} must be a number or a non-empty string, got {value!r}")
+    return value
+
+
+def _text(value, key: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string, got {value!r}")
+    return value
+
+
+def _saliency(row: dict) -> dict | None:
+    """QVHighlights clip saliency: ``relevant_clip_ids`` (clip numbers) and ``saliency_scores``
+    (one list of annotator scores 0-4 per clip), both present or neither."""
+    if "relevant_clip_ids" not in row and "saliency_scores" not in row:
+        return None
+    ids, scores = row.get("relevant_clip_ids"), row.get("saliency_scores")
+    if not isinstance(ids, list) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ids):
+        raise TypeError(f"relevant_clip_ids must be a list of clip numbers, got {ids!r}"[:200])
+    if not isinstance(scores, list) or len(scores) != len(ids) or not all(
+            isinstance(s, list) and s and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                              and 0 <= v <= 4 for v in s) for s in scores):
+        raise TypeError(f"saliency_scores must be one list of scores 0-4 per relevant clip "
+                        f"({len(ids)} clips), got {scores!r}"[:200])
+    return {"clip_seconds": 2.0, "clip_ids": list(ids), "scores": [list(s) for s in scores]}
 
 
 def _read_text(path: Path) -> str:
@@ -103,6 +143,12 @@ def _strip_extension(name: str) -> str:
     return stem if dot and ext.lower() in VIDEO_EXTENSIONS else name
 
 
+def _frame(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise TypeError(f"{key} must be a whole frame number, got {value!r}")
+    return int(value)
+
+
 def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
     try:
         rows = json.loads(_read_text(path))
@@ -115,9 +161,11 @@ def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
     for i, row in enumerate(rows):
         where = f"{path}: row {i}"
         try:
-            video_file = str(row["video_id"])
-            window = (int(row["start_frame"]), int(row["end_frame"]))
-            qid, query = row["id"], str(row["query"])
+            if not isinstance(row, dict):
+                raise TypeError(f"a row must be an object, got {row!r}"[:120])
+            video_file = str(_id(row["video_id"], "video_id"))
+            window = (_frame(row["start_frame"], "start_frame"), _frame(row["end_frame"], "end_frame"))
+            qid, query = _id(row["id"], "id"), _text(row["query"], "query")
         except (KeyError, TypeError, ValueError) as error:
             video = str(row.get("video_id", "?")) if isinstance(row, dict) else "?"
             skips.append(Skip(video, f"{where}: malformed row ({type(error).__name__}: {error})"))
@@ -130,6 +178,16 @@ def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
         records[key] = QueryRecord(qid, video_id, query, [window], unit="frames",
                                    video_file=video_file, source=where)
     return list(records.values()), skips
+
+
+def _window(value) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"relevant_windows entry {value!r} is not [start, end] in seconds"[:160])
+    return float(value[0]), float(value[1])
+
+
+QVH_FIELDS = ("qid", "query", "vid", "duration", "relevant_windows", "relevant_clip_ids", "saliency_scores")
 
 
 def _read_qvhighlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
@@ -146,16 +204,18 @@ def _read_qvhighlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
             skips.append(Skip("?", f"{where}: not a JSON line"))
             continue
         try:
-            windows = [(float(s), float(e)) for s, e in row["relevant_windows"]]
-            record = QueryRecord(row["qid"], str(row["vid"]), str(row["query"]), windows, source=where)
+            if not isinstance(row, dict):
+                raise TypeError(f"a line must be an object, got {row!r}"[:120])
+            windows = [_window(w) for w in row["relevant_windows"]]
+            record = QueryRecord(_id(row["qid"], "qid"), str(_id(row["vid"], "vid")),
+                                 _text(row["query"], "query"), windows, source=where)
+            record.saliency = _saliency(row)
         except (KeyError, TypeError, ValueError) as error:
             video = str(row.get("vid", "?")) if isinstance(row, dict) else "?"
-            skips.append(Skip(video, f"{where}: malformed line ({type(error).__name__}: {error})",
-                              qid=row.get("qid") if isinstance(row, dict) else None))
+            qid = row.get("qid") if isinstance(row, dict) and isinstance(row.get("qid"), (int, str)) else None
+            skips.append(Skip(video, f"{where}: malformed line ({type(error).__name__}: {error})", qid=qid))
             continue
-        if "relevant_clip_ids" in row and "saliency_scores" in row:
-            record.saliency = {"clip_seconds": 2.0, "clip_ids": list(row["relevant_clip_ids"]),
-                               "scores": list(row["saliency_scores"])}
+        record.tags = {k: v for k, v in row.items() if k not in QVH_FIELDS}
         records.append(record)
     return records, skips
 

@@ -6,7 +6,7 @@ several queries:
   <key>.mp4    the video bytes (the source file unchanged, or re-encoded)
   <key>.json   {"video_id", "duration", "fps", "num_frames", "width", "height", "start",
                 "source_file", "queries": [{"qid", "query", "windows": [[s, e], ...],
-                "saliency"?: {"clip_seconds", "clip_ids", "scores"}}]}
+                "saliency"?: {"clip_seconds", "clip_ids", "scores"}, "tags"?: {...}}]}
 
 Keys are sanitised ids: webdataset splits a file name at its first dot, and real ids have dots
 (QVHighlights ``j7rJstUseKg_360.0_510.0``); the real id lives in the JSON.
@@ -14,18 +14,26 @@ Keys are sanitised ids: webdataset splits a file name at its first dot, and real
 ``OUT/manifest.json``: {"splits": {<split>: {"shards": [{"path", "samples", "queries", "bytes",
 "sha256"}], "samples", "queries", "params"}}, "skipped": [{"split", "video_id", "qid"?, "reason"}],
 "params": <the last build's parameters>}. Building another split into the same folder adds to it.
+
+A build is a transaction: shards are written into a hidden staging folder ``OUT/.vmr-build-<split>/``
+and nothing in OUT changes until the whole split is complete. The switch is then recorded in a
+journal (``OUT/.vmr-commit-<split>.json``) and carried out: old shards of the split removed, new
+ones moved in, the manifest rewritten. A build killed before the switch leaves OUT as it was (the
+next build clears the staging folder); one killed during the switch is finished by the next
+``build`` or ``verify``. A full disk stops the build with one line naming the disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 import re
+import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +41,7 @@ from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
 from vmr.data.video import find_video, probe, reencode, window_tolerance
-from vmr.errors import UserError
+from vmr.errors import UserError, out_of_space
 
 MANIFEST = "manifest.json"
 TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
@@ -76,13 +84,18 @@ def _query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict
            "windows": [[round(s, 6), round(e, 6)] for s, e in windows]}
     if record.saliency is not None:
         row["saliency"] = record.saliency
+    if record.tags:
+        row["tags"] = record.tags
     return row
 
 
 def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_dir: Path) -> PreparedVideo | Skip:
     """Find, probe and optionally re-encode one video; convert and check its queries' windows.
     Runs in a worker process; every failure becomes a Skip with its reason."""
-    path = find_video(videos_dir, task.video_id, task.file_name)
+    try:
+        path = find_video(videos_dir, task.video_id, task.file_name)
+    except ValueError as error:
+        return Skip(task.video_id, what="video", reason=str(error))
     if path is None:
         return Skip(task.video_id, what="video", reason=f"video file not found in {videos_dir} "
                                    f"(tried {task.file_name or task.video_id} and <id>.mp4/.mkv/.avi/.mov/.webm)")
@@ -98,7 +111,11 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
             reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps)
             stored = probe(stored_path)
         except ValueError as error:
+            # A full disk is the build's problem, not the video's: stop, never skip a good video.
+            full = out_of_space(error, stored_path)
             stored_path.unlink(missing_ok=True)
+            if full is not None:
+                raise full from None
             return Skip(task.video_id, f"{path}: re-encode failed ({error})", what="video")
         temporary = True
 
@@ -189,7 +206,11 @@ class _ShardWriter:
 
     def abort(self) -> None:
         if self._tar is not None:
-            self._tar.close()
+            try:
+                self._tar.close()
+            except OSError:  # the disk that failed the write fails the flush too (the file closes anyway)
+                with contextlib.suppress(OSError):
+                    self._file.close()
             (self.out / f".{self.shards[-1]['path']}.tmp").unlink(missing_ok=True)
             self._tar = None
 
@@ -208,11 +229,19 @@ def read_manifest(out: Path) -> dict:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file."""
+    """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file.
+    A full disk is a UserError naming it, and leaves no temporary file behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        full = out_of_space(error, path)
+        if full is None:
+            raise
+        raise full from None
 
 
 def build_shards(
@@ -269,57 +298,113 @@ def build_shards(
             task.queries.append(record)
 
     out.mkdir(parents=True, exist_ok=True)
+    finish_commits(out)
+    staging = out / f".vmr-build-{split}"
+    if staging.exists():
+        print(f"removing an unfinished build of split {split!r} left in {staging} (the build was interrupted; "
+              "nothing in the output folder had changed)", file=sys.stderr)
+        shutil.rmtree(staging)
     manifest = read_manifest(out)
     old_files = sorted(out.glob(f"{split}-*.tar"))
-    if (split in manifest["splits"] or old_files) and not overwrite:
+    if split in manifest["splits"] and not overwrite:
         raise UserError(f"{out}: split {split!r} already exists; pass --overwrite to replace it")
+    if old_files and not overwrite:
+        raise UserError(f"{out}: {old_files[0].name} and other shards of split {split!r} exist but the manifest "
+                        "does not list them; pass --overwrite to replace them")
+    if not tasks:
+        raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
+                        + (f": {skips[0].reason}" if skips else ""))
 
-    writer = _ShardWriter(out, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+    encode_dir = staging / "encode"
+    encode_dir.mkdir(parents=True)
+    writer = _ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
     keys: set[str] = set()
-    with tempfile.TemporaryDirectory(prefix=".vmr-build-", dir=out) as tmp:
-        jobs = [(task, videos, params, Path(tmp)) for task in tasks.values()]
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
         # imap keeps the annotation order, so the shards do not depend on the number of workers.
         results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
-        try:
-            for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
-                               disable=not progress, file=sys.stderr):
-                if isinstance(result, Skip):
-                    skips.append(result)
-                    continue
-                skips.extend(result.skips)
-                if not result.meta:
-                    continue
-                key = sanitise_key(result.video_id)
-                while key in keys:  # two ids that differ only in punctuation
-                    key += "_"
-                keys.add(key)
-                writer.write(key, result.path.read_bytes(), result.meta)
-                if result.temporary:
-                    result.path.unlink()
-            shards = writer.close()
-        except BaseException:
-            writer.abort()
+        for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
+                           disable=not progress, file=sys.stderr):
+            if isinstance(result, Skip):
+                skips.append(result)
+                continue
+            skips.extend(result.skips)
+            if not result.meta:
+                continue
+            key = sanitise_key(result.video_id)
+            while key in keys:  # two ids that differ only in punctuation
+                key += "_"
+            keys.add(key)
+            writer.write(key, result.path.read_bytes(), result.meta)
+            if result.temporary:
+                result.path.unlink()
+        shards = writer.close()
+        if not shards:
+            raise UserError(f"split {split!r}: no video could be packed; {len(skips)} skipped, the first: "
+                            f"{skips[0].reason if skips else '?'}")
+    except OSError as error:
+        writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        full = out_of_space(error, staging)
+        if full is None:
             raise
-        finally:
-            if pool:
-                pool.terminate()
+        raise UserError(f"{full}; nothing in {out} was changed") from None
+    except BaseException:
+        writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if pool:
+            pool.terminate()
 
-    # Old shards of this split that the new build did not replace (it has fewer now).
-    for old in old_files:
-        if old.name not in {s["path"] for s in shards}:
-            old.unlink()
     params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
                    "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
                    "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
     entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
              "queries": sum(s["queries"] for s in shards), "params": params_json}
-    manifest["splits"][split] = entry
-    manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split]
-    manifest["skipped"] += [{"split": split, **s.to_json()} for s in skips]
-    manifest["params"] = params_json
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
+               "skipped": [{"split": split, **s.to_json()} for s in skips]}
+    try:
+        write_text_atomic(out / f".vmr-commit-{split}.json", json.dumps(journal) + "\n")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _commit(out, journal)
     return {**entry, "skipped": skips}
+
+
+def _commit(out: Path, journal: dict) -> None:
+    """Switch a split to its staged build. Idempotent, so that a switch interrupted half way is
+    finished by running it again (``finish_commits``)."""
+    split, entry = journal["split"], journal["entry"]
+    staging = out / f".vmr-build-{split}"
+    new = {s["path"] for s in entry["shards"]}
+    for name in journal["old"]:
+        if name not in new:
+            (out / name).unlink(missing_ok=True)
+    for name in sorted(new):
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    manifest = read_manifest(out)
+    manifest["splits"][split] = entry
+    manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + journal["skipped"]
+    manifest["params"] = entry["params"]
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(staging, ignore_errors=True)
+    (out / f".vmr-commit-{split}.json").unlink(missing_ok=True)
+
+
+def finish_commits(out: Path) -> None:
+    """Finish any split switch that a killed build left half done."""
+    for path in sorted(out.glob(".vmr-commit-*.json")):
+        try:
+            journal = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):  # killed while writing the journal: the switch never began
+            path.unlink(missing_ok=True)
+            continue
+        print(f"finishing the interrupted switch of split {journal['split']!r} in {out}", file=sys.stderr)
+        _commit(out, journal)
 
 
 def iter_shard(path: Path):
@@ -333,6 +418,7 @@ def iter_shard(path: Path):
 def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
     """Check every shard of the manifest: present, sha256, sample and query counts, and frames
     decodable (first, middle and last of every video). Returns totals and a list of problems."""
+    finish_commits(out)
     if not (out / MANIFEST).is_file():
         raise UserError(f"{out}: no {MANIFEST} here; is this a folder made by 'vmr shards build'?")
     manifest = read_manifest(out)

@@ -29,7 +29,6 @@ import glob
 import json
 import math
 import random
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -44,14 +43,18 @@ from vmr.spans import QVH_CLIP_SECONDS, clip_targets
 # ----- shard lists ------------------------------------------------------------------------------
 
 
-def expand_shards(spec: str | list[str]) -> list[str]:
+def expand_shards(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
     """Shard URLs from paths, folders (every .tar inside), globs, brace patterns
-    (``train-{000000..000099}.tar``) and ``pipe:``/``http(s)://`` URLs."""
+    (``train-{000000..000099}.tar``), ``http(s)://`` URLs and, with ``allow_pipe``
+    (``data.allow_pipe``), ``pipe:COMMAND``, which runs COMMAND in a shell."""
     import braceexpand
 
     urls: list[str] = []
     for item in [spec] if isinstance(spec, str) else spec:
         for pattern in braceexpand.braceexpand(item):
+            if pattern.startswith("pipe:") and not allow_pipe:
+                raise UserError(f"shards: {pattern[:80]!r} runs a shell command; set data.allow_pipe=true "
+                                "to allow pipe: URLs (only for commands you wrote yourself)")
             if pattern.startswith("pipe:") or "://" in pattern:
                 urls.append(pattern)
             elif Path(pattern).is_dir():
@@ -65,6 +68,21 @@ def expand_shards(spec: str | list[str]) -> list[str]:
     if not urls:
         raise UserError(f"shards: no shard matches {spec!r}")
     return urls
+
+
+# curl's waits, bounded: connect within 10 s, then fail if fewer than 1 kB/s arrive for 60 s.
+# (webdataset's own curl command retries for a minute and can wait forever on a stalled server.)
+CURL = ["curl", "--connect-timeout", "10", "--speed-limit", "1024", "--speed-time", "60", "--retry", "2",
+        "--retry-delay", "1", "-f", "-s", "-S", "-L"]
+
+
+def open_url(url: str, mode: str = "rb", bufsize: int = 8192):
+    """Open an http(s) shard through curl with bounded waits (a webdataset gopen scheme)."""
+    from webdataset.gopen import Pipe
+
+    if mode[0] != "r":
+        raise ValueError(f"{url}: shards are only read here")
+    return Pipe([*CURL, url], mode=mode, bufsize=bufsize, ignore_status=[141, 23], timeout=300.0)
 
 
 def count_samples(urls: list[str]) -> int | None:
@@ -98,25 +116,74 @@ def distributed_rank() -> tuple[int, int]:
 # ----- stages -------------------------------------------------------------------------------------
 
 
+class StreamError(UserError):
+    """The stream cannot go on (nothing but unreadable shards or samples). Raised in a DataLoader
+    worker, re-raised in the main process with the worker's traceback glued to the message: the
+    constructor keeps only the reason, so the user sees one line."""
+
+    def __init__(self, message: str):
+        super().__init__(message.rsplit(f"{type(self).__name__}: ", 1)[-1].strip())
+
+
 class SkipCounter:
-    """Samples skipped as undecodable, summed over the DataLoader's worker processes. One slot per
-    worker in a shared-memory tensor: each worker writes only its own slot, so no locking."""
+    """Samples (and shards) skipped as unreadable, summed over the DataLoader's worker processes,
+    with the last reason. One slot per worker in shared memory: each worker writes only its own
+    slot, so no locking."""
+
+    REASON_BYTES = 300
 
     def __init__(self, workers: int):
         self.slots = torch.zeros(max(1, workers), dtype=torch.int64).share_memory_()
+        self.reasons = torch.zeros(max(1, workers), self.REASON_BYTES, dtype=torch.uint8).share_memory_()
 
-    def add(self, worker: int) -> None:
+    def add(self, worker: int, reason: str = "") -> None:
         self.slots[worker] += 1
+        data = reason.encode(errors="replace")[: self.REASON_BYTES]
+        self.reasons[worker].zero_()
+        self.reasons[worker, : len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else 0
 
     @property
     def total(self) -> int:
         return int(self.slots.sum())
 
+    @property
+    def last_reason(self) -> str:
+        for row in self.reasons:
+            text = bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
+            if text:
+                return text
+        return ""
 
-def _count_and_continue(counter: SkipCounter, worker: int, error: Exception) -> bool:
-    """webdataset handler for a damaged tar member: count it and go on."""
-    counter.add(worker)
-    return True
+
+MAX_FAILURES_IN_A_ROW = 50
+
+
+class FailureGuard:
+    """One worker's view of failures: each unreadable shard or sample counts once in the shared
+    counter; a long run of them with no good sample in between stops the stream with the last
+    reason, since a resampled stream of nothing but bad input would otherwise spin forever."""
+
+    def __init__(self, counter: SkipCounter, worker: int):
+        self.counter, self.worker, self.in_a_row = counter, worker, 0
+
+    def failed(self, where: str, error: BaseException) -> None:
+        first = str(error.args[0]) if error.args else ""
+        text = first.strip().splitlines()[0][:200] if first.strip() else type(error).__name__
+        reason = f"{where}: {text}"
+        self.counter.add(self.worker, reason)
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_FAILURES_IN_A_ROW:
+            raise StreamError(f"{self.in_a_row} shards or samples in a row could not be read; last: {reason}")
+
+    def succeeded(self) -> None:
+        self.in_a_row = 0
+
+    def tar_handler(self, error: BaseException) -> bool:
+        """webdataset handler for a shard or tar member that cannot be read: count it, go on."""
+        # webdataset appends the shard's URL to the exception's arguments.
+        url = error.args[-1] if len(error.args) > 1 and isinstance(error.args[-1], str) else "a shard"
+        self.failed(url, error)
+        return True
 
 
 def resampled_shards(urls: list[str], rng: random.Random):
@@ -208,31 +275,22 @@ def decode_video(sample: dict, data: DataConfig, max_frames: int, rng: random.Ra
             "windows": [(s, e) for s, e in windows if e > s],
             "saliency": _qvh_saliency(q.get("saliency"), [float(t) for t in pts]),
             "clip_saliency": q.get("saliency"),
+            "tags": q.get("tags", {}),
         })
     return {"video_id": meta["video_id"], "frames": frames, "times": frame_times, "duration": length,
             "queries": items}
 
 
-MAX_FAILURES_IN_A_ROW = 50
-
-
-def decode_stage(src, data: DataConfig, max_frames: int, rng: random.Random | None,
-                 counter: SkipCounter, worker: int):
-    """Decode every sample; an undecodable one is counted and skipped, the stream goes on. Only a
-    long run of failures stops it: a resampled stream of nothing but bad samples would otherwise
-    spin forever without yielding a batch."""
-    failures = 0
+def decode_stage(src, data: DataConfig, max_frames: int, rng: random.Random | None, guard: FailureGuard):
+    """Decode every sample; an undecodable one is counted and skipped, the stream goes on (until
+    the guard sees nothing but failures)."""
     for sample in src:
         try:
             item = decode_video(sample, data, max_frames, rng)
         except Exception as error:  # a corrupt video must never stop a run: count it and move on
-            counter.add(worker)
-            failures += 1
-            if failures >= MAX_FAILURES_IN_A_ROW:
-                raise RuntimeError(f"{failures} samples in a row could not be decoded (last: "
-                                   f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}: {error})") from error
+            guard.failed(f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}", error)
             continue
-        failures = 0
+        guard.succeeded()
         yield item
 
 
@@ -289,8 +347,8 @@ class Collator:
 
 def ground_truth_row(item: dict, query: dict) -> dict:
     """A query's ground truth in the QVHighlights JSONL layout, for scoring predictions on shards."""
-    row = {"qid": query["qid"], "query": query["query"], "vid": item["video_id"], "duration": item["duration"],
-           "relevant_windows": [list(w) for w in query["windows"]]}
+    row = {**query.get("tags", {}), "qid": query["qid"], "query": query["query"], "vid": item["video_id"],
+           "duration": item["duration"], "relevant_windows": [list(w) for w in query["windows"]]}
     saliency = query.get("clip_saliency")
     if saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
         row["relevant_clip_ids"], row["saliency_scores"] = list(saliency["clip_ids"]), list(saliency["scores"])
@@ -322,7 +380,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         slot, slots = self.rank * workers + worker, self.world * workers
-        handler = partial(_count_and_continue, self.counter, worker)
+        guard = FailureGuard(self.counter, worker)
+        handler = guard.tar_handler
 
         if self.train:
             rng = random.Random(f"{self.data.seed}-{self.epoch}-{slot}")
@@ -342,7 +401,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 stream = (s for i, s in enumerate(stream) if i % slots == slot)
 
         # Decoded: {"frames": uint8 (t, 3, s, s), "times", "duration", "queries"} per video.
-        stream = decode_stage(stream, self.data, self.max_frames, rng, self.counter, worker)
+        stream = decode_stage(stream, self.data, self.max_frames, rng, guard)
         # Batched and collated: the dict described at the top of this file.
         stream = wds.batched(self.batch_size, collation_fn=self.collate, partial=not self.train)(stream)
 
@@ -360,7 +419,10 @@ def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size
                 epoch_batches: int | None = None, num_workers: int | None = None):
     """A DataLoader of batches for this rank (see ShardStream). ``loader.skipped`` is the number
     of samples skipped as undecodable so far; ``loader.dataset.set_epoch(e)`` reseeds."""
-    urls = expand_shards(shards)
+    urls = expand_shards(shards, data.allow_pipe)
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["http"] = gopen_schemes["https"] = open_url  # inherited by the forked workers
     if rank is None or world is None:
         rank, world = distributed_rank()
     workers = data.num_workers if num_workers is None else num_workers
@@ -415,7 +477,10 @@ class VideoMomentDataset(torch.utils.data.Dataset):
 
         video_id = self.ids[index]
         records = self.videos[video_id]
-        path = find_video(self.video_dir, video_id, records[0].video_file)
+        try:
+            path = find_video(self.video_dir, video_id, records[0].video_file)
+        except ValueError as error:
+            raise UserError(str(error)) from None
         if path is None:
             raise UserError(f"{self.video_dir}: no video file for {video_id!r}")
         info = probe(path, check_decode=False)

@@ -8,6 +8,7 @@ rotation metadata of phone videos.
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -31,7 +32,13 @@ class VideoInfo:
 
 
 def find_video(videos_dir: Path, video_id: str, file_name: str | None = None) -> Path | None:
-    """The file a video id names: the annotation's file name, the id itself, else ``<id>.<ext>``."""
+    """The file a video id names: the annotation's file name, the id itself, else ``<id>.<ext>``.
+    Raises ValueError for a name that leads outside ``videos_dir`` (``../x``, an absolute path):
+    annotations must never make vmr read, let alone pack, files the user did not point it at."""
+    root = os.path.normpath(os.path.abspath(videos_dir))
+    for name in (file_name, video_id):
+        if name and not os.path.normpath(os.path.join(root, name)).startswith(root + os.sep):
+            raise ValueError(f"video id {name!r} points outside the videos folder {videos_dir}")
     for name in (file_name, video_id, *(f"{video_id}.{ext}" for ext in VIDEO_EXTENSIONS)):
         if name and (videos_dir / name).is_file():
             return videos_dir / name

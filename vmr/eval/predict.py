@@ -16,7 +16,7 @@ from pathlib import Path
 
 from vmr.data.shards import write_text_atomic
 from vmr.errors import UserError
-from vmr.eval.metrics import BadInput, evaluate, leaderboard, load_jsonl
+from vmr.eval.metrics import BadInput, evaluate, evaluate_groups, leaderboard, load_jsonl
 from vmr.spans import QVH_CLIP_SECONDS
 
 TOP_K = 10  # windows kept per query: mAP reads the top 10
@@ -90,9 +90,11 @@ def batch_predictions(model, batch: dict, device, nms_iou: float, top_k: int = T
 
 
 def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=None, rank: int | None = None,
-                   world: int | None = None, lockstep=None, progress: bool = True) -> tuple[list[dict], list[dict], int]:
+                   world: int | None = None, lockstep=None,
+                   progress: bool = True) -> tuple[list[dict], list[dict], int, str]:
     """Predictions and ground-truth rows for every query in ``shards`` (this rank's share when
-    ``rank``/``world`` are given), and the number of videos that could not be decoded.
+    ``rank``/``world`` are given), the number of shards or videos that could not be read, and the
+    last reason.
 
     ``lockstep`` (an Accelerator) keeps every rank calling forward the same number of times, as
     DeepSpeed ZeRO-3 needs (its forward gathers weights from all ranks): a rank out of batches
@@ -125,7 +127,13 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
         truth += batch["ground_truth"]
         last = batch
     model.train(was_training)
-    return predictions, truth, skipped(loader)
+    return predictions, truth, skipped(loader), loader.skip_counter.last_reason
+
+
+def nothing_read(shards, bad: int, reason: str) -> UserError:
+    where = shards if isinstance(shards, str) else " ".join(map(str, shards))
+    return UserError(f"no video of {where} could be read ({bad} unreadable shard(s) or sample(s); last: "
+                     f"{reason or 'the shards hold no samples'})")
 
 
 def read_video(path: str | Path, clip_fps: float, max_frames: int, size: int):
@@ -178,6 +186,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--protocol", choices=["qvhighlights", "charades"], default="qvhighlights",
                    help="qvhighlights: R1/mAP at IoU 0.5-0.95 + highlights; charades: R@1/R@5 at 0.3/0.5/0.7 + mIoU")
     p.add_argument("--allow-missing", action="store_true", help="score queries without a prediction as empty")
+    p.add_argument("--group-by", metavar="FIELD[:EDGES]",
+                   help="also score each group of queries sharing the value of this ground-truth field (a "
+                        "dataset, a tag, vmr synth's told_apart_by); a number is bucketed at comma-separated "
+                        "edges, e.g. duration:60,120; the JSON gets a 'groups' section")
     p.add_argument("--json", help="write the metrics JSON here")
     p.add_argument("--name", default=None, help="model name in the leaderboard (default: from the file names)")
 
@@ -226,6 +238,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     if missing:
         print(f"warning: {missing} queries had no prediction and were scored as empty", file=sys.stderr)
     print(leaderboard({args.name or name: metrics}))
+    if args.group_by:
+        groups = evaluate_groups(predictions, truth, args.group_by, args.protocol, args.allow_missing)
+        print()
+        print(leaderboard({f"{label} ({g['queries']} queries)": g for label, g in groups["groups"].items()},
+                          first_column=args.group_by))
+        metrics["groups"] = groups
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(metrics, indent=2) + "\n")
         print(f"metrics written to {args.json}")
@@ -243,16 +261,20 @@ def _predict_for_eval(args):
     state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
     start = time.perf_counter()
-    predictions, truth, bad = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
-                                             rank=state.process_index, world=state.num_processes,
-                                             progress=state.is_main_process)
+    predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
+                                                     rank=state.process_index, world=state.num_processes,
+                                                     progress=state.is_main_process)
     if state.num_processes > 1:
         predictions, truth = gather_object(predictions), gather_object(truth)
         bad = sum(gather_object([bad]))
+        reason = next((r for r in gather_object([reason]) if r), "")
+    if not predictions:  # every rank raises alike: no metrics of nothing
+        raise nothing_read(args.shards, bad, reason)
     if not state.is_main_process:
         return None, None, None
     print(f"predicted {len(predictions)} queries in {time.perf_counter() - start:.1f} s"
-          + (f"; {bad} videos could not be decoded and were skipped" if bad else ""), file=sys.stderr)
+          + (f"; {bad} unreadable shard(s) or video(s) were skipped (last: {reason})" if bad else ""),
+          file=sys.stderr)
     if args.predictions_out:
         write_text_atomic(Path(args.predictions_out), "".join(json.dumps(row) + "\n" for row in predictions))
         print(f"predictions written to {args.predictions_out}")

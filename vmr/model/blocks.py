@@ -39,29 +39,54 @@ def feed_forward(dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
 
+def neighbour_changes(patches: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+    """(b, t, p, d) patch features -> (b, t, p, 2d): each patch's change from the previous frame
+    and to the next one. A missing neighbour (the first or last frame, or padding) counts as no
+    change, so padding a video changes nothing; selected arithmetically, with no data-dependent
+    shapes. Motion is a change between frames, which no single frame shows."""
+    valid = rearrange(frame_mask, "b t -> b t 1 1")
+    prev = torch.cat([patches[:, :1], patches[:, :-1]], dim=1)
+    prev_valid = torch.cat([valid[:, :1], valid[:, :-1]], dim=1) & valid
+    nxt = torch.cat([patches[:, 1:], patches[:, -1:]], dim=1)
+    next_valid = torch.cat([valid[:, 1:], valid[:, -1:]], dim=1) & valid
+    before = torch.where(prev_valid, patches - prev, torch.zeros_like(patches))
+    after = torch.where(next_valid, nxt - patches, torch.zeros_like(patches))
+    return torch.cat([before, after], dim=-1)
+
+
 class QueryPool(nn.Module):
     """Each query looks over the patches of each frame of its video and keeps what matches it.
 
     A frame's single pooled vector mixes every object in it; letting the sentence attend over
     the patch grid finds "the red circle" first and describes only it (on the synthetic task this
     was worth 8-13 points of R1@0.5 at equal training time). A learned null slot gives the
-    attention somewhere to go when the object is absent."""
+    attention somewhere to go when the object is absent.
 
-    def __init__(self, dim: int, heads: int):
+    With ``motion``, what a patch passes on (its value, not its key) also carries how it changes
+    from the previous frame and to the next one: the query finds its object by what it looks like
+    and reads how it moves, grows or blinks there. Without it, the action must be inferred from
+    per-frame summaries that were pooled before any layer compared frames."""
+
+    def __init__(self, dim: int, heads: int, motion: bool = False):
         super().__init__()
         self.heads = heads
         self.null = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
-        self.to_kv = nn.Linear(dim, 2 * dim)
+        self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.motion = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim)) if motion else None
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, sentence: torch.Tensor, patches: torch.Tensor, video_index: torch.Tensor) -> torch.Tensor:
-        """sentence (q, d), patches (b, t, p, d), video_index (q,) -> (q, t, d)."""
+    def forward(self, sentence: torch.Tensor, patches: torch.Tensor, video_index: torch.Tensor,
+                frame_mask: torch.Tensor) -> torch.Tensor:
+        """sentence (q, d), patches (b, t, p, d), video_index (q,), frame_mask (b, t) -> (q, t, d)."""
         b, t = patches.shape[:2]
-        slots = torch.cat([self.norm(patches), repeat(self.null, "1 d -> b t 1 d", b=b, t=t)], dim=2)
+        null = repeat(self.null, "1 d -> b t 1 d", b=b, t=t)
+        appearance = self.norm(patches)
+        values = appearance if self.motion is None else appearance + self.motion(neighbour_changes(patches, frame_mask))
         # Keys and values once per video, then shared by all of its queries.
-        k, v = rearrange(self.to_kv(slots), "b t m (two h e) -> two b t h m e", two=2, h=self.heads)
+        k = rearrange(self.to_k(torch.cat([appearance, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
+        v = rearrange(self.to_v(torch.cat([values, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
         query = repeat(self.to_q(sentence), "q (h e) -> q t h 1 e", t=t, h=self.heads)
         out = F.scaled_dot_product_attention(query, k[video_index], v[video_index])
         return self.out(rearrange(out, "q t h 1 e -> q t (h e)"))

@@ -58,7 +58,7 @@ class VideoMomentRetrievalModel(nn.Module):
         c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
         self.frame_in, self.patch_in = nn.Linear(c, d), nn.Linear(c, d)
         self.word_in, self.sentence_in = nn.Linear(c, d), nn.Linear(c, d)
-        self.pool = QueryPool(d, heads)
+        self.pool = QueryPool(d, heads, motion=config.motion)
         self.norm_in = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(d)
@@ -107,7 +107,7 @@ class VideoMomentRetrievalModel(nn.Module):
         words, sentence = self.word_in(words), self.sentence_in(sentence)
 
         # At this point each query sees its video's frames through what it asks for.
-        x = self.pool(sentence, patches, video_index) + frames[video_index]  # (q, t, d)
+        x = self.pool(sentence, patches, video_index, frame_mask) + frames[video_index]  # (q, t, d)
         x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=device, dtype=x.dtype)
         mask = frame_mask[video_index]
         for block in self.blocks:
@@ -193,17 +193,25 @@ class VideoMomentRetrievalModel(nn.Module):
         from vmr.config import save_config
 
         directory = Path(directory)
+        state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:  # a diverged model must never look like a usable one
+            raise UserError(f"{directory}: not written: {len(broken)} of {len(state)} weight tensors hold "
+                            f"NaN or infinite values (first: {broken[0]}); the run diverged (lower train.lr)")
         tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
-        save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-        full = dataclasses.replace(config or Config(), model=self.config)
-        save_config(full, tmp / CONFIG)
-        (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
-        self.tokenizer.save_pretrained(tmp)
-        self.processor.save_pretrained(tmp)
+        try:
+            save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+            full = dataclasses.replace(config or Config(), model=self.config)
+            save_config(full, tmp / CONFIG)
+            (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
+            self.tokenizer.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+        except BaseException:  # a full disk, an interrupt: no half bundle left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         if directory.exists():
             directory.rename(old)
