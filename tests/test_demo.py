@@ -151,3 +151,72 @@ def test_in_a_real_browser(bundle, synth_dir, tmp_path):
         server.terminate()
         server.wait(timeout=30)
     assert (artifacts / "demo.png").stat().st_size > 10_000
+
+
+def test_a_bad_upload_limit_is_a_message_not_a_traceback(bundle, monkeypatch):
+    at = app(bundle, monkeypatch, max_mb="abc")
+    assert not at.exception
+    assert any("VMR_DEMO_MAX_MB" in e and "'abc'" in e for e in errors(at)), errors(at)
+
+
+def test_uploads_stay_private_and_are_removed(bundle, monkeypatch, synth_dir, tmp_path):
+    """The upload is on disk only while the model reads it, in a folder of its own; an error names
+    the user's file, never the server's temporary one."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    at = app(bundle, monkeypatch)
+    at.radio[0].set_value("Upload a video").run()
+    video = sorted((synth_dir / "videos").glob("*.mp4"))[0]
+    at.file_uploader[0].set_value(("my holiday.mp4", video.read_bytes(), "video/mp4")).run()
+    at.text_input[0].set_value("a red circle moves left").run()
+    at.button[0].click().run()
+    assert not at.exception and not errors(at) and len(at.dataframe[0].value) >= 1
+    assert list(tmp_path.iterdir()) == []
+    at.file_uploader[0].set_value(("notes.mp4", b"this is not a video", "video/mp4")).run()
+    at.button[0].click().run()
+    message = errors(at)[0]
+    assert message.startswith("notes.mp4: cannot decode this video") and str(tmp_path) not in message
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_vmr_demo_listens_locally_raises_the_upload_cap_and_stops_on_sigterm(bundle):
+    import signal
+    import socket
+
+    import psutil
+
+    port = free_port()
+    process = subprocess.Popen([str(Path(sys.executable).parent / "vmr"), "demo", "--checkpoint", str(bundle),
+                                "--port", str(port), "--max-upload-mb", "500"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert process.poll() is None, "vmr demo exited"
+                assert time.time() < deadline, "the demo did not listen within 60 s"
+                time.sleep(0.3)
+        server = psutil.Process(process.pid)  # vmr demo became the Streamlit server: one process
+        assert "streamlit" in server.cmdline() and not server.children(recursive=True)
+        cmdline = server.cmdline()
+        assert cmdline[cmdline.index("--server.maxUploadSize") + 1] == "500"
+        listening = {c.laddr.ip for c in server.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}, listening
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not psutil.pid_exists(process.pid) or psutil.Process(process.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_vmr_demo_refuses_a_bad_limit(capsys):
+    from vmr.cli import main
+
+    assert main(["demo", "--max-upload-mb", "abc"]) == 2
+    assert "'abc' is not a size in MB" in capsys.readouterr().err

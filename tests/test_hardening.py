@@ -196,16 +196,19 @@ def test_a_switch_killed_half_way_is_finished_by_the_next_command(synth_dir, tmp
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "train-000000.tar", "train-000001.tar"]
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 kB file system (tmpfs), for out-of-space cases; needs root."""
-    mount = tmp_path / "disk"
+def mount_tmpfs(mount: Path, size: str) -> None:
+    """A small file system of its own (tmpfs), for out-of-space cases; needs root."""
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.decode().strip()[:100]})")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    mount_tmpfs(tmp_path / "disk", "256k")
+    yield tmp_path / "disk"
+    subprocess.run(["umount", "-l", str(tmp_path / "disk")], check=False)
 
 
 @pytest.mark.parametrize("reencode", [False, True])
@@ -331,3 +334,101 @@ def test_eval_on_unreadable_shards_is_an_error_not_nan(shard_dir, tmp_path, caps
     (tmp_path / "junk-000000.tar").write_bytes(os.urandom(2000))
     code = main(["eval", "--checkpoint", str(tmp_path / "bundle"), "--shards", str(tmp_path / "junk-000000.tar")])
     one_line_error(capsys, code, "no video of", "junk-000000.tar could be read", "1 unreadable")
+
+
+# ----- training -------------------------------------------------------------------------------------
+
+
+def test_a_checkpoint_on_a_full_disk_says_so_and_keeps_the_last_one(shard_dir, tmp_path):
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "64m")
+    try:
+        out = disk / "run"
+        shards = f"{shard_dir}/train-*.tar"
+        first = train_run(shards, out, "train.max_steps=2", "train.save_every=2")
+        assert first.returncode == 0, first.stderr[-2000:]
+        # Fill the disk to within 1 MB: the next checkpoint (several MB) cannot fit.
+        free = shutil.disk_usage(disk).free
+        (disk / "filler").write_bytes(b"\0" * (free - (1 << 20)))
+        second = train_run(shards, out, "train.max_steps=4", "train.save_every=2", "--resume", "latest")
+        line = last_line(second)
+        assert "checkpoint of step 4 not written: no space left on the disk at" in line and str(disk) in line
+        assert "step_0000002 is intact" in line
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002"]  # no half checkpoint
+        (disk / "filler").unlink()
+        third = train_run(shards, out, "train.max_steps=4", "train.save_every=2", "--resume", "latest")
+        assert third.returncode == 0, third.stderr[-2000:]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def one_video_shards(synth_dir: Path, out: Path) -> Path:
+    """All 4 sample videos as one training split of 4 shards (one video each)."""
+    from vmr.data.shards import build_shards
+
+    rows = (synth_dir / "train.jsonl").read_text() + (synth_dir / "val.jsonl").read_text()
+    (out.parent / "all.jsonl").write_text(rows)
+    build_shards(synth_dir / "videos", [out.parent / "all.jsonl"], out, fps=2.0, size=16, keyframe_interval=0,
+                 max_videos_per_shard=1, progress=False)
+    return out
+
+
+def test_a_training_epoch_reads_every_video_once_over_ranks_and_workers(synth_dir, tmp_path):
+    from vmr.config import DataConfig
+    from vmr.data.stream import make_loader
+    from vmr.text import load_tokenizer
+
+    shards = one_video_shards(synth_dir, tmp_path / "shards")
+    data = DataConfig(image_size=16, clip_fps=2.0, temporal_crop=0.0)
+    for epoch in range(2):
+        seen = []
+        for rank in (0, 1):
+            loader = make_loader(str(shards), data, load_tokenizer("synthetic"), batch_size=1, max_frames=4,
+                                 train=True, rank=rank, world=2, num_workers=2)
+            loader.dataset.set_epoch(epoch)
+            seen += [vid for batch in loader for vid in batch["video_id"]]
+        every = {json.loads(line)["vid"] for name in ("train.jsonl", "val.jsonl")
+                 for line in (synth_dir / name).read_text().splitlines()}
+        assert sorted(seen) == sorted(every), seen  # each of the 4 videos exactly once
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_machines_over_loopback_train_checkpoint_and_resume(synth_dir, tmp_path):
+    """Two `accelerate launch` processes as machine 0 and machine 1 (one rank each) of one run."""
+    from .conftest import free_port
+
+    shards = one_video_shards(synth_dir, tmp_path / "shards")
+    out = tmp_path / "run"
+
+    def both(max_steps: int, *extra: str) -> list[subprocess.CompletedProcess]:
+        port = free_port()
+        procs = []
+        for machine in (0, 1):
+            command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                       "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port",
+                       str(port), "--rdzv_backend", "static", "-m", "vmr.train", "--config", str(TINY_CONFIG),
+                       f"data.train_shards={shards}", "data.val_shards=[]", "data.image_size=16",
+                       "data.num_workers=1", f"train.output_dir={out}", f"train.max_steps={max_steps}",
+                       "train.batch_size=1", "train.save_every=2", *extra]
+            procs.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        results = []
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=300)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+        return results
+
+    first = both(4)
+    for result in first:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in first[0].stdout and "2 steps per epoch" in first[0].stdout
+    checkpoint = out / "checkpoints" / "step_0000004"
+    assert sorted(p.name for p in checkpoint.glob("random_states_*")) == ["random_states_0.pkl",
+                                                                           "random_states_1.pkl"]
+    second = both(6, "--resume", "latest")
+    for result in second:
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in second[0].stdout and "at step 4" in second[0].stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004",
+                                                                      "step_0000006"]

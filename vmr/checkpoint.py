@@ -68,7 +68,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
             from vmr.config import save_config
 
             save_config(cfg, tmp / "config.yaml")
-    except (OSError, RuntimeError) as failure:
+    except Exception as failure:  # OSError, torch's C++ writer, safetensors: out_of_space tells
         full = out_of_space(failure, tmp)
         if full is None:
             raise
@@ -100,7 +100,7 @@ def export_bundle(accelerator, model, cfg, directory: Path) -> None:
             accelerator.unwrap_model(model).save_pretrained(directory, cfg, state_dict=state)
         except UserError as failure:
             error = str(failure)
-        except (OSError, RuntimeError) as failure:
+        except Exception as failure:
             full = out_of_space(failure, directory)
             if full is None:
                 raise

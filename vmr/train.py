@@ -106,6 +106,20 @@ def memory_mb(device) -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def release_process_group(barrier: bool = True) -> None:
+    """Tear the process groups down while the interpreter is still whole. Left to interpreter
+    finalisation, gloo's worker threads may still hold work with tensors whose release needs the
+    GIL, and the process aborts after finishing ("terminate called without an active exception",
+    exit -6; pytorch/pytorch#190489). ``barrier=False`` on an error path, where the other ranks
+    may never arrive."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if barrier:
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def train(cfg: Config, resume: str | None = None) -> dict | None:
     """Run the configured training; returns the last validation metrics (main process)."""
     import torch
@@ -258,6 +272,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
 
         bad = sum(gather_object([bad]))
     accelerator.end_training()
+    release_process_group()
     if main_process:
         if bad:
             print(f"{bad} unreadable shard or sample read(s) were skipped (each read counts once; last reason on "
@@ -313,7 +328,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    try:
+        train(load_config(args.config, args.overrides), resume=args.resume)
+    except BaseException:
+        release_process_group(barrier=False)  # exit with the error, not with an abort
+        raise
     return 0
 
 

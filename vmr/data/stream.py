@@ -161,7 +161,7 @@ MAX_FAILURES_IN_A_ROW = 50
 class FailureGuard:
     """One worker's view of failures: each unreadable shard or sample counts once in the shared
     counter; a long run of them with no good sample in between stops the stream with the last
-    reason, since a resampled stream of nothing but bad input would otherwise spin forever."""
+    reason, since an endless training stream of nothing but bad input would otherwise spin forever."""
 
     def __init__(self, counter: SkipCounter, worker: int):
         self.counter, self.worker, self.in_a_row = counter, worker, 0
@@ -186,11 +186,52 @@ class FailureGuard:
         return True
 
 
-def resampled_shards(urls: list[str], rng: random.Random):
-    """Training: shards drawn with replacement, forever; each rank and worker has its own rng,
-    so they read different shards, and no worker ever runs dry (no empty-shard hang)."""
+def shuffled(samples, buffer: int, rng: random.Random):
+    """A shuffle buffer that never mixes two epochs: up to ``buffer`` samples are held and a random
+    one is released for each new one; the rest is released, in random order, when ``samples`` ends."""
+    held: list = []
+    for sample in samples:
+        held.append(sample)
+        if len(held) >= buffer:
+            yield held.pop(rng.randrange(len(held)))
+    rng.shuffle(held)
+    yield from held
+
+
+def _share(samples, index: int, every: int, counts: list[int]):
+    """Keep the samples at positions ``index``, ``index + every``, ...; count seen and kept."""
+    for sample in samples:
+        counts[0] += 1
+        if (counts[0] - 1) % every == index % every:
+            counts[1] += 1
+            yield sample
+
+
+def epoch_samples(urls: list[str], seed: str, slot: int, slots: int, handler, buffer: int, rng: random.Random):
+    """Training: tar samples for one (rank, worker) slot, epoch after epoch, forever. Each epoch
+    puts the shards in an order drawn for the epoch (the same on every rank) and deals them out:
+    whole shards per slot when there are at least as many shards as slots, else every slot reads
+    them all and keeps every ``slots``-th sample. So over all slots an epoch reads every video
+    once; a slot whose share runs out before its quota goes on into the next epoch's share, so no
+    worker ever runs dry and every rank runs the same number of steps (no end-of-epoch hang).
+    With fewer samples than slots, a slot left without any shares them with the others. Samples are
+    shuffled within the slot's share of each epoch (``buffer`` at a time)."""
+    by_shard = len(urls) >= slots
+    modulus, epoch, empty_passes = slots, 0, 0
     while True:
-        yield {"url": rng.choice(urls)}
+        order = list(urls)
+        random.Random(f"{seed}-order-{epoch}").shuffle(order)
+        tars = wds.tarfile_to_samples(handler=handler)({"url": u} for u in (order[slot::slots] if by_shard else order))
+        counts = [0, 0]  # samples seen in this pass, and kept by this slot
+        yield from shuffled(_share(tars, slot % modulus, 1 if by_shard else modulus, counts), buffer, rng)
+        seen, own = counts
+        if own == 0 and seen > 0 and not by_shard:
+            modulus = seen  # more slots than samples: take sample slot % seen, shared with another slot
+        empty_passes = empty_passes + 1 if own == 0 else 0
+        if empty_passes >= MAX_FAILURES_IN_A_ROW:
+            raise StreamError(f"{empty_passes} passes over this worker's share of {len(urls)} shard(s) found "
+                              "no sample (empty shards?)")
+        epoch += 1
 
 
 def _qvh_saliency(saliency: dict | None, times: list[float]) -> list[float] | None:
@@ -359,8 +400,9 @@ def ground_truth_row(item: dict, query: dict) -> dict:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """Batches from shards for one rank. Training: resampled shards, shuffled, augmented, exactly
-    ``epoch_batches`` batches per epoch on every rank. Evaluation: every sample exactly once over
+    """Batches from shards for one rank. Training: each epoch's shards dealt out over ranks and
+    workers (``epoch_samples``), shuffled, augmented, exactly ``epoch_batches`` batches per epoch
+    on every rank. Evaluation: every sample exactly once over
     all ranks and workers, in order, no augmentation."""
 
     def __init__(self, urls: list[str], data: DataConfig, tokenizer, batch_size: int, max_frames: int,
@@ -385,11 +427,10 @@ class ShardStream(torch.utils.data.IterableDataset):
 
         if self.train:
             rng = random.Random(f"{self.data.seed}-{self.epoch}-{slot}")
-            # Shard URLs drawn at random with this rank's and worker's own rng, forever.
-            stream = resampled_shards(self.urls, rng)
-            # At this point we have tar samples: {"__key__", "mp4": bytes, "json": bytes}.
-            stream = wds.tarfile_to_samples(handler=handler)(stream)
-            stream = wds.shuffle(self.data.shuffle_buffer, initial=self.data.shuffle_buffer, rng=rng)(stream)
+            # At this point we have tar samples: {"__key__", "mp4": bytes, "json": bytes}, this
+            # slot's share of each epoch's shards, forever.
+            stream = epoch_samples(self.urls, f"{self.data.seed}-{self.epoch}", slot, slots, handler,
+                                   self.data.shuffle_buffer, rng)
         else:
             rng = None
             # Every sample once over all (rank, worker) slots: whole shards per slot when there

@@ -21,7 +21,6 @@ from pathlib import Path
 import streamlit as st
 
 VIDEO_TYPES = ["mp4", "avi", "mov", "mkv", "webm"]
-MAX_UPLOAD_MB = float(os.environ.get("VMR_DEMO_MAX_MB", "200"))
 QUICKSTART = (Path("runs/quickstart/export_best"), Path("runs/quickstart/export"))
 
 
@@ -62,12 +61,13 @@ def sample_videos() -> dict[str, dict]:
     return samples
 
 
-def thumbnail(path: Path, seconds: float):
-    """The frame shown at ``seconds``, as an HWC uint8 array, or None if it cannot be decoded."""
+def thumbnail(video: Path | bytes, seconds: float):
+    """The frame shown at ``seconds`` of a file or its bytes, as an HWC uint8 array, or None if it
+    cannot be decoded."""
     from torchcodec.decoders import VideoDecoder
 
     try:
-        decoder = VideoDecoder(str(path), seek_mode="approximate")
+        decoder = VideoDecoder(video if isinstance(video, bytes) else str(video), seek_mode="approximate")
         end = decoder.metadata.end_stream_seconds or seconds
         frame = decoder.get_frames_played_at([min(seconds, max(0.0, float(end) - 1e-3))]).data[0]
     except (RuntimeError, ValueError, IndexError):
@@ -95,19 +95,33 @@ def scores_chart(result: dict, truth: list | None):
     return alt.layer(*layers).properties(height=220)
 
 
-def find_moments(model, cfg, path: Path, query: str, top_k: int, max_frames: int, nms_iou: float) -> dict:
-    """``vmr predict``'s result plus the processing time (raises UserError on a bad video or query)."""
+def find_moments(model, cfg, video: Path | tuple[str, bytes], query: str, top_k: int, max_frames: int,
+                 nms_iou: float) -> dict:
+    """``vmr predict``'s result plus the processing time (raises UserError on a bad video or query).
+    ``video`` is a file, or an upload's (name, bytes): those are written into a private temporary
+    folder (readable by this user only) that is removed as soon as the video has been read, and
+    messages name the user's file, not the temporary one."""
     from vmr.errors import UserError
     from vmr.eval.predict import predict_video
 
     if not query.strip():
         raise UserError("Type a query first, e.g. 'a red circle moves left'.")
     start = time.perf_counter()
-    result = predict_video(model, cfg, path, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
-    return {**result, "seconds": time.perf_counter() - start}
+    if isinstance(video, Path):
+        result = predict_video(model, cfg, video, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
+        return {**result, "seconds": time.perf_counter() - start}
+    name, data = video
+    with tempfile.TemporaryDirectory(prefix="vmr-demo-") as folder:  # mode 0700
+        path = Path(folder) / f"upload{Path(name).suffix.lower()}"
+        path.write_bytes(data)
+        try:
+            result = predict_video(model, cfg, path, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
+        except UserError as error:
+            raise UserError(str(error).replace(str(path), name)) from None
+    return {**result, "video": name, "seconds": time.perf_counter() - start}
 
 
-def show_results(result: dict, truth: list | None) -> None:
+def show_results(result: dict, truth: list | None, media: Path | bytes) -> None:
     import pandas as pd
 
     st.subheader(f"Moments for \u201c{result['query']}\u201d")
@@ -124,21 +138,27 @@ def show_results(result: dict, truth: list | None) -> None:
     with player:
         choice = st.radio("Play moment", list(range(len(result["moments"]))), horizontal=True,
                           format_func=lambda i: f"#{i + 1} at {result['moments'][i]['start']:.1f} s")
-        st.video(result["video"], start_time=int(result["moments"][choice]["start"]))
+        st.video(media if isinstance(media, bytes) else str(media), start_time=int(result["moments"][choice]["start"]))
     with chart:
         st.altair_chart(scores_chart(result, truth), width="stretch")
     columns = st.columns(len(result["moments"]))
     for i, (column, moment) in enumerate(zip(columns, result["moments"], strict=True)):
-        image = thumbnail(Path(result["video"]), moment["start"])
+        image = thumbnail(media, moment["start"])
         if image is not None:
             column.image(image, caption=f"#{i + 1}: {moment['start']:.1f}-{moment['end']:.1f} s", width="stretch")
 
 
 def main() -> None:
+    from vmr.demo import upload_limit_mb
     from vmr.errors import UserError
 
     st.set_page_config(page_title="vmr: find moments in a video", layout="wide")
     st.title("Find moments in a video")
+    try:
+        max_upload_mb = upload_limit_mb()
+    except UserError as error:
+        st.error(str(error))
+        st.stop()
     checkpoint, named = checkpoint_argument()
     if checkpoint is None:
         st.warning("No model to load. Start the demo with `vmr demo --checkpoint DIR` (an inference bundle or "
@@ -160,36 +180,35 @@ def main() -> None:
         st.caption(f"Model: {checkpoint}")
 
     source = st.radio("Video", ["Bundled sample", "Upload a video"], horizontal=True)
-    path, truth_by_query, suggestion = None, {}, ""
+    video, media, name, truth_by_query, suggestion = None, None, None, {}, ""
     if source == "Bundled sample":
         samples = sample_videos()
         name = st.selectbox("Sample", sorted(samples))
-        path, truth_by_query = samples[name]["path"], samples[name]["queries"]
+        video = media = samples[name]["path"]
+        name, truth_by_query = str(video), samples[name]["queries"]
         suggestion = next(iter(truth_by_query))
         st.caption("Its events: " + "; ".join(truth_by_query))
     else:
-        uploaded = st.file_uploader(f"A video file ({', '.join(VIDEO_TYPES).upper()}, up to {MAX_UPLOAD_MB:g} MB)",
+        uploaded = st.file_uploader(f"A video file ({', '.join(VIDEO_TYPES).upper()}, up to {max_upload_mb:g} MB)",
                                     type=VIDEO_TYPES)
         if uploaded is not None:
-            if uploaded.size > MAX_UPLOAD_MB * 2**20:
-                st.error(f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB, over the {MAX_UPLOAD_MB:g} MB limit.")
+            if uploaded.size > max_upload_mb * 2**20:
+                st.error(f"{uploaded.name} is {uploaded.size / 2**20:.1f} MB, over the {max_upload_mb:g} MB limit.")
             else:
-                folder = Path(tempfile.gettempdir()) / "vmr-demo-uploads"
-                folder.mkdir(exist_ok=True)
-                path = folder / f"{uploaded.file_id}{Path(uploaded.name).suffix.lower()}"
-                if not path.exists():
-                    path.write_bytes(uploaded.getvalue())
+                # Kept in this session's memory only; on disk just while the model reads it.
+                name, media = uploaded.name, uploaded.getvalue()
+                video = (name, media)
     query = st.text_input("Query", value=suggestion, placeholder="a red circle moves left")
 
-    if st.button("Find moments", type="primary", disabled=path is None):
+    if st.button("Find moments", type="primary", disabled=video is None):
         try:
-            st.session_state["result"] = find_moments(model, cfg, path, query, top_k, max_frames, nms_iou)
+            st.session_state["result"] = find_moments(model, cfg, video, query, top_k, max_frames, nms_iou)
         except UserError as error:
             st.session_state.pop("result", None)
-            st.error(str(error).replace(str(path), Path(str(path)).name))
+            st.error(str(error))
     result = st.session_state.get("result")
-    if result is not None and result["video"] == str(path):
-        show_results(result, truth_by_query.get(result["query"]))
+    if result is not None and result["video"] == name:
+        show_results(result, truth_by_query.get(result["query"]), media)
 
 
 # Streamlit runs this file as __main__. The guard matters: after an in-process run (AppTest) the

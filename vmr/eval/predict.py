@@ -268,6 +268,10 @@ def _predict_for_eval(args):
         predictions, truth = gather_object(predictions), gather_object(truth)
         bad = sum(gather_object([bad]))
         reason = next((r for r in gather_object([reason]) if r), "")
+    if state.num_processes > 1:
+        from vmr.train import release_process_group
+
+        release_process_group()
     if not predictions:  # every rank raises alike: no metrics of nothing
         raise nothing_read(args.shards, bad, reason)
     if not state.is_main_process:
