@@ -432,3 +432,45 @@ def test_two_machines_over_loopback_train_checkpoint_and_resume(synth_dir, tmp_p
     assert "resumed from" in second[0].stdout and "at step 4" in second[0].stdout
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_0000002", "step_0000004",
                                                                       "step_0000006"]
+
+
+# ----- siblings: the same kinds of input at other places ------------------------------------------------
+
+
+def test_outputs_that_cannot_be_written_are_one_line(synth_dir, tmp_path, capsys):
+    from .test_metrics import gt_row, pred_row
+
+    gt = write_jsonl(tmp_path / "gt.jsonl", [gt_row(1, [[0, 10]])])
+    preds = write_jsonl(tmp_path / "p.jsonl", [pred_row(1, [[0, 10, 0.9]])])
+    (tmp_path / "a_folder").mkdir()
+    code = main(["eval", "--predictions", str(preds), "--ground-truth", str(gt), "--json", str(tmp_path / "a_folder")])
+    one_line_error(capsys, code, "a_folder: cannot write it")
+    (tmp_path / "a_file").write_text("x")
+    code = build(synth_dir / "videos", synth_dir / "train.jsonl", tmp_path / "a_file")
+    one_line_error(capsys, code, "a_file is a file, not a folder")
+
+
+def test_a_damaged_bundle_is_one_line(tmp_path, capsys, synth_dir):
+    from vmr import load_config
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = load_config(TINY_CONFIG)
+    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    weights = tmp_path / "bundle" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    video = sorted((synth_dir / "videos").glob("*.mp4"))[0]
+    code = main(["predict", "--checkpoint", str(tmp_path / "bundle"), "--video", str(video), "--query", "a red circle"])
+    one_line_error(capsys, code, "model.safetensors: not readable as safetensors weights")
+    # A bundle whose config does not describe its weights (e.g. the model's layers changed since).
+    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    config = tmp_path / "bundle" / "config.yaml"
+    config.write_text(config.read_text().replace("motion: true", "motion: false"))
+    code = main(["predict", "--checkpoint", str(tmp_path / "bundle"), "--video", str(video), "--query", "a red circle"])
+    one_line_error(capsys, code, "its weights do not fit its config.yaml", "unexpected")
+
+
+def test_resuming_from_a_folder_that_is_not_a_checkpoint_is_one_line(shard_dir, tmp_path):
+    (tmp_path / "not_a_checkpoint").mkdir()
+    line = last_line(train_run(f"{shard_dir}/train-*.tar", tmp_path / "run", "--resume",
+                               str(tmp_path / "not_a_checkpoint")))
+    assert "--resume: cannot load" in line and "not_a_checkpoint" in line

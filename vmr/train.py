@@ -157,12 +157,19 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
 
     if resume:
         checkpoint = find_checkpoint(out, resume)
-        accelerator.load_state(str(checkpoint))
+        try:
+            accelerator.load_state(str(checkpoint))
+        except (OSError, RuntimeError, ValueError, KeyError) as error:
+            raise UserError(f"--resume: cannot load {checkpoint} as a checkpoint of this run "
+                            f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
         accelerator.print(f"resumed from {checkpoint} at step {loop.step}")
     start = loop.step
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        except OSError as error:
+            raise UserError(f"train.output_dir: cannot write to {out} ({error.strerror or error})") from None
     accelerator.init_trackers("run")
     tracker = accelerator.get_tracker("tensorboard", unwrap=False) if main_process else None
     batches = endless(loader, f"resume{start}-" if start else "")

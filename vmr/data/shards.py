@@ -230,18 +230,17 @@ def read_manifest(out: Path) -> dict:
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file.
-    A full disk is a UserError naming it, and leaves no temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    A full disk or an unwritable place is a UserError naming it, and leaves no temporary file."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         full = out_of_space(error, path)
-        if full is None:
-            raise
-        raise full from None
+        raise (full or UserError(f"{path}: cannot write it ({error.strerror or error})")) from None
 
 
 def build_shards(
@@ -297,7 +296,12 @@ def build_shards(
             task = tasks.setdefault(record.video_id, VideoTask(record.video_id, record.video_file, []))
             task.queries.append(record)
 
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out: cannot create {out} ({error.strerror or error})") from None
     finish_commits(out)
     staging = out / f".vmr-build-{split}"
     if staging.exists():

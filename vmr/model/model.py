@@ -234,7 +234,16 @@ class VideoMomentRetrievalModel(nn.Module):
         clip_config = CLIPConfig.from_dict(json.loads((directory / CLIP_CONFIG).read_text()))
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory))
-        model.load_state_dict(load_file(directory / WEIGHTS, device=str(map_location)))
+        try:
+            weights = load_file(directory / WEIGHTS, device=str(map_location))
+        except Exception as error:  # a truncated or foreign file: safetensors' own error types
+            raise UserError(f"{directory / WEIGHTS}: not readable as safetensors weights "
+                            f"({str(error).splitlines()[0][:160]})") from None
+        missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
+                            f"{sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. {sorted(unexpected)[:1]})")
+        model.load_state_dict(weights)
         return model.to(map_location).eval()
 
 
