@@ -63,6 +63,7 @@ class ModelConfig:
     # Temporal and cross-attention layers on top of CLIP
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
     motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
+    motion_span: int = 1  # with motion: changes over 1..motion_span frames on each side
     hidden_dim: int = 256
     num_layers: int = 2
     num_heads: int = 4
@@ -128,6 +129,7 @@ class Config:
             (m.vision_width % m.vision_heads == 0, "model.vision_width", "must be a multiple of vision_heads"),
             (m.text_width % m.text_heads == 0, "model.text_width", "must be a multiple of text_heads"),
             (m.num_layers >= 0, "model.num_layers", "must be >= 0"),
+            (m.motion_span >= 1, "model.motion_span", "must be at least 1"),
             (m.frame_chunk >= 1, "model.frame_chunk", "must be at least 1"),
             (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),

@@ -39,19 +39,21 @@ def feed_forward(dim: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
 
 
-def neighbour_changes(patches: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """(b, t, p, d) patch features -> (b, t, p, 2d): each patch's change from the previous frame
-    and to the next one. A missing neighbour (the first or last frame, or padding) counts as no
-    change, so padding a video changes nothing; selected arithmetically, with no data-dependent
-    shapes. Motion is a change between frames, which no single frame shows."""
-    valid = rearrange(frame_mask, "b t -> b t 1 1")
-    prev = torch.cat([patches[:, :1], patches[:, :-1]], dim=1)
-    prev_valid = torch.cat([valid[:, :1], valid[:, :-1]], dim=1) & valid
-    nxt = torch.cat([patches[:, 1:], patches[:, -1:]], dim=1)
-    next_valid = torch.cat([valid[:, 1:], valid[:, -1:]], dim=1) & valid
-    before = torch.where(prev_valid, patches - prev, torch.zeros_like(patches))
-    after = torch.where(next_valid, nxt - patches, torch.zeros_like(patches))
-    return torch.cat([before, after], dim=-1)
+def neighbour_changes(patches: torch.Tensor, frame_mask: torch.Tensor, span: int = 1) -> torch.Tensor:
+    """(b, t, p, d) patch features -> (b, t, p, 2 * span * d): each patch's change from the frame
+    k steps before and to the frame k steps after, for k = 1..span. A missing neighbour (past
+    either end, or padding) counts as no change, so padding a video changes nothing; selected
+    arithmetically, with no data-dependent shapes. Motion is a change between frames, which no
+    single frame shows; a span over 1 also sees motions too slow to show between neighbours."""
+    t = patches.shape[1]
+    valid = rearrange(frame_mask, "b t -> b t 1 1").to(patches.dtype)
+    changes = []
+    for k in range(1, span + 1):
+        # Shift along time by k, filling with zeros (and "invalid") past the ends.
+        before, before_ok = F.pad(patches, (0, 0, 0, 0, k, 0))[:, :t], F.pad(valid, (0, 0, 0, 0, k, 0))[:, :t]
+        after, after_ok = F.pad(patches, (0, 0, 0, 0, 0, k))[:, k:], F.pad(valid, (0, 0, 0, 0, 0, k))[:, k:]
+        changes += [(patches - before) * before_ok * valid, (after - patches) * after_ok * valid]
+    return torch.cat(changes, dim=-1)
 
 
 class QueryPool(nn.Module):
@@ -67,14 +69,15 @@ class QueryPool(nn.Module):
     and reads how it moves, grows or blinks there. Without it, the action must be inferred from
     per-frame summaries that were pooled before any layer compared frames."""
 
-    def __init__(self, dim: int, heads: int, motion: bool = False):
+    def __init__(self, dim: int, heads: int, motion: bool = False, span: int = 1):
         super().__init__()
         self.heads = heads
         self.null = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.motion = nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, dim)) if motion else None
+        self.span = span
+        self.motion = nn.Sequential(nn.LayerNorm(2 * span * dim), nn.Linear(2 * span * dim, dim)) if motion else None
         self.out = nn.Linear(dim, dim)
 
     def forward(self, sentence: torch.Tensor, patches: torch.Tensor, video_index: torch.Tensor,
@@ -83,7 +86,7 @@ class QueryPool(nn.Module):
         b, t = patches.shape[:2]
         null = repeat(self.null, "1 d -> b t 1 d", b=b, t=t)
         appearance = self.norm(patches)
-        values = appearance if self.motion is None else appearance + self.motion(neighbour_changes(patches, frame_mask))
+        values = appearance if self.motion is None else appearance + self.motion(neighbour_changes(patches, frame_mask, self.span))
         # Keys and values once per video, then shared by all of its queries.
         k = rearrange(self.to_k(torch.cat([appearance, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
         v = rearrange(self.to_v(torch.cat([values, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)

@@ -58,7 +58,7 @@ class VideoMomentRetrievalModel(nn.Module):
         c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
         self.frame_in, self.patch_in = nn.Linear(c, d), nn.Linear(c, d)
         self.word_in, self.sentence_in = nn.Linear(c, d), nn.Linear(c, d)
-        self.pool = QueryPool(d, heads, motion=config.motion)
+        self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
         self.norm_in = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
         self.norm_out = nn.LayerNorm(d)
