@@ -205,23 +205,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4, msg=name)
 
 
-def test_neighbour_changes_against_a_loop():
+@pytest.mark.parametrize("span", [1, 2])
+def test_neighbour_changes_against_a_loop(span):
     """The arithmetic (shape-stable) version against frame-by-frame differences: a missing or padded
     neighbour means no change."""
     from vmr.model.blocks import neighbour_changes
 
     patches = torch.randn(2, 5, 3, 4)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
-    out = neighbour_changes(patches, mask)
-    assert out.shape == (2, 5, 3, 8)
+    out = neighbour_changes(patches, mask, span)
+    assert out.shape == (2, 5, 3, 8 * span)
+
     def ok(b: int, t: int, u: int) -> bool:
         return 0 <= u < 5 and bool(mask[b, u]) and bool(mask[b, t])
 
     for b in range(2):
         for t in range(5):
-            before = patches[b, t] - patches[b, t - 1] if ok(b, t, t - 1) else torch.zeros(3, 4)
-            after = patches[b, t + 1] - patches[b, t] if ok(b, t, t + 1) else torch.zeros(3, 4)
-            torch.testing.assert_close(out[b, t], torch.cat([before, after], dim=-1))
+            expected = []
+            for k in range(1, span + 1):
+                expected.append(patches[b, t] - patches[b, t - k] if ok(b, t, t - k) else torch.zeros(3, 4))
+                expected.append(patches[b, t + k] - patches[b, t] if ok(b, t, t + k) else torch.zeros(3, 4))
+            torch.testing.assert_close(out[b, t], torch.cat(expected, dim=-1))
 
 
 def test_motion_features_see_the_order_of_frames():

@@ -63,7 +63,7 @@ class ModelConfig:
     # Temporal and cross-attention layers on top of CLIP
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
     motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
-    motion_span: int = 1  # with motion: changes over 1..motion_span frames on each side
+    motion_span: int = 2  # with motion: changes over 1..motion_span frames on each side
     hidden_dim: int = 256
     num_layers: int = 2
     num_heads: int = 4
