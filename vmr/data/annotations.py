@@ -144,7 +144,8 @@ def _strip_extension(name: str) -> str:
 
 
 def _frame(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value):
         raise TypeError(f"{key} must be a whole frame number, got {value!r}")
     return int(value)
 

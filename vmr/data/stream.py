@@ -127,8 +127,8 @@ class StreamError(UserError):
 
 class SkipCounter:
     """Samples (and shards) skipped as unreadable, summed over the DataLoader's worker processes,
-    with the last reason. One slot per worker in shared memory: each worker writes only its own
-    slot, so no locking."""
+    with each worker's latest reason. One slot per worker in shared memory: each worker writes only
+    its own slot, so no locking."""
 
     REASON_BYTES = 300
 
@@ -148,6 +148,7 @@ class SkipCounter:
 
     @property
     def last_reason(self) -> str:
+        """The latest reason of the first worker that has one ("" when nothing was skipped)."""
         for row in self.reasons:
             text = bytes(row.tolist()).rstrip(b"\0").decode(errors="replace")
             if text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1-65535, got {args.port}")
     # Streamlit enforces its own upload cap (whole MB); the app checks the exact limit.
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
-               "--server.address", args.host, "--server.maxUploadSize", str(max(1, int(-(-limit // 1)))),
+               "--server.address", args.host, "--server.maxUploadSize", str(max(1, math.ceil(limit))),
                "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     if args.checkpoint:
         from vmr.eval.predict import resolve_bundle
