@@ -1,6 +1,6 @@
 """Streamlit demo: find the moments of a sentence in a video.
 
-    vmr demo [--checkpoint DIR] [--port P]
+    vmr demo [--checkpoint DIR] [--port P] [--host 127.0.0.1] [--max-upload-mb MB]
     streamlit run vmr/demo/app.py -- --checkpoint DIR
 
 The model is an inference bundle (or a run directory); without one the app uses the quickstart's
