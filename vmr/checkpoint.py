@@ -76,10 +76,9 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
         error = (f"checkpoint of step {step} not written: {full}; "
                  + (f"the last complete checkpoint {previous[-1]} is intact (--resume latest continues from it)"
                     if previous else "no earlier checkpoint exists"))
-    if error is not None or accelerator.num_processes > 1:
-        if error is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-        _agree(accelerator, error)
+    if error is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+    _agree(accelerator, error)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

@@ -347,17 +347,14 @@ def build_shards(
         if not shards:
             raise UserError(f"split {split!r}: no video could be packed; {len(skips)} skipped, the first: "
                             f"{skips[0].reason if skips else '?'}")
-    except OSError as error:
+    except BaseException as error:
         writer.abort()
+        # Asked before the staging folder gives its space back, so the disk still reads as full.
+        full = out_of_space(error, staging) if isinstance(error, OSError) else None
         shutil.rmtree(staging, ignore_errors=True)
-        full = out_of_space(error, staging)
         if full is None:
             raise
         raise UserError(f"{full}; nothing in {out} was changed") from None
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     finally:
         if pool:
             pool.terminate()

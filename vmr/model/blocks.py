@@ -65,7 +65,7 @@ class QueryPool(nn.Module):
     attention somewhere to go when the object is absent.
 
     With ``motion``, what a patch passes on (its value, not its key) also carries how it changes
-    from the previous frame and to the next one: the query finds its object by what it looks like
+    from the ``span`` frames before it and to the ``span`` frames after it: the query finds its object by what it looks like
     and reads how it moves, grows or blinks there. Without it, the action must be inferred from
     per-frame summaries that were pooled before any layer compared frames."""
 
