@@ -7,7 +7,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from vmr.config import DataConfig
+from vmr.config import DataConfig, SamplingConfig
 from vmr.data.stream import make_loader
 from vmr.text import load_tokenizer
 
@@ -15,10 +15,10 @@ from vmr.text import load_tokenizer
 def main(shards: str, out: str) -> None:
     accelerator = Accelerator(cpu=True)  # without cpu=True every CPU rank believes it is alone
     tokenizer = load_tokenizer("synthetic")
-    data = DataConfig(image_size=16, clip_fps=2.0, num_workers=2)
-    evaluation = make_loader(shards, data, tokenizer, batch_size=1, max_frames=4, train=False)
+    data = DataConfig(sampling=SamplingConfig(fps=2.0, size=16), num_workers=2)
+    evaluation = make_loader(shards, data, tokenizer, batch_size=1, train=False)
     seen = [vid for batch in evaluation for vid in batch["video_id"]]
-    training = make_loader(shards, data, tokenizer, batch_size=1, max_frames=4, train=True)
+    training = make_loader(shards, data, tokenizer, batch_size=1, train=True)
     steps = sum(1 for _ in training)
     result = {"rank": accelerator.process_index, "world": accelerator.num_processes, "eval": seen, "steps": steps}
     Path(out, f"rank{accelerator.process_index}.json").write_text(json.dumps(result))

@@ -237,7 +237,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "fals
 def train_run(shards: str, out: Path, *extra: str, timeout: int = 180) -> subprocess.CompletedProcess:
     """`vmr train` on the tiny config; a hang fails the test at ``timeout`` seconds."""
     return subprocess.run([str(BIN / "vmr"), "train", "--config", str(TINY_CONFIG), f"data.train_shards={shards}",
-                           "data.val_shards=[]", "data.image_size=16", "data.num_workers=1", f"train.output_dir={out}",
+                           "data.val_shards=[]", "data.sampling.size=16", "data.num_workers=1", f"train.output_dir={out}",
                            "train.max_steps=3", "train.batch_size=2", "train.save_every=0", *extra],
                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
 
@@ -299,7 +299,7 @@ def test_only_corrupt_samples_stop_training_with_one_line(shard_dir, tmp_path):
 
 
 def test_each_bad_sample_counts_once_per_read_and_training_says_so(shard_dir, tmp_path):
-    from vmr.config import DataConfig
+    from vmr.config import DataConfig, SamplingConfig
     from vmr.data.stream import make_loader, skipped
     from vmr.text import load_tokenizer
 
@@ -311,10 +311,10 @@ def test_each_bad_sample_counts_once_per_read_and_training_says_so(shard_dir, tm
                             meta))
     write_tar(tmp_path / "mixed-000000.tar", samples[:6])
     write_tar(tmp_path / "mixed-000001.tar", samples[6:])
-    data = DataConfig(image_size=16, clip_fps=2.0)
+    data = DataConfig(sampling=SamplingConfig(fps=2.0, size=16))
     for workers in (0, 2):
         loader = make_loader(f"{tmp_path}/mixed-*.tar", data, load_tokenizer("synthetic"), batch_size=2,
-                             max_frames=4, train=False, rank=0, world=1, num_workers=workers)
+                             train=False, rank=0, world=1, num_workers=workers)
         assert sum(len(b["video_id"]) for b in loader) == 9
         assert skipped(loader) == 3
     result = train_run(f"{tmp_path}/mixed-*.tar", tmp_path / "run", "data.epoch_samples=12", "train.max_steps=6")
@@ -329,7 +329,7 @@ def test_eval_on_unreadable_shards_is_an_error_not_nan(shard_dir, tmp_path, caps
     from vmr import load_config
     from vmr.model import VideoMomentRetrievalModel
 
-    cfg = load_config(TINY_CONFIG, ["data.image_size=16", "model.max_frames=8"])
+    cfg = load_config(TINY_CONFIG, ["data.sampling.size=16", "data.sampling.window=8"])
     VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", dataclasses.replace(cfg))
     (tmp_path / "junk-000000.tar").write_bytes(os.urandom(2000))
     code = main(["eval", "--checkpoint", str(tmp_path / "bundle"), "--shards", str(tmp_path / "junk-000000.tar")])
@@ -374,16 +374,16 @@ def one_video_shards(synth_dir: Path, out: Path) -> Path:
 
 
 def test_a_training_epoch_reads_every_video_once_over_ranks_and_workers(synth_dir, tmp_path):
-    from vmr.config import DataConfig
+    from vmr.config import DataConfig, SamplingConfig
     from vmr.data.stream import make_loader
     from vmr.text import load_tokenizer
 
     shards = one_video_shards(synth_dir, tmp_path / "shards")
-    data = DataConfig(image_size=16, clip_fps=2.0, temporal_crop=0.0)
+    data = DataConfig(sampling=SamplingConfig(fps=2.0, size=16), temporal_crop=0.0)
     for epoch in range(2):
         seen = []
         for rank in (0, 1):
-            loader = make_loader(str(shards), data, load_tokenizer("synthetic"), batch_size=1, max_frames=4,
+            loader = make_loader(str(shards), data, load_tokenizer("synthetic"), batch_size=1,
                                  train=True, rank=rank, world=2, num_workers=2)
             loader.dataset.set_epoch(epoch)
             seen += [vid for batch in loader for vid in batch["video_id"]]
@@ -408,7 +408,7 @@ def test_two_machines_over_loopback_train_checkpoint_and_resume(synth_dir, tmp_p
             command = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
                        "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port",
                        str(port), "--rdzv_backend", "static", "-m", "vmr.train", "--config", str(TINY_CONFIG),
-                       f"data.train_shards={shards}", "data.val_shards=[]", "data.image_size=16",
+                       f"data.train_shards={shards}", "data.val_shards=[]", "data.sampling.size=16",
                        "data.num_workers=1", f"train.output_dir={out}", f"train.max_steps={max_steps}",
                        "train.batch_size=1", "train.save_every=2", *extra]
             procs.append(subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from vmr import load_config
-from vmr.config import DataConfig
+from vmr.config import DataConfig, SamplingConfig
 from vmr.data.stream import make_loader
 from vmr.model import VideoMomentRetrievalModel, decode_moments, moment_losses
 from vmr.model.losses import giou_1d
@@ -39,11 +39,11 @@ def test_output_shapes_with_several_queries_per_video():
 
 
 def test_original_constructor_arguments():
-    model = VideoMomentRetrievalModel(model_name="unused-for-random-init", max_frames=8, temporal_modeling=False,
+    model = VideoMomentRetrievalModel(model_name="unused-for-random-init", temporal_modeling=False,
                                       freeze_clip=True, init="random", tokenizer="synthetic", image_size=32,
                                       patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
                                       text_layers=1, text_heads=2, projection_dim=32, hidden_dim=32, num_heads=2)
-    assert model.config.max_frames == 8 and not model.config.temporal_modeling
+    assert not model.config.temporal_modeling
     assert not any(p.requires_grad for p in model.towers.parameters())
 
 
@@ -124,15 +124,52 @@ def test_giou_1d():
 
 def test_retrieve_moments_in_seconds():
     model = tiny_model()
-    many = model.config.max_frames + 20
+    many = model.sampling.window + 20  # two windows
     moments, scores = model.retrieve_moments(frames(b=1, t=many)[0], "a red circle spins", top_k=3,
                                              frame_times=[i * 0.5 for i in range(many)])
-    assert len(scores) == model.config.max_frames  # subsampled to max_frames
+    assert len(scores) == many  # every frame scored, none thinned
     assert 1 <= len(moments) <= 3
     assert all(0 <= m["start"] < m["end"] <= many * 0.5 for m in moments)
     assert [m["score"] for m in moments] == sorted((m["score"] for m in moments), reverse=True)
     with pytest.raises(ValueError, match="empty"):
         model.retrieve_moments(frames(b=1)[0], "  ")
+
+
+def test_whole_video_scoring_equals_one_forward_per_window():
+    model = tiny_model()
+    model.sampling = SamplingConfig(fps=2.0, window=8, overlap=0.25)
+    video = frames(b=1, t=19, seed=3)[0]
+    times = [(i + 0.5) / 2 for i in range(19)]
+    moments, scores = model.retrieve_moments(video, "a red circle spins", top_k=5)  # default times: 1/fps bins
+    assert len(scores) == 19
+    # The naive reference: each window on its own, each frame taken from the window that owns it.
+    from vmr.spans import frame_windows
+
+    reference = []
+    for first, end, own_first, own_end in frame_windows(19, 8, 0.25):
+        out = model(video[None, first:end], model.tokenize(["a red circle spins"]),
+                    frame_times=torch.tensor([times[first:end]]) - first / 2, duration=torch.tensor([(end - first) / 2]))
+        reference += torch.sigmoid(out["relevance_logits"][0, own_first - first:own_end - first]).tolist()
+    assert scores == pytest.approx(reference, abs=1e-5)
+    assert all(0 <= m["start"] < m["end"] <= 19 / 2 + 1e-6 for m in moments)
+    # One window covering the whole video: the same as a single forward.
+    model.sampling = SamplingConfig(fps=2.0, window=32)
+    _, whole = model.retrieve_moments(video, "a red circle spins")
+    single = model(video[None], model.tokenize(["a red circle spins"]), frame_times=torch.tensor([times]),
+                   duration=torch.tensor([9.5]))
+    assert whole == pytest.approx(torch.sigmoid(single["relevance_logits"][0]).tolist(), abs=1e-5)
+
+
+def test_the_bundle_carries_the_sampling_spec_and_retrieve_moments_uses_it(tmp_path):
+    model = tiny_model()
+    model.sampling = SamplingConfig(fps=4.0, window=6, size=32, overlap=0.5)
+    model.save_pretrained(tmp_path / "bundle")
+    loaded = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    assert loaded.sampling == model.sampling
+    assert load_config(tmp_path / "bundle" / "config.yaml").data.sampling == model.sampling
+    moments, scores = loaded.retrieve_moments(frames(b=1, t=20)[0], "a red circle spins", top_k=3)
+    assert len(scores) == 20
+    assert all(0 <= m["start"] < m["end"] <= 20 / 4 + 1e-6 for m in moments)  # 20 frames at 4/s: 5 s
 
 
 def test_clip_from_pretrained_directory(tmp_path):
@@ -171,9 +208,10 @@ def test_from_pretrained_names_a_missing_file(tmp_path):
 
 @pytest.mark.slow
 def test_overfits_one_real_batch(shard_dir):
-    data = DataConfig(image_size=16, clip_fps=2.0, num_workers=0, temporal_crop=0.0, scale_jitter=(1.0, 1.0))
+    data = DataConfig(sampling=SamplingConfig(fps=2.0, size=16, window=16), num_workers=0, temporal_crop=0.0,
+                      scale_jitter=(1.0, 1.0))
     loader = make_loader(str(shard_dir / "train-*.tar"), data, load_tokenizer("synthetic"), batch_size=2,
-                         max_frames=16, train=False, rank=0, world=1)
+                         train=False, rank=0, world=1)
     batch = next(iter(loader))
     model = tiny_model().train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)

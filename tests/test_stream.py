@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchcodec.decoders import VideoDecoder
 
-from vmr.config import DataConfig
+from vmr.config import DataConfig, SamplingConfig
 from vmr.data.shards import iter_shard
 from vmr.data.stream import (
     Collator,
@@ -18,7 +18,7 @@ from vmr.data.stream import (
     make_loader,
     skipped,
 )
-from vmr.data.video import sample_times
+from vmr.data.video import inference_windows, open_video, sample_times
 from vmr.errors import UserError
 from vmr.spans import clip_targets
 from vmr.text import load_tokenizer
@@ -28,8 +28,9 @@ from .conftest import TINY
 TOKENIZER = load_tokenizer("synthetic")
 
 
-def _data(**changes) -> DataConfig:
-    return DataConfig(**{"image_size": 16, "clip_fps": 2.0, "num_workers": 0, **changes})
+def _data(sampling: dict | None = None, **changes) -> DataConfig:
+    spec = SamplingConfig(**{"fps": 2.0, "size": 16, "window": 32, **(sampling or {})})
+    return DataConfig(**{"sampling": spec, "num_workers": 0, **changes})
 
 
 def _all_samples(shard_dir, split):
@@ -37,27 +38,33 @@ def _all_samples(shard_dir, split):
             for _, video, meta in iter_shard(tar)}
 
 
-def test_frames_equal_torchcodec_direct_decode(shard_dir):
-    data = _data()
+def test_evaluation_reads_every_window_of_the_whole_video_as_torchcodec_decodes_it(shard_dir):
+    data = _data({"window": 5})  # 6-9 s videos at 2 frames/s: 12-18 frames, 3-4 overlapping windows each
     samples = _all_samples(shard_dir, "train")
-    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=2, max_frames=8,
+    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=2,
                          train=False, rank=0, world=1)
-    seen = 0
+    owned = {vid: [] for vid in samples}
     for batch in loader:
         for i, vid in enumerate(batch["video_id"]):
             video, meta = samples[vid]
-            times = sample_times(meta["duration"], "uniform", data.clip_fps, 8)
-            direct = VideoDecoder(video, seek_mode="approximate").get_frames_played_at(times)
+            k, count = batch["window"][i].tolist()
+            windows = inference_windows(meta["duration"], data.sampling)
+            assert count == len(windows) > 1
+            direct = VideoDecoder(video, seek_mode="exact").get_frames_played_at(windows[k].times)
             n = int(batch["frame_mask"][i].sum())
-            assert n == len(times)
+            assert n == len(windows[k].times) == 5
             assert torch.equal(batch["videos"][i, :n], direct.data)
-            assert torch.allclose(batch["frame_times"][i, :n], direct.pts_seconds.float())
-            seen += 1
-    assert seen == len(samples)
+            offset = float(batch["offset"][i])
+            assert torch.allclose(batch["frame_times"][i, :n].double() + offset, direct.pts_seconds.double(), atol=1e-5)
+            first, end = batch["own"][i].tolist()
+            owned[vid] += [round(t, 4) for t in (batch["frame_times"][i, first:end].double() + offset).tolist()]
+    for vid, (_, meta) in samples.items():  # the windows' reports tile the video at the trained rate
+        grid = sample_times(meta["duration"], "uniform", 2.0, 1 << 30)
+        assert owned[vid] == pytest.approx(grid, abs=0.26), vid
 
 
 def test_batch_layout_and_targets(shard_dir):
-    loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=3, max_frames=8, train=True,
+    loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=3, train=True,
                          rank=0, world=1, epoch_batches=2)
     batches = list(loader)
     assert len(batches) == 2
@@ -121,7 +128,7 @@ def test_two_ranks_two_workers_read_every_sample_once(synth_dir, tmp_path, max_v
     expected = set(_all_samples(tmp_path, "train"))
     seen = []
     for rank in (0, 1):
-        loader = make_loader(str(tmp_path), _data(), TOKENIZER, batch_size=1, max_frames=4, train=False,
+        loader = make_loader(str(tmp_path), _data(), TOKENIZER, batch_size=1, train=False,
                              rank=rank, world=2, num_workers=2)
         seen += [vid for batch in loader for vid in batch["video_id"]]
     assert sorted(seen) == sorted(expected)
@@ -131,13 +138,13 @@ def test_many_shards_split_by_shard_and_training_steps_are_equal(shard_dir):
     expected = set(_all_samples(shard_dir, "train")) | set(_all_samples(shard_dir, "val"))
     seen = []
     for rank in (0, 1):  # 4 shards, 4 slots: one shard each
-        loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=1, max_frames=4, train=False,
+        loader = make_loader(str(shard_dir), _data(), TOKENIZER, batch_size=1, train=False,
                              rank=rank, world=2, num_workers=2)
         seen += [vid for batch in loader for vid in batch["video_id"]]
     assert sorted(seen) == sorted(expected)
     counts = []
     for rank in (0, 1):
-        loader = make_loader(str(shard_dir / "train-*.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+        loader = make_loader(str(shard_dir / "train-*.tar"), _data(), TOKENIZER, batch_size=1,
                              train=True, rank=rank, world=2, num_workers=2)
         counts.append(sum(1 for _ in loader))
     # 3 training videos over 2 ranks at batch 1: ceil(3 / 2) = 2 steps on each rank.
@@ -153,7 +160,7 @@ def test_a_corrupt_video_is_skipped_and_counted(shard_dir, tmp_path, workers):
             writer.write({"__key__": key, "mp4": video[: len(video) // 3] if i == 1 else video,
                           "json": json.dumps(meta)})
         writer.close()
-    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1,
                          train=False, rank=0, world=1, num_workers=workers)
     got = [vid for batch in loader for vid in batch["video_id"]]
     assert got == [samples[0][2]["video_id"], samples[2][2]["video_id"]]
@@ -161,13 +168,14 @@ def test_a_corrupt_video_is_skipped_and_counted(shard_dir, tmp_path, workers):
 
 
 def test_keyframes_sampling_and_resizing(shard_dir):
-    data = _data(frame_sampling="keyframes", image_size=24, temporal_crop=0.0)
-    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=3, max_frames=6, train=True,
+    data = _data({"frames": "keyframes", "size": 24, "window": 6}, temporal_crop=0.0)
+    loader = make_loader(str(shard_dir / "train-*.tar"), data, TOKENIZER, batch_size=3, train=True,
                          rank=0, world=1, epoch_batches=1)
     batch = next(iter(loader))
     assert batch["videos"].shape[1:] == (6, 3, 24, 24)
-    # Every stored frame is a keyframe at 2 fps: the sampled frames sit on the 0.5-second grid.
-    times = batch["frame_times"][batch["frame_mask"]] * 2
+    # Every stored frame is a keyframe at 2 fps: the sampled frames sit on the 0.5-second grid of
+    # the video (frame times count from the window's start, which lies anywhere).
+    times = (batch["frame_times"].double() + batch["offset"][:, None])[batch["frame_mask"]] * 2
     assert torch.allclose(times, times.round(), atol=1e-4)
 
 
@@ -177,7 +185,7 @@ def test_a_stream_of_only_corrupt_samples_stops_with_a_reason(shard_dir, tmp_pat
         writer = wds.TarWriter(f)
         writer.write({"__key__": key, "mp4": b"not a video", "json": json.dumps(meta)})
         writer.close()
-    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1, max_frames=4,
+    loader = make_loader(str(tmp_path / "bad-000000.tar"), _data(), TOKENIZER, batch_size=1,
                          train=True, rank=0, world=1, epoch_batches=1)
     with pytest.raises(UserError, match="50 shards or samples in a row could not be read; last: .*bad-000000.tar"):
         next(iter(loader))
@@ -190,14 +198,26 @@ def test_hflip_swaps_left_and_right():
 
 def test_map_style_dataset_over_loose_files(synth_dir):
     for annotations in ("val.jsonl", "annotations.json"):
-        dataset = VideoMomentDataset(synth_dir / "videos", synth_dir / annotations, max_frames=8, image_size=16,
-                                     frame_sampling="uniform")
+        dataset = VideoMomentDataset(synth_dir / "videos", synth_dir / annotations,
+                                     SamplingConfig(fps=2.0, size=16, frames="uniform"))
         item = dataset[0]
         assert item["frames"].shape[1:] == (3, 16, 16) and item["frames"].dtype == torch.uint8
-        assert len(item["times"]) == item["frames"].shape[0] <= 8
+        # The whole video at 2 frames/s, at the centres of the 0.5-s bins.
+        assert len(item["times"]) == item["frames"].shape[0] == int(item["duration"] * 2)
         batch = Collator(TOKENIZER, 32)([dataset[i] for i in range(min(2, len(dataset)))])
         assert batch["videos"].shape[0] == min(2, len(dataset))
     assert len(VideoMomentDataset(synth_dir / "videos", synth_dir / "annotations.json")) == TINY["videos"]
+
+
+def test_map_style_dataset_keyframes_sampling_returns_the_key_frames(synth_dir):
+    from vmr.data.video import keyframe_times
+
+    dataset = VideoMomentDataset(synth_dir / "videos", synth_dir / "val.jsonl", SamplingConfig(size=16, frames="keyframes"))
+    item = dataset[0]
+    video = next((synth_dir / "videos").glob(f"{item['video_id']}.*"))
+    assert item["times"] == pytest.approx(keyframe_times(video), abs=1e-4)
+    uniform = VideoMomentDataset(synth_dir / "videos", synth_dir / "val.jsonl", SamplingConfig(size=16, frames="uniform"))
+    assert len(uniform[0]["times"]) != len(item["times"])  # not the uniform grid under another name
 
 
 def test_expand_shards(shard_dir):

@@ -27,7 +27,7 @@ def overrides(shard_dir: Path, out: Path, **train) -> list[str]:
     values = {"max_steps": 4, "batch_size": 2, "warmup_steps": 1, "save_every": 2, "eval_every": 4,
               "log_every": 1, "eval_batch_size": 2, **train}
     return [f"data.train_shards={shard_dir}/train-*.tar", f"data.val_shards={shard_dir}/val-*.tar",
-            "data.image_size=16", "data.num_workers=0", f"train.output_dir={out}",
+            "data.sampling.size=16", "data.num_workers=0", f"train.output_dir={out}",
             *(f"train.{k}={v}" for k, v in values.items())]
 
 
@@ -68,7 +68,7 @@ def test_one_process_run_writes_everything(shard_dir, tmp_path):
     assert steps_of(out) == ["step_0000002", "step_0000004"]
     assert load_config(out / "checkpoints" / "step_0000004" / "config.yaml").train.grad_accum == 2
     saved = load_config(out / "config.yaml")
-    assert saved.train.max_steps == 4 and saved.train.grad_accum == 2 and saved.data.image_size == 16
+    assert saved.train.max_steps == 4 and saved.train.grad_accum == 2 and saved.data.sampling.size == 16
     for bundle in ("export", "export_best"):
         assert (out / bundle / "model.safetensors").is_file()
     events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")))).Reload()
@@ -89,9 +89,13 @@ def test_predict_and_eval_with_the_trained_bundle(shard_dir, synth_dir, tmp_path
     video = sorted((synth_dir / "videos").glob("*.mp4"))[0]
     assert main(["predict", "--checkpoint", str(out), "--video", str(video), "--query", "a red circle grows",
                  "--top-k", "3"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert set(result) == {"video", "duration", "query", "moments", "clip_times", "clip_scores"}
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert set(result) == {"video", "duration", "query", "sampling", "moments", "clip_times", "clip_scores"}
     assert 1 <= len(result["moments"]) <= 3 and len(result["clip_times"]) == len(result["clip_scores"])
+    # The whole video at the trained rate (the bundle's spec: 2 frames/s), said on stderr.
+    assert result["sampling"]["fps"] == 2.0 and len(result["clip_times"]) == int(result["duration"] * 2)
+    assert f"scored {len(result['clip_times'])} frames" in captured.err and "(2 frames/s)" in captured.err
     assert all(0 <= m["start"] < m["end"] <= result["duration"] for m in result["moments"])
     metrics = tmp_path / "eval" / "metrics.json"
     assert main(["eval", "--checkpoint", str(out / "export"), "--shards", f"{shard_dir}/val-*.tar",
@@ -203,7 +207,7 @@ def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
     the predictions are the single-process ones, every query once."""
     from vmr.model import VideoMomentRetrievalModel
 
-    cfg = load_config(TINY, ["data.image_size=16"])
+    cfg = load_config(TINY, ["data.sampling.size=16"])
     VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
     rows = {}
     for n in (1, 2):

@@ -1,8 +1,9 @@
 """``vmr bench``: the benchmark suite. What it costs to train and serve, measured, never assumed.
 
-decode  frames/s per core of torchcodec sampling 32 frames from shard bytes (README settings),
-        against a per-file baseline that decodes every frame of the original file and then picks
-        32 (what the original OpenCV loader did), on the same videos in the same run: the ratio.
+decode  frames/s per core of torchcodec sampling one window (the default config's sampling spec:
+        32 frames at 1 frame/s) from shard bytes (README settings), against a per-file baseline
+        that decodes every frame of the original file and then picks as many (what the original
+        OpenCV loader did), on the same videos in the same run: the ratio.
 loader  samples/s and frames/s of the full pipeline (shards -> decode -> sampling -> batches)
         with 0, 1, 2, ... workers, against raw torchcodec decode of the very same frames in one
         process: the overhead is what the pipeline adds on top of decoding.
@@ -10,7 +11,7 @@ train   the real training loop (vmr.train) for a few dozen steps: steps/s, sampl
         fraction of step time spent waiting for data, peak memory; tiny config on a CPU, the
         default architecture on a GPU (random weights: same cost, no download), with model FLOP
         utilisation from a FLOP count when the GPU's peak is known.
-infer   latency of one 32-frame video at batch 1 (p50, p95) and batched throughput from decoded
+infer   latency of one window (the config's frames per window) at batch 1 (p50, p95) and batched throughput from decoded
         frames, end-to-end latency from a video file, peak memory.
 
 Without ``--shards`` it makes its own sample data with ``vmr synth`` and builds shards with the
@@ -23,6 +24,7 @@ stdout beside the targets of DESIGN.md and what the original project promised, a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -83,18 +85,17 @@ def _percentile(values: list[float], q: float) -> float:
 
 def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> dict:
     import torch
-    from torchcodec.decoders import VideoDecoder
 
     from vmr.config import DataConfig
     from vmr.data.shards import iter_shard
     from vmr.data.stream import expand_shards, make_loader
-    from vmr.data.video import decode_frames, sample_times
+    from vmr.data.video import inference_windows, open_video, sample_frames
     from vmr.text import load_tokenizer
 
     torch.set_num_threads(1)
     urls = expand_shards(shards)
-    data = DataConfig(clip_fps=1.0, image_size=224, num_workers=0)
-    max_frames = 32
+    data = DataConfig(sampling=_default_sampling(), num_workers=0)
+    spec = data.sampling
     tokenizer = load_tokenizer("synthetic")
     samples = [(video, meta) for url in urls for _, video, meta in iter_shard(Path(url))]
     # Each pass reads every shard `copies` times, so a pass is long enough that worker start-up
@@ -105,14 +106,14 @@ def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> di
         frames = 0
         start = time.perf_counter()
         for _ in range(copies):
-            for video, meta in samples:
-                decoder = VideoDecoder(video, seek_mode="approximate", num_ffmpeg_threads=1)
-                times = sample_times(meta["duration"], "uniform", data.clip_fps, max_frames)
-                frames += decode_frames(decoder, times, start=meta.get("start", 0.0))[0].shape[0]
+            for video, meta in samples:  # the frames evaluation reads: the whole video, window by window
+                decoder = open_video(video)
+                for window in inference_windows(meta["duration"], spec):
+                    frames += len(sample_frames(decoder, window.times, spec.size, meta.get("start", 0.0))[1])
         return time.perf_counter() - start, frames
 
     def loader_pass(workers: int) -> tuple[float, int]:
-        loader = make_loader(urls * copies, data, tokenizer, batch_size=4, max_frames=max_frames, train=False,
+        loader = make_loader(urls * copies, data, tokenizer, batch_size=4, train=False,
                              rank=0, world=1, num_workers=workers)
         frames = 0
         start = time.perf_counter()
@@ -138,7 +139,7 @@ def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> di
             entry["overhead_vs_raw_decode"] = {"median": raw_median / entry["samples_per_s"]["median"] - 1,
                                                "unit": "fraction", "repetitions": repeats}
         results[f"loader_workers_{workers}"] = entry
-    return {"samples": n_samples, "frames_per_video": max_frames, "image_size": data.image_size,
+    return {"samples": n_samples, "frames_per_video": runs[0][1] / n_samples, "sampling": dataclasses.asdict(spec),
             "results": results}
 
 
@@ -150,17 +151,19 @@ def _sync(device) -> None:
 
 
 def bench_decode(shards: str, videos_dir: Path | None, quick: bool, repeats: int) -> dict:
-    """Shard sampling (32 frames, approximate seek) against decoding every frame of the original
-    file and picking 32, per core, on the same videos."""
+    """Shard sampling of one window (the default config's sampling spec: 32 frames at 1 frame/s)
+    against decoding every frame of the original file and picking as many, per core, on the same
+    videos."""
     import torch
     from torchcodec.decoders import VideoDecoder
 
     from vmr.data.shards import iter_shard
-    from vmr.data.stream import expand_shards, fit_frames
-    from vmr.data.video import decode_frames, find_video, sample_times
+    from vmr.data.stream import expand_shards
+    from vmr.data.video import find_video, fit_frames, open_video, sample_frames, sample_times
 
     torch.set_num_threads(1)
-    max_frames, size = 32, 224
+    spec = _default_sampling()
+    max_frames, size = spec.window, spec.size
     samples = [(video, meta) for url in expand_shards(shards) for _, video, meta in iter_shard(Path(url))]
     originals = []
     if videos_dir is not None:
@@ -171,10 +174,8 @@ def bench_decode(shards: str, videos_dir: Path | None, quick: bool, repeats: int
     def shard_pass() -> tuple[float, int]:
         frames, start = 0, time.perf_counter()
         for video, meta in samples:
-            decoder = VideoDecoder(video, seek_mode="approximate", num_ffmpeg_threads=1)
-            times = sample_times(meta["duration"], "uniform", 1.0, max_frames)
-            out, _ = decode_frames(decoder, times, start=meta.get("start", 0.0))
-            frames += len(fit_frames(out, size))
+            times = sample_times(meta["duration"], "uniform", spec.fps, max_frames)
+            frames += len(sample_frames(open_video(video), times, size, meta.get("start", 0.0))[1])
         return time.perf_counter() - start, frames
 
     def naive_pass() -> tuple[float, int]:
@@ -212,7 +213,14 @@ def _bench_config(device: str, shards: str, quick: bool):
         return load_config(root / "default.yaml", [f"data.train_shards={shards}", "model.init=random",
                                                    "model.tokenizer=synthetic", "data.num_workers=4"])
     return load_config(root / "tiny.yaml", [f"data.train_shards={shards}", "data.val_shards=[]",
-                                            "data.image_size=224", "data.num_workers=1"])
+                                            "data.sampling.size=224", "data.num_workers=1"])
+
+
+def _default_sampling():
+    """The default config's sampling spec (the README's recommended shard settings match it)."""
+    from vmr.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "default.yaml").data.sampling
 
 
 def training_flops(model, batch: dict, device) -> float:
@@ -269,7 +277,7 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
 
     dev = torch.device(device)
     model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).train()
-    loader = make_loader(shards, cfg.data, model.tokenizer, cfg.train.batch_size, cfg.model.max_frames, train=True,
+    loader = make_loader(shards, cfg.data, model.tokenizer, cfg.train.batch_size, train=True,
                          rank=0, world=1, num_workers=0)
     flops = training_flops(model, next(iter(loader)), dev)
     achieved = [flops / t for t in step_s]
@@ -284,7 +292,8 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
 
 
 def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, repeats: int) -> dict:
-    """Latency at batch 1 and throughput batched, from decoded 32-frame clips; end to end from a file."""
+    """Latency at batch 1 and throughput batched, from decoded windows (the config's frames per
+    window); end to end from a file (the whole video)."""
     import torch
 
     from vmr.config import config_to_dict
@@ -294,11 +303,11 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
 
     cfg = _bench_config(device, shards, quick)
     dev = torch.device(device)
-    model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).eval()
+    model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(dev).eval()
     if device == "cuda":
         model = model.to(torch.bfloat16)
         torch.cuda.reset_peak_memory_stats(dev)
-    size, t = cfg.data.image_size, 32
+    size, t = cfg.data.sampling.size, cfg.data.sampling.window
     text = {k: v.to(dev) for k, v in model.tokenize(["a red circle moves left"]).items()}
 
     def forward(batch: int) -> float:

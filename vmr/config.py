@@ -20,13 +20,26 @@ from vmr.errors import UserError
 
 
 @dataclass
+class SamplingConfig:
+    """The sampling spec: which frames of a video the model sees, the same in training, evaluation,
+    prediction, the demo, the benchmarks and the feature cache. Applied by the data layer
+    (``vmr/data/video.py``); saved with every inference bundle (its config.yaml) and read from there.
+    A video longer than one window is seen as several windows at the same rate, never thinned."""
+
+    fps: float = 1.0  # frames per second: one frame at the centre of (or, training, inside) each 1/fps bin
+    window: int = 32  # frames the temporal layers see at once (window / fps seconds)
+    size: int = 224  # frames are square crops of this side (shards are best built with --size equal to it)
+    frames: Literal["uniform", "random", "keyframes"] = "random"  # training: where a frame sits in its bin
+    negatives: float = 0.1  # training, videos longer than a window: share of windows placed at random
+    overlap: float = 0.25  # inference: share of a window's frames also seen by the next window
+
+
+@dataclass
 class DataConfig:
     train_shards: list[str] = field(default_factory=list)  # paths, globs, brace patterns, pipe:/http URLs
     val_shards: list[str] = field(default_factory=list)
     allow_pipe: bool = False  # accept pipe:COMMAND shard URLs, which run COMMAND in a shell
-    frame_sampling: Literal["uniform", "random", "keyframes"] = "random"  # training; evaluation is uniform
-    clip_fps: float = 1.0  # frames per second sampled; lowered for videos longer than max_frames / clip_fps
-    image_size: int = 224
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
     queries_per_video: int = 4  # queries trained per video and step (evaluation uses all)
     max_text_len: int = 32
     num_workers: int = 2
@@ -45,7 +58,6 @@ class ModelConfig:
     name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained)
     init: Literal["pretrained", "random"] = "pretrained"  # random: a CLIP of the sizes below, untrained
     tokenizer: str = ""  # "" = the model's; "synthetic" = built locally for `vmr synth` data
-    max_frames: int = 32
     # CLIP sizes for init=random (pretrained models bring their own); defaults are ViT-B/32's
     image_size: int = 224
     patch_size: int = 32
@@ -114,8 +126,11 @@ class Config:
     def validate(self) -> Config:
         d, m, t = self.data, self.model, self.train
         checks = [
-            (d.clip_fps > 0, "data.clip_fps", "must be positive"),
-            (d.image_size >= 8, "data.image_size", "must be at least 8"),
+            (d.sampling.fps > 0, "data.sampling.fps", "must be positive"),
+            (d.sampling.window >= 1, "data.sampling.window", "must be at least 1"),
+            (d.sampling.size >= 8, "data.sampling.size", "must be at least 8"),
+            (0 <= d.sampling.negatives <= 1, "data.sampling.negatives", "is a share in [0, 1]"),
+            (0 <= d.sampling.overlap < 1, "data.sampling.overlap", "is a share in [0, 1)"),
             (d.queries_per_video >= 1, "data.queries_per_video", "must be at least 1"),
             (d.max_text_len >= 4, "data.max_text_len", "must be at least 4"),
             (d.num_workers >= 0, "data.num_workers", "must be >= 0"),
@@ -123,7 +138,6 @@ class Config:
             (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1"),
             (0 <= d.temporal_crop <= 1, "data.temporal_crop", "is a probability in [0, 1]"),
             (0 < d.scale_jitter[0] <= d.scale_jitter[1] <= 1, "data.scale_jitter", "needs 0 < min <= max <= 1"),
-            (m.max_frames >= 1, "model.max_frames", "must be at least 1"),
             (m.image_size % m.patch_size == 0, "model.image_size", "must be a multiple of model.patch_size"),
             (m.hidden_dim % m.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads"),
             (m.vision_width % m.vision_heads == 0, "model.vision_width", "must be a multiple of vision_heads"),
@@ -208,6 +222,26 @@ def _coerce(value, kind, key: str):
     raise UserError(f"{key}: expected {name}, got {value!r}")
 
 
+# Keys of earlier versions, still read (bundles and presets written before the sampling spec).
+RENAMED = {("data", "clip_fps"): ("data", "sampling", "fps"), ("data", "image_size"): ("data", "sampling", "size"),
+           ("data", "frame_sampling"): ("data", "sampling", "frames"),
+           ("model", "max_frames"): ("data", "sampling", "window")}
+
+
+def _renamed(values: dict) -> dict:
+    """``values`` (a whole config mapping) with the keys of earlier versions moved to their new place
+    (a value given under the new key wins)."""
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for (section, key), (new_section, group, new_key) in RENAMED.items():
+        if isinstance(values.get(section), dict) and key in values[section]:
+            value = values[section].pop(key)
+            target = values.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target[group] = dict(target.get(group) or {})
+                target[group].setdefault(new_key, value)
+    return values
+
+
 def _apply(obj, values: dict, prefix: str = "") -> None:
     hints = typing.get_type_hints(type(obj))
     for name, value in values.items():
@@ -249,13 +283,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise UserError(f"{path}: a config file must be a mapping of sections")
-        _apply(cfg, values)
+        _apply(cfg, _renamed(values))
     for text in overrides:
         keys, value = parse_override(text)
         nested: object = value
         for part in reversed(keys):
             nested = {part: nested}
-        _apply(cfg, nested)
+        _apply(cfg, _renamed(nested))
     return cfg.validate()
 
 

@@ -98,3 +98,16 @@ def clip_targets(windows: Sequence[Window], times: Sequence[float]) -> tuple[lis
             relevance[j] = 1.0
         clips.append((inside[0], inside[-1]) if inside else (0, 0))
     return relevance, clips
+
+
+def frame_windows(n: int, size: int, overlap: float) -> list[tuple[int, int, int, int]]:
+    """Cut ``n`` frames into windows of ``size`` frames (fewer when ``n`` is smaller) overlapping by
+    ``overlap`` of a window, the last one ending at frame ``n``. Returns ``(first, end, own_first,
+    own_end)`` frame ranges: each window reports the frames [own_first, own_end), where it sees the
+    most context; ownership changes hands in the middle of each overlap, so the owned ranges tile
+    [0, n) in order."""
+    size = max(1, min(size, n))
+    stride = max(1, size - round(size * overlap))
+    starts = list(range(0, n - size, stride)) + [n - size]
+    bounds = [0] + [(starts[k] + starts[k - 1] + size) // 2 for k in range(1, len(starts))] + [n]
+    return [(first, first + size, bounds[k], bounds[k + 1]) for k, first in enumerate(starts)]

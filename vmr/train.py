@@ -141,10 +141,10 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
     set_seed(t.seed, device_specific=True)
 
     # ----- model, optimizer, schedule, data
-    model = VideoMomentRetrievalModel.from_config(cfg.model)
+    model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling)
     tokenizer = model.tokenizer
     optimizer = torch.optim.AdamW(model.parameter_groups(t.lr, t.weight_decay, t.backbone_lr_mult), lr=t.lr)
-    loader = make_loader(cfg.data.train_shards, cfg.data, tokenizer, t.batch_size, cfg.model.max_frames, train=True,
+    loader = make_loader(cfg.data.train_shards, cfg.data, tokenizer, t.batch_size, train=True,
                          rank=accelerator.process_index, world=accelerator.num_processes)
     steps_per_epoch = max(1, loader.dataset.epoch_batches // t.grad_accum)
     total = t.max_steps or t.epochs * steps_per_epoch

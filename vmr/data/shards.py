@@ -108,7 +108,7 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
     if params.active:
         stored_path = tmp_dir / f"{sanitise_key(task.video_id)}.{os.getpid()}.mp4"
         try:
-            reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps)
+            reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps, source.stream)
             stored = probe(stored_path)
         except ValueError as error:
             # A full disk is the build's problem, not the video's: stop, never skip a good video.
@@ -454,17 +454,25 @@ def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
 
 
 def _check_sample(video: bytes, meta: dict) -> str | None:
-    from torchcodec.decoders import VideoDecoder
+    """Decode the sample the way the loader does (``open_video`` + ``sample_frames``: frames found
+    by presentation time) at times spread over its whole length, first and last frame included, so
+    that a video passing here cannot fail in training."""
+    from vmr.data.video import open_video, sample_frames
 
+    duration, start = float(meta.get("duration", 0.0)), float(meta.get("start", 0.0))
     try:
-        decoder = VideoDecoder(video, seek_mode="exact", num_ffmpeg_threads=1)
+        decoder = open_video(video)
         n = len(decoder)
-        decoder.get_frames_at(sorted({0, n // 2, n - 1}))
+        times = sorted({0.0, *(duration * (i + 0.5) / VERIFY_POINTS for i in range(VERIFY_POINTS)), duration})
+        sample_frames(decoder, times, 8, start)
     except Exception as error:
         return f"cannot decode the video ({str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r})"
     if n != meta.get("num_frames"):
         return f"decodes to {n} frames, its metadata says {meta.get('num_frames')}"
     return None
+
+
+VERIFY_POINTS = 8  # times per video decoded by verify, besides the first and last frame
 
 
 # ----- command line -------------------------------------------------------------------------

@@ -4,19 +4,27 @@
 benchmarks. Every stage is a step in ``ShardStream.__iter__``; stage functions live at module
 level so they pickle into worker processes.
 
-A batch (b videos, q queries, t frames, l text tokens, w windows per query):
+Each of the b "videos" of a batch is one window of a video: the part the temporal layers see at
+once, at the sampling spec's rate (``data.sampling``; one window per video in training, every
+window of each video in evaluation, see vmr/data/video.py). A batch (b windows, q queries, t frames,
+l text tokens, w moments per query):
   videos        uint8 (b, t, 3, s, s)  CLIP normalisation happens on the device, not here
   frame_mask    bool  (b, t)           False on padding
-  frame_times   float (b, t)           seconds from the start of the (cropped) video
-  duration      float (b,)
+  frame_times   float (b, t)           seconds from the start of the window
+  duration      float (b,)             the window's length in seconds
+  offset        float64 (b,)           where the window starts in its video (seconds)
+  own           long  (b, 2)           the frames [own[0], own[1]) this window reports in evaluation
+  window        long  (b, 2)           (index of the window in its video, number of windows)
+  video_duration float64 (b,); key     the whole video's length; the sample's key (one per video)
   text_ids, text_mask        (q, l)
-  windows       float (q, w, 2) seconds; window_mask bool (q, w)
+  windows       float (q, w, 2) seconds, relative to the window (a moment outside it: none; the
+                query is then a negative); window_mask bool (q, w)
   clip_windows  long  (q, w, 2) first and last frame index inside each window
   relevance     float (q, t)           1 where the frame's time is inside a window
   saliency      float (q, t)           annotator score / 4 of the frame's 2-second clip; has_saliency (q,)
   video_index   long  (q,)             which video of the batch a query belongs to
   qid, query, video_id               lists, for predictions and logging
-  ground_truth  list of QVHighlights-style rows, one per query (scoring predictions on shards)
+  ground_truth  list of QVHighlights-style rows, one per query, whole-video times (for scoring)
 
 The loader is never passed through ``accelerator.prepare``: ranks and workers split the shards
 here, and ``loader.skipped`` counts samples that could not be decoded (they are skipped, the
@@ -34,9 +42,17 @@ from pathlib import Path
 import torch
 import webdataset as wds
 
-from vmr.config import DataConfig
+from vmr.config import DataConfig, SamplingConfig
 from vmr.data.annotations import read_annotations
-from vmr.data.video import decode_frames, find_video, keyframe_times, sample_times
+from vmr.data.video import (
+    find_video,
+    inference_windows,
+    keyframe_indices,
+    open_video,
+    sample_frames,
+    sample_times,
+    training_span,
+)
 from vmr.errors import UserError
 from vmr.spans import QVH_CLIP_SECONDS, clip_targets
 
@@ -250,90 +266,94 @@ def _swap_left_right(text: str) -> str:
     return " ".join(swap.get(w, w) for w in words)
 
 
-def fit_frames(frames: torch.Tensor, size: int, rng: random.Random | None = None,
-               scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
-    """uint8 (t, 3, h, w) -> (t, 3, size, size): a square crop (centred; with ``rng``, of a random
-    area fraction in ``scale`` at a random place), resized only when its side is not ``size``."""
-    t, c, h, w = frames.shape
-    side = min(h, w)
-    if rng is not None and scale[0] < 1.0:
-        side = max(1, round(side * math.sqrt(rng.uniform(*scale))))
-        y0, x0 = rng.randint(0, h - side), rng.randint(0, w - side)
-    else:
-        y0, x0 = (h - side) // 2, (w - side) // 2
-    crop = frames[:, :, y0:y0 + side, x0:x0 + side]
-    if side == size:
-        # A view: torchcodec's frames are channels-last in memory, and the collator's copy into the
-        # batch converts the layout; copying here too cost about 10% of the loader's time.
-        return crop
-    resized = torch.nn.functional.interpolate(crop.float(), size=(size, size), mode="bilinear",
-                                              antialias=True, align_corners=False)
-    return resized.round_().clamp_(0, 255).to(torch.uint8)
+def _choose_queries(queries: list[dict], k: int, length: float, rng: random.Random) -> list[dict]:
+    """Up to ``k`` queries at random, each one added only while the hull of all their windows still
+    fits in ``length`` seconds (one training window), so that one window can hold them all."""
+    order = rng.sample(queries, len(queries))
+    chosen, lo, hi = [order[0]], *_hull([order[0]])
+    for q in order[1:]:
+        if len(chosen) == k:
+            break
+        q_lo, q_hi = _hull([q])
+        if max(hi, q_hi) - min(lo, q_lo) <= length:
+            chosen.append(q)
+            lo, hi = min(lo, q_lo), max(hi, q_hi)
+    return chosen
 
 
-def decode_video(sample: dict, data: DataConfig, max_frames: int, rng: random.Random | None) -> dict:
-    """One shard sample -> one item: sampled frames, their times, and the queries to train.
-    ``rng`` is None in evaluation: all queries, uniform sampling, no augmentation."""
-    from torchcodec.decoders import VideoDecoder
+def _hull(queries: list[dict]) -> tuple[float, float]:
+    return min(s for q in queries for s, _ in q["windows"]), max(e for q in queries for _, e in q["windows"])
 
-    meta = json.loads(sample["json"])
-    duration = float(meta["duration"])
-    queries = list(meta["queries"])
-    train = rng is not None
-    if train and len(queries) > data.queries_per_video:
-        queries = rng.sample(queries, data.queries_per_video)
 
-    # A random temporal crop that keeps every chosen window whole; times shift by its start.
-    span = None
-    if train and rng.random() < data.temporal_crop:
-        lo = min(s for q in queries for s, _ in q["windows"])
-        hi = max(e for q in queries for _, e in q["windows"])
-        a, b = rng.uniform(0.0, lo), rng.uniform(hi, duration)
-        if b - a >= 1.0 / data.clip_fps:
-            span = (a, b)
-
-    mode = data.frame_sampling if train else "uniform"
-    # Approximate seeking trusts the header and skips a scan of the file; the key frame list needs
-    # that scan (it reads packets, decodes nothing).
-    seek_mode = "exact" if mode == "keyframes" else "approximate"
-    decoder = VideoDecoder(sample["mp4"], seek_mode=seek_mode, num_ffmpeg_threads=1)
-    keyframes = keyframe_times(decoder) if mode == "keyframes" else None
-    times = sample_times(duration, mode, data.clip_fps, max_frames, rng=rng,
-                         jitter=train and data.temporal_jitter, keyframes=keyframes, span=span)
-    frames, pts = decode_frames(decoder, times, start=float(meta.get("start", 0.0)))
-    frames = fit_frames(frames, data.image_size, rng if train else None, data.scale_jitter)
-    flip = train and data.hflip and rng.random() < 0.5
-    if flip:
-        frames = frames.flip(-1)
-
-    offset, length = (span[0], span[1] - span[0]) if span else (0.0, duration)
-    frame_times = [float(t) - offset for t in pts]
+def _item(meta: dict, key: str, frames, pts: list[float], span: tuple[float, float], own: tuple[int, int],
+          window: tuple[int, int], queries: list[dict], flip: bool = False) -> dict:
+    """One window of one video as the collator takes it: times and windows relative to the span."""
+    offset, length = span[0], span[1] - span[0]
     items = []
     for q in queries:
         windows = [(max(0.0, s - offset), min(length, e - offset)) for s, e in q["windows"]]
         items.append({
             "qid": q["qid"],
             "query": _swap_left_right(q["query"]) if flip else q["query"],
-            "windows": [(s, e) for s, e in windows if e > s],
-            "saliency": _qvh_saliency(q.get("saliency"), [float(t) for t in pts]),
+            "windows": [(s, e) for s, e in windows if e > s],  # none left: the query is a negative here
+            "video_windows": [tuple(w) for w in q["windows"]],
+            "saliency": _qvh_saliency(q.get("saliency"), pts),
             "clip_saliency": q.get("saliency"),
             "tags": q.get("tags", {}),
         })
-    return {"video_id": meta["video_id"], "frames": frames, "times": frame_times, "duration": length,
-            "queries": items}
+    return {"key": key, "video_id": meta["video_id"], "frames": frames, "times": [t - offset for t in pts],
+            "duration": length, "offset": offset, "own": own, "window": window,
+            "video_duration": float(meta["duration"]), "queries": items}
 
 
-def decode_stage(src, data: DataConfig, max_frames: int, rng: random.Random | None, guard: FailureGuard):
+def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, train: bool):
+    """One shard sample -> its items, sampled by ``data.sampling`` (see vmr/data/video.py).
+
+    Training (``rng`` given): one window at the trained rate, placed around up to
+    ``data.queries_per_video`` queries (``training_span``), with augmentation. Evaluation: the whole
+    video at the trained rate, one item per window (``inference_windows``), every query in each."""
+    spec = data.sampling
+    meta = json.loads(sample["json"])
+    duration, start, key = float(meta["duration"]), float(meta.get("start", 0.0)), sample.get("__key__", "")
+    queries = list(meta["queries"])
+    decoder = open_video(sample["mp4"])
+    if not train:
+        windows = inference_windows(duration, spec)
+        for k, window in enumerate(windows):
+            frames, pts = sample_frames(decoder, window.times, spec.size, start)
+            yield _item(meta, key, frames, pts, (window.start, window.end), window.own, (k, len(windows)), queries)
+        return
+
+    if len(queries) > data.queries_per_video or duration > spec.window / spec.fps:
+        queries = _choose_queries(queries, data.queries_per_video, spec.window / spec.fps, rng)
+    span = training_span(duration, _hull(queries), spec, rng, crop=data.temporal_crop)
+    if spec.frames == "keyframes":
+        indices = keyframe_indices(decoder, span, spec.window)
+        frames, pts = sample_frames(decoder, None, spec.size, start, indices=indices, rng=rng, scale=data.scale_jitter)
+        inside = [i for i, t in enumerate(pts) if span[0] <= t < span[1]] or [0]
+        frames, pts = frames[inside], [min(max(pts[i], span[0]), span[1]) for i in inside]
+    else:
+        times = sample_times(duration, spec.frames, spec.fps, spec.window, rng=rng, jitter=data.temporal_jitter,
+                             span=span)
+        frames, pts = sample_frames(decoder, times, spec.size, start, rng=rng, scale=data.scale_jitter)
+    flip = data.hflip and rng.random() < 0.5
+    if flip:
+        frames = frames.flip(-1)
+    yield _item(meta, key, frames, pts, span, (0, len(pts)), (0, 1), queries, flip)
+
+
+def decode_stage(src, data: DataConfig, rng: random.Random | None, train: bool, guard: FailureGuard):
     """Decode every sample; an undecodable one is counted and skipped, the stream goes on (until
-    the guard sees nothing but failures)."""
+    the guard sees nothing but failures). A video that fails after some of its windows were
+    yielded ends there (its windows so far still count)."""
     for sample in src:
         try:
-            item = decode_video(sample, data, max_frames, rng)
+            for item in decode_video(sample, data, rng, train):
+                yield item
         except Exception as error:  # a corrupt video must never stop a run: count it and move on
             guard.failed(f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}", error)
             continue
         guard.succeeded()
-        yield item
 
 
 class Collator:
@@ -377,6 +397,11 @@ class Collator:
         return {
             "videos": videos, "frame_mask": frame_mask, "frame_times": frame_times,
             "duration": torch.tensor([item["duration"] for item in items]),
+            "offset": torch.tensor([item["offset"] for item in items], dtype=torch.float64),
+            "own": torch.tensor([item["own"] for item in items], dtype=torch.long),
+            "window": torch.tensor([item["window"] for item in items], dtype=torch.long),
+            "video_duration": torch.tensor([item["video_duration"] for item in items], dtype=torch.float64),
+            "key": [item["key"] for item in items],
             "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
             "windows": windows, "window_mask": window_mask, "clip_windows": clip_windows,
             "relevance": relevance, "saliency": saliency, "has_saliency": has_saliency,
@@ -390,7 +415,7 @@ class Collator:
 def ground_truth_row(item: dict, query: dict) -> dict:
     """A query's ground truth in the QVHighlights JSONL layout, for scoring predictions on shards."""
     row = {**query.get("tags", {}), "qid": query["qid"], "query": query["query"], "vid": item["video_id"],
-           "duration": item["duration"], "relevant_windows": [list(w) for w in query["windows"]]}
+           "duration": item["video_duration"], "relevant_windows": [list(w) for w in query["video_windows"]]}
     saliency = query.get("clip_saliency")
     if saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
         row["relevant_clip_ids"], row["saliency_scores"] = list(saliency["clip_ids"]), list(saliency["scores"])
@@ -406,10 +431,10 @@ class ShardStream(torch.utils.data.IterableDataset):
     on every rank. Evaluation: every sample exactly once over
     all ranks and workers, in order, no augmentation."""
 
-    def __init__(self, urls: list[str], data: DataConfig, tokenizer, batch_size: int, max_frames: int,
+    def __init__(self, urls: list[str], data: DataConfig, tokenizer, batch_size: int,
                  train: bool, rank: int, world: int, epoch_batches: int | None, counter: SkipCounter):
         super().__init__()
-        self.urls, self.data, self.batch_size, self.max_frames = urls, data, batch_size, max_frames
+        self.urls, self.data, self.batch_size = urls, data, batch_size
         self.train, self.rank, self.world, self.epoch_batches = train, rank, world, epoch_batches
         self.collate = Collator(tokenizer, data.max_text_len)
         self.counter = counter
@@ -442,8 +467,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not by_shard:
                 stream = (s for i, s in enumerate(stream) if i % slots == slot)
 
-        # Decoded: {"frames": uint8 (t, 3, s, s), "times", "duration", "queries"} per video.
-        stream = decode_stage(stream, self.data, self.max_frames, rng, guard)
+        # Decoded: {"frames": uint8 (t, 3, s, s), "times", "duration", "queries", ...} per window:
+        # one per video in training, every window of each video in evaluation.
+        stream = decode_stage(stream, self.data, rng, self.train, guard)
         # Batched and collated: the dict described at the top of this file.
         stream = wds.batched(self.batch_size, collation_fn=self.collate, partial=not self.train)(stream)
 
@@ -456,8 +482,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from stream
 
 
-def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size: int, max_frames: int,
-                train: bool, rank: int | None = None, world: int | None = None,
+def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size: int, train: bool, rank: int | None = None, world: int | None = None,
                 epoch_batches: int | None = None, num_workers: int | None = None):
     """A DataLoader of batches for this rank (see ShardStream). ``loader.skipped`` is the number
     of samples skipped as undecodable so far; ``loader.dataset.set_epoch(e)`` reseeds."""
@@ -475,7 +500,7 @@ def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size
                             "number of videos per epoch")
         epoch_batches = max(1, math.ceil(samples / (world * batch_size)))
     counter = SkipCounter(workers)
-    stream = ShardStream(urls, data, tokenizer, batch_size, max_frames, train, rank, world, epoch_batches, counter)
+    stream = ShardStream(urls, data, tokenizer, batch_size, train, rank, world, epoch_batches, counter)
     # Batches are complete when they leave the stream: no default_convert walk over every field.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
                                          persistent_workers=False, prefetch_factor=2 if workers else None)
@@ -496,20 +521,19 @@ def skipped(loader) -> int:
 
 class VideoMomentDataset(torch.utils.data.Dataset):
     """Videos in a folder plus an annotation file (any supported format), one item per video in
-    the same format as the stream's decoded items; batch them with ``Collator``."""
+    the same format as the stream's decoded items; batch them with ``Collator``. Every query of a
+    video, the whole video at ``sampling.fps`` (one window however long: for small data), no
+    augmentation. ``sampling.frames`` says where each frame sits in its 1/fps bin: ``uniform`` at the
+    centre, ``random`` anywhere (seeded by the item's index), ``keyframes`` the video's key frames."""
 
-    def __init__(self, video_dir: str | Path, annotation_file: str | Path, max_frames: int = 32,
-                 image_size: int = 224, frame_sampling: str = "uniform", clip_fps: float = 1.0):
+    def __init__(self, video_dir: str | Path, annotation_file: str | Path, sampling: SamplingConfig | None = None):
         self.video_dir = Path(video_dir)
         records, _ = read_annotations(Path(annotation_file))
         self.videos: dict[str, list] = {}
         for record in records:
             self.videos.setdefault(record.video_id, []).append(record)
         self.ids = list(self.videos)
-        # Every query of a video, whatever the sampling; no augmentation.
-        self.data = DataConfig(frame_sampling=frame_sampling, image_size=image_size, clip_fps=clip_fps,
-                               queries_per_video=1 << 30, temporal_crop=0.0, scale_jitter=(1.0, 1.0), temporal_jitter=False)
-        self.max_frames = max_frames
+        self.sampling = sampling or SamplingConfig(frames="uniform")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -517,7 +541,7 @@ class VideoMomentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         from vmr.data.video import probe
 
-        video_id = self.ids[index]
+        video_id, spec = self.ids[index], self.sampling
         records = self.videos[video_id]
         try:
             path = find_video(self.video_dir, video_id, records[0].video_file)
@@ -526,10 +550,15 @@ class VideoMomentDataset(torch.utils.data.Dataset):
         if path is None:
             raise UserError(f"{self.video_dir}: no video file for {video_id!r}")
         info = probe(path, check_decode=False)
+        decoder = open_video(path)
+        if spec.frames == "keyframes":
+            indices = keyframe_indices(decoder, (0.0, info.duration), 1 << 30)
+            frames, pts = sample_frames(decoder, None, spec.size, info.start, indices=indices)
+        else:
+            rng = random.Random(index) if spec.frames == "random" else None
+            frames, pts = sample_frames(decoder, sample_times(info.duration, spec.frames, spec.fps, 1 << 30, rng=rng),
+                                        spec.size, info.start)
         queries = [{"qid": r.qid, "query": r.query, "windows": r.seconds(info.fps), "saliency": r.saliency}
                    for r in records]
-        sample = {"mp4": path.read_bytes(),
-                  "json": json.dumps({"video_id": video_id, "duration": info.duration, "start": info.start,
-                                      "queries": queries})}
-        rng = random.Random(index) if self.data.frame_sampling == "random" else None
-        return decode_video(sample, self.data, self.max_frames, rng)
+        meta = {"video_id": video_id, "duration": info.duration}
+        return _item(meta, path.name, frames, pts, (0.0, info.duration), (0, len(pts)), (0, 1), queries)

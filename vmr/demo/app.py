@@ -95,8 +95,7 @@ def scores_chart(result: dict, truth: list | None):
     return alt.layer(*layers).properties(height=220)
 
 
-def find_moments(model, cfg, video: Path | tuple[str, bytes], query: str, top_k: int, max_frames: int,
-                 nms_iou: float) -> dict:
+def find_moments(model, cfg, video: Path | tuple[str, bytes], query: str, top_k: int, nms_iou: float) -> dict:
     """``vmr predict``'s result plus the processing time (raises UserError on a bad video or query).
     ``video`` is a file, or an upload's (name, bytes): those are written into a private temporary
     folder (readable by this user only) that is removed as soon as the video has been read, and
@@ -108,14 +107,14 @@ def find_moments(model, cfg, video: Path | tuple[str, bytes], query: str, top_k:
         raise UserError("Type a query first, e.g. 'a red circle moves left'.")
     start = time.perf_counter()
     if isinstance(video, Path):
-        result = predict_video(model, cfg, video, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
+        result = predict_video(model, cfg, video, query, top_k=top_k, nms_iou=nms_iou)
         return {**result, "seconds": time.perf_counter() - start}
     name, data = video
     with tempfile.TemporaryDirectory(prefix="vmr-demo-") as folder:  # mode 0700
         path = Path(folder) / f"upload{Path(name).suffix.lower()}"
         path.write_bytes(data)
         try:
-            result = predict_video(model, cfg, path, query, top_k=top_k, max_frames=max_frames, nms_iou=nms_iou)
+            result = predict_video(model, cfg, path, query, top_k=top_k, nms_iou=nms_iou)
         except UserError as error:
             raise UserError(str(error).replace(str(path), name)) from None
     return {**result, "video": name, "seconds": time.perf_counter() - start}
@@ -125,8 +124,9 @@ def show_results(result: dict, truth: list | None, media: Path | bytes) -> None:
     import pandas as pd
 
     st.subheader(f"Moments for \u201c{result['query']}\u201d")
-    st.caption(f"Processed in {result['seconds']:.2f} s ({len(result['clip_scores'])} frames, "
-               f"{result['duration']:.1f} s of video)")
+    sampling = result["sampling"]
+    st.caption(f"Processed in {result['seconds']:.2f} s: {sampling['frames']} frames scored over "
+               f"{result['duration']:.1f} s of video, in {sampling['windows']} window(s)")
     if not result["moments"]:
         st.info("No moment found for this query.")
         return
@@ -174,7 +174,9 @@ def main() -> None:
 
     with st.sidebar:
         st.header("Settings")
-        max_frames = st.slider("Max frames", 4, model.config.max_frames, model.config.max_frames)
+        spec = model.sampling
+        st.markdown(f"**Time resolution:** one frame every {1 / spec.fps:.2f} s ({spec.fps:g} frames/s), "
+                    f"the whole video, seen in windows of {spec.window / spec.fps:g} s ({spec.window} frames)")
         top_k = st.slider("Top-k moments", 1, 10, 5)
         nms_iou = st.slider("NMS IoU threshold", 0.1, 0.95, float(model.config.nms_iou), 0.05)
         st.caption(f"Model: {checkpoint}")
@@ -202,7 +204,7 @@ def main() -> None:
 
     if st.button("Find moments", type="primary", disabled=video is None):
         try:
-            st.session_state["result"] = find_moments(model, cfg, video, query, top_k, max_frames, nms_iou)
+            st.session_state["result"] = find_moments(model, cfg, video, query, top_k, nms_iou)
         except UserError as error:
             st.session_state.pop("result", None)
             st.error(str(error))

@@ -65,28 +65,68 @@ def best_device():
     return torch.device("cpu")
 
 
-def batch_predictions(model, batch: dict, device, nms_iou: float, top_k: int = TOP_K) -> list[dict]:
-    """One loader batch -> prediction rows (official schema) for its queries. ``model`` may be
-    wrapped (DDP, DeepSpeed): only its forward is used."""
-    import torch
+def prediction_row(qid, query: str, vid: str, frames: dict, duration: float, nms_iou: float,
+                   top_k: int = TOP_K) -> dict:
+    """One query's whole-video frame outputs (``frame_outputs``, merged over its windows) -> its
+    prediction row in the official schema."""
+    from vmr.model import rank_moments
 
-    from vmr.model import decode_moments
+    saliency = [1 / (1 + math.exp(-s)) for s in frames["saliency"]]
+    return {"qid": qid, "query": query, "vid": vid,
+            "pred_relevant_windows": [[round(s, 4), round(e, 4), round(p, 4)]
+                                      for s, e, p in rank_moments(frames, top_k, nms_iou)],
+            "pred_saliency_scores": clip_saliency(frames["times"], saliency, duration)}
 
-    with torch.no_grad():
-        outputs = model(batch["videos"].to(device),
-                        {"input_ids": batch["text_ids"].to(device), "attention_mask": batch["text_mask"].to(device)},
-                        frame_mask=batch["frame_mask"].to(device), video_index=batch["video_index"].to(device),
-                        frame_times=batch["frame_times"].to(device), duration=batch["duration"].to(device))
-    rows = []
-    for j, result in enumerate(decode_moments(outputs, top_k, nms_iou)):
-        video = int(batch["video_index"][j])
-        saliency = [1 / (1 + math.exp(-s)) for s in result["saliency"]]
-        rows.append({
-            "qid": batch["qid"][j], "query": batch["query"][j], "vid": batch["video_id"][video],
-            "pred_relevant_windows": [[round(s, 4), round(e, 4), round(p, 4)] for s, e, p in result["moments"]],
-            "pred_saliency_scores": clip_saliency(result["clip_times"], saliency, float(batch["duration"][video])),
-        })
-    return rows
+
+class WindowMerger:
+    """Collects the windows of each video as batches arrive (a video's windows come in order from
+    one loader worker, possibly over several batches) and gives its queries' prediction rows once
+    its last window is in."""
+
+    def __init__(self, nms_iou: float):
+        self.nms_iou, self.open = nms_iou, {}
+
+    def add(self, model, batch: dict, device) -> list[tuple[dict, dict]]:
+        """Forward one batch; returns (prediction, ground truth) pairs of the videos it completes.
+        ``model`` may be wrapped (DDP, DeepSpeed): only its forward is used."""
+        import torch
+
+        from vmr.model import frame_outputs
+
+        index = batch["video_index"]
+        with torch.no_grad():
+            outputs = model(batch["videos"].to(device),
+                            {"input_ids": batch["text_ids"].to(device), "attention_mask": batch["text_mask"].to(device)},
+                            frame_mask=batch["frame_mask"].to(device), video_index=index.to(device),
+                            frame_times=batch["frame_times"].to(device), duration=batch["duration"].to(device))
+        parts = frame_outputs(outputs, batch["own"][index], batch["offset"][index], batch["video_duration"][index])
+        done = []
+        for j, part in enumerate(parts):
+            v = int(index[j])
+            key, (k, count) = batch["key"][v], batch["window"][v].tolist()
+            entry = self.open.setdefault(key, {"windows": set(), "count": count, "queries": {}})
+            query = entry["queries"].setdefault(batch["qid"][j], {
+                "frames": {name: [] for name in part}, "truth": batch["ground_truth"][j],
+                "row": (batch["qid"][j], batch["query"][j], batch["video_id"][v], float(batch["video_duration"][v]))})
+            for name, values in part.items():
+                query["frames"][name] += values
+            entry["windows"].add(k)
+        for v, key in enumerate(batch["key"]):
+            entry = self.open.get(key)
+            if entry is not None and len(entry["windows"]) == entry["count"]:
+                done += self._finish(self.open.pop(key))
+        return done
+
+    def flush(self) -> list[tuple[dict, dict]]:
+        """Videos whose later windows never came (their decoding failed part-way): scored on the
+        windows that did."""
+        done = [pair for entry in self.open.values() for pair in self._finish(entry)]
+        self.open = {}
+        return done
+
+    def _finish(self, entry: dict) -> list[tuple[dict, dict]]:
+        return [(prediction_row(*q["row"][:3], q["frames"], q["row"][3], self.nms_iou), q["truth"])
+                for q in entry["queries"].values()]
 
 
 def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=None, rank: int | None = None,
@@ -94,7 +134,8 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
                    progress: bool = True) -> tuple[list[dict], list[dict], int, str]:
     """Predictions and ground-truth rows for every query in ``shards`` (this rank's share when
     ``rank``/``world`` are given), the number of shards or videos that could not be read, and the
-    last reason.
+    last reason. Whole videos at ``cfg.data.sampling``'s rate: every window of each video is
+    predicted, and the windows of a video are merged before its moments are ranked.
 
     ``lockstep`` (an Accelerator) keeps every rank calling forward the same number of times, as
     DeepSpeed ZeRO-3 needs (its forward gathers weights from all ranks): a rank out of batches
@@ -105,9 +146,8 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
     from vmr.data.stream import make_loader, skipped
 
     device = device or next(model.parameters()).device
-    loader = make_loader(shards, cfg.data, tokenizer, batch_size=batch_size, max_frames=cfg.model.max_frames,
-                         train=False, rank=rank, world=world)
-    predictions, truth, last = [], [], None
+    loader = make_loader(shards, cfg.data, tokenizer, batch_size=batch_size, train=False, rank=rank, world=world)
+    merger, pairs, last = WindowMerger(cfg.model.nms_iou), [], None
     was_training = model.training
     model.eval()
     batches = iter(tqdm(loader, desc="predicting", unit="batch", disable=not progress, leave=False))
@@ -119,15 +159,15 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
                 break
             if batch is None:
                 if last is not None:
-                    batch_predictions(model, last, device, cfg.model.nms_iou)
+                    WindowMerger(cfg.model.nms_iou).add(model, last, device)
                 continue
         elif batch is None:
             break
-        predictions += batch_predictions(model, batch, device, cfg.model.nms_iou)
-        truth += batch["ground_truth"]
+        pairs += merger.add(model, batch, device)
         last = batch
+    pairs += merger.flush()
     model.train(was_training)
-    return predictions, truth, skipped(loader), loader.skip_counter.last_reason
+    return [p for p, _ in pairs], [t for _, t in pairs], skipped(loader), loader.skip_counter.last_reason
 
 
 def nothing_read(shards, bad: int, reason: str) -> UserError:
@@ -136,39 +176,50 @@ def nothing_read(shards, bad: int, reason: str) -> UserError:
                      f"{reason or 'the shards hold no samples'})")
 
 
-def read_video(path: str | Path, clip_fps: float, max_frames: int, size: int):
-    """Frames of any file FFmpeg reads, sampled uniformly: (uint8 (t, 3, size, size), times, duration)."""
-    from torchcodec.decoders import VideoDecoder
+def video_windows(path: Path, spec, info):
+    """The windows of a whole video file at the spec's rate, decoded one at a time, as
+    ``score_windows`` takes them. Frames are found by presentation time (variable frame rate,
+    non-zero start)."""
+    from vmr.data.video import inference_windows, open_video, sample_frames
 
-    from vmr.data.stream import fit_frames
-    from vmr.data.video import decode_frames, probe, sample_times
+    decoder = open_video(path)
+    for window in inference_windows(info.duration, spec):
+        try:
+            frames, pts = sample_frames(decoder, window.times, spec.size, info.start)
+        except (ValueError, RuntimeError, IndexError) as error:
+            raise UserError(f"{path}: cannot decode this video at {window.start:.1f}-{window.end:.1f} s "
+                            f"({str(error).splitlines()[0][:200]})") from None
+        yield frames, pts, window.start, window.end, window.own
 
+
+def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_iou: float | None = None,
+                  clip_fps: float | None = None, window: int | None = None) -> dict:
+    """The ``vmr predict`` JSON for one video and one query (also what the demo shows): the whole
+    video at the model's sampling spec (``clip_fps`` and ``window`` override its rate and frames per
+    window), one score per sampled frame. ``nms_iou`` defaults to the model's config."""
+    import dataclasses
+
+    from vmr.data.video import inference_windows, probe
+    from vmr.model import rank_moments
+
+    if not query.strip():
+        raise UserError("the query is empty")
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     try:
         info = probe(path)
-        decoder = VideoDecoder(str(path), seek_mode="approximate")
-        times = sample_times(info.duration, "uniform", clip_fps, max_frames)
-        frames, pts = decode_frames(decoder, times, start=info.start)
-    except (ValueError, RuntimeError) as error:
-        raise UserError(f"{path}: cannot decode this video ({str(error).splitlines()[0][:200]})") from None
-    return fit_frames(frames, size), [float(t) for t in pts], info.duration
-
-
-def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, max_frames: int | None = None,
-                  nms_iou: float | None = None) -> dict:
-    """The ``vmr predict`` JSON for one video and one query (also what the demo shows).
-    ``max_frames`` (at most the model's) and ``nms_iou`` default to the model's config."""
-    if not query.strip():
-        raise UserError("the query is empty")
-    frames, times, duration = read_video(path, cfg.data.clip_fps, max_frames or model.config.max_frames,
-                                         cfg.data.image_size)
-    moments, scores = model.retrieve_moments(frames, query, top_k=top_k, frame_times=times, duration=duration,
-                                             nms_iou=nms_iou)
-    return {"video": str(path), "duration": round(duration, 4), "query": query,
-            "moments": [{k: round(v, 4) for k, v in m.items()} for m in moments],
-            "clip_times": [round(t, 4) for t in times], "clip_scores": [round(s, 4) for s in scores]}
+    except ValueError as error:
+        raise UserError(f"{path}: cannot decode this video ({error})") from None
+    spec = dataclasses.replace(model.sampling, fps=clip_fps or model.sampling.fps, window=window or model.sampling.window)
+    count = len(inference_windows(info.duration, spec))
+    scores = model.score_windows(video_windows(path, spec, info), [query], info.duration)[0]
+    moments = rank_moments(scores, top_k, model.config.nms_iou if nms_iou is None else nms_iou)
+    return {"video": str(path), "duration": round(info.duration, 4), "query": query,
+            "sampling": {"fps": spec.fps, "window": spec.window, "windows": count, "frames": len(scores["times"])},
+            "moments": [{"start": round(s, 4), "end": round(e, 4), "score": round(p, 4)} for s, e, p in moments],
+            "clip_times": [round(t, 4) for t in scores["times"]],
+            "clip_scores": [round(s, 4) for s in scores["relevance"]]}
 
 
 # ----- commands -----------------------------------------------------------------------------------
@@ -290,11 +341,25 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", required=True, help="any file FFmpeg reads: MP4, AVI, MOV, MKV, WebM, ...")
     p.add_argument("--query", required=True, help="the sentence to find")
     p.add_argument("--top-k", type=int, default=5, help="moments to return (default 5)")
+    p.add_argument("--clip-fps", type=float, default=None,
+                   help="frames per second to score (default: the rate the model was trained at, from the bundle)")
+    p.add_argument("--window", type=int, default=None,
+                   help="frames the model sees at once (default: the trained window, from the bundle)")
 
 
 def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.clip_fps is not None and not (math.isfinite(args.clip_fps) and args.clip_fps > 0):
+        raise UserError(f"--clip-fps must be a positive number, got {args.clip_fps}")
+    if args.window is not None and args.window < 1:
+        raise UserError(f"--window must be at least 1, got {args.window}")
     model, cfg = load_model(args.checkpoint)
-    print(json.dumps(predict_video(model, cfg, args.video, args.query, args.top_k), indent=2))
+    start = time.perf_counter()
+    result = predict_video(model, cfg, args.video, args.query, args.top_k, clip_fps=args.clip_fps, window=args.window)
+    s = result["sampling"]
+    print(f"scored {s['frames']} frames of {result['duration']:.1f} s, one every {1 / s['fps']:.2f} s "
+          f"({s['fps']:g} frames/s), in {s['windows']} window(s) of up to {s['window']} frames, "
+          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(json.dumps(result, indent=2))
     return 0

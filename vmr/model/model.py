@@ -19,34 +19,37 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vmr.config import Config, ModelConfig, load_config
+from vmr.config import Config, ModelConfig, SamplingConfig, load_config
 from vmr.errors import UserError
 from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
-from vmr.spans import nms
+from vmr.spans import frame_windows, nms
 from vmr.text import load_tokenizer
 
 WEIGHTS, CONFIG, CLIP_CONFIG = "model.safetensors", "config.yaml", "clip_config.json"
 
 
 class VideoMomentRetrievalModel(nn.Module):
-    """``VideoMomentRetrievalModel(model_name=..., max_frames=32, temporal_modeling=True,
-    freeze_clip=False, **model_config_fields)``, or ``from_config(cfg.model)``, or
-    ``from_pretrained(bundle_dir)``."""
+    """``VideoMomentRetrievalModel(model_name=..., temporal_modeling=True, freeze_clip=False,
+    **model_config_fields)``, or ``from_config(cfg.model, sampling=cfg.data.sampling)``, or
+    ``from_pretrained(bundle_dir)``. ``sampling`` is the spec the model is trained at (frames per
+    second, frames per window): ``retrieve_moments`` and ``score_windows`` read videos with it, and
+    bundles carry it."""
 
-    def __init__(self, model_name: str | None = None, max_frames: int = 32, temporal_modeling: bool = True,
+    def __init__(self, model_name: str | None = None, temporal_modeling: bool = True,
                  freeze_clip: bool = False, *, config: ModelConfig | None = None, tokenizer=None,
-                 clip_config=None, processor_source: str | None = None, **options):
+                 clip_config=None, processor_source: str | None = None, sampling: SamplingConfig | None = None,
+                 **options):
         super().__init__()
         if isinstance(tokenizer, str):  # the config field (a name), not a tokenizer object
             options["tokenizer"], tokenizer = tokenizer, None
         if config is None:
-            config = ModelConfig(max_frames=max_frames, temporal_modeling=temporal_modeling,
-                                 freeze_clip=freeze_clip, **options)
+            config = ModelConfig(temporal_modeling=temporal_modeling, freeze_clip=freeze_clip, **options)
             if model_name is not None:
                 config.name = model_name
             Config(model=config).validate()
         self.config = config
+        self.sampling = dataclasses.replace(sampling) if sampling is not None else SamplingConfig()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.name)
         clip = load_clip(config, self.tokenizer, clip_config)
         if processor_source is None and clip_config is None and config.init == "pretrained":
@@ -133,39 +136,62 @@ class VideoMomentRetrievalModel(nn.Module):
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     @torch.no_grad()
+    def score_windows(self, windows, queries: list[str], duration: float) -> list[dict]:
+        """Whole-video scores of several queries, one window of frames at a time (memory bounded by a
+        window, whatever the video's length). ``windows`` yields ``(frames uint8 (t, 3, h, w), times
+        (t,) seconds from the video's start, start, end, own)``: the window spans [start, end) seconds
+        and reports its frames ``own[0]:own[1]``. Returns per query the ``frame_outputs`` of the whole
+        video (``rank_moments`` turns them into moments)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        text = {k: v.to(device) for k, v in self.tokenize(queries).items()}
+        merged = [{key: [] for key in FRAME_KEYS} for _ in queries]
+        for frames, times, start, end, own in windows:
+            local = torch.as_tensor(times, dtype=torch.float)[None] - start
+            outputs = self(frames[None].to(device), text, frame_times=local.to(device),
+                           duration=torch.tensor([end - start], device=device),
+                           video_index=torch.zeros(len(queries), dtype=torch.long, device=device))
+            n = len(queries)
+            for row, part in zip(merged, frame_outputs(outputs, torch.tensor([own] * n), torch.full((n,), start),
+                                                       torch.full((n,), duration)), strict=True):
+                for key in FRAME_KEYS:
+                    row[key] += part[key]
+        self.train(was_training)
+        return merged
+
+    @torch.no_grad()
     def retrieve_moments(self, frames: torch.Tensor, query: str, top_k: int = 5,
                          frame_times: list[float] | torch.Tensor | None = None,
                          duration: float | None = None, nms_iou: float | None = None):
-        """Ranked moments for one query on one video.
+        """Ranked moments for one query on one video, every frame scored.
 
-        ``frames`` uint8 (t, 3, h, w); ``frame_times`` in seconds (default one frame per second);
-        ``duration`` defaults to one frame interval past the last frame. More than ``max_frames``
-        frames are subsampled evenly. Returns ``([{"start", "end", "score"}, ...], clip_scores)``
-        with one relevance probability per (kept) frame.
-        """
+        ``frames`` uint8 (t, 3, h, w) of the whole video, sampled at ``self.sampling.fps`` (the rate
+        the model was trained at); ``frame_times`` in seconds default to the centres of 1/fps bins;
+        ``duration`` defaults to one frame interval past the last frame. Videos longer than
+        ``self.sampling.window`` frames are scored in overlapping windows of that many frames.
+        Returns ``([{"start", "end", "score"}, ...], frame_scores)`` with one relevance probability
+        per frame."""
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"frames must be (t, 3, h, w), got {tuple(frames.shape)}")
         if not query.strip():
             raise ValueError("the query is empty")
-        times = torch.arange(len(frames), dtype=torch.float) if frame_times is None else \
-            torch.as_tensor(frame_times, dtype=torch.float).cpu()
+        fps = self.sampling.fps
+        times = (torch.arange(len(frames), dtype=torch.float64) + 0.5) / fps if frame_times is None else \
+            torch.as_tensor(frame_times, dtype=torch.float64).cpu()
         if len(times) != len(frames):
             raise ValueError(f"{len(frames)} frames but {len(times)} frame times")
         if duration is None:
-            step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0
-            duration = float(times[-1]) + step
-        if len(frames) > self.config.max_frames:
-            keep = torch.linspace(0, len(frames) - 1, self.config.max_frames).round().long()
-            frames, times = frames[keep.to(frames.device)], times[keep]
-        was_training = self.training
-        self.eval()
-        device = next(self.parameters()).device
-        outputs = self(frames[None].to(device), {k: v.to(device) for k, v in self.tokenize([query]).items()},
-                       frame_times=times[None].to(device), duration=torch.tensor([duration], device=device))
-        self.train(was_training)
-        result = self.decode(outputs, top_k=top_k, nms_iou=nms_iou)[0]
-        moments = [{"start": s, "end": e, "score": score} for s, e, score in result["moments"]]
-        return moments, result["clip_scores"]
+            step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0 / fps
+            duration = float(times[-1]) + (step / 2 if frame_times is None else step)
+        edges = torch.cat([times.new_zeros(1), (times[1:] + times[:-1]) / 2, times.new_full((1,), duration)])
+        windows = ((frames[first:end], times[first:end].tolist(), float(edges[first]), float(edges[end]),
+                    (own_first - first, own_end - first))
+                   for first, end, own_first, own_end in frame_windows(len(frames), self.sampling.window,
+                                                                       self.sampling.overlap))
+        scores = self.score_windows(windows, [query], duration)[0]
+        moments = rank_moments(scores, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+        return [{"start": s, "end": e, "score": p} for s, e, p in moments], scores["relevance"]
 
     # ----- optimisation -------------------------------------------------------------------------
 
@@ -204,7 +230,8 @@ class VideoMomentRetrievalModel(nn.Module):
         tmp.mkdir(parents=True)
         try:
             save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-            full = dataclasses.replace(config or Config(), model=self.config)
+            full = config or Config()
+            full = dataclasses.replace(full, model=self.config, data=dataclasses.replace(full.data, sampling=self.sampling))
             save_config(full, tmp / CONFIG)
             (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
             self.tokenizer.save_pretrained(tmp)
@@ -230,10 +257,12 @@ class VideoMomentRetrievalModel(nn.Module):
         for name in (WEIGHTS, CONFIG, CLIP_CONFIG):
             if not (directory / name).is_file():
                 raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
-        cfg = load_config(directory / CONFIG).model
+        full = load_config(directory / CONFIG)
+        cfg = full.model
         clip_config = CLIPConfig.from_dict(json.loads((directory / CLIP_CONFIG).read_text()))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory))
+        model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory),
+                    sampling=full.data.sampling)
         try:
             weights = load_file(directory / WEIGHTS, device=str(map_location))
         except Exception as error:  # a truncated or foreign file: safetensors' own error types
@@ -247,24 +276,48 @@ class VideoMomentRetrievalModel(nn.Module):
         return model.to(map_location).eval()
 
 
-def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
-    """Per query: every valid frame proposes the window its boundary head points to, scored by the
-    frame's relevance probability; windows are clipped to [0, duration], suppressed (NMS), and the
-    ``top_k`` best kept. Also returns the per-frame relevance and saliency scores."""
+FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends")
+
+
+def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                  video_duration: torch.Tensor | None = None) -> list[dict]:
+    """Per query, the frames it reports as plain lists in seconds of the whole video: ``times``,
+    ``relevance`` probabilities, ``saliency`` scores, and the ``starts``/``ends`` of the moment each
+    frame proposes (its boundary head, clipped to the window and the video). ``own`` (q, 2) picks the
+    frames of each query's window that it reports (default: every valid frame), ``offset`` (q,) is
+    where the window starts in its video, ``video_duration`` (q,) the video's length."""
     probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
     saliency = outputs["saliency"].float().cpu()
     bounds = outputs["boundaries"].float().cpu()
-    times, duration = outputs["frame_times"].float().cpu(), outputs["duration"].float().cpu()
-    mask = outputs["frame_mask"].cpu()
+    times, duration = outputs["frame_times"].double().cpu(), outputs["duration"].double().cpu()
+    mask = outputs["frame_mask"].cpu().clone()
+    q, t = mask.shape
+    if own is not None:
+        index = torch.arange(t)
+        mask &= (own[:, :1] <= index) & (index < own[:, 1:])
+    offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
+    total = duration + offset if video_duration is None else video_duration.double().cpu()
     results = []
-    for i in range(len(probs)):
-        valid = mask[i]
-        length = float(duration[i])
-        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length)
-        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length)
-        scores = probs[i][valid]
-        candidates = [(s, e, p) for s, e, p in zip(start.tolist(), end.tolist(), scores.tolist(), strict=True)
-                      if e > s]
-        results.append({"moments": nms(candidates, nms_iou, top_k), "clip_scores": scores.tolist(),
-                        "saliency": saliency[i][valid].tolist(), "clip_times": times[i][valid].tolist()})
+    for i in range(q):
+        valid, length = mask[i], float(duration[i])
+        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length) + offset[i]
+        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length) + offset[i]
+        results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": probs[i][valid].tolist(),
+                        "saliency": saliency[i][valid].tolist(),
+                        "starts": start.clamp(0, float(total[i])).tolist(), "ends": end.clamp(0, float(total[i])).tolist()})
     return results
+
+
+def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, float, float]]:
+    """Every reported frame proposes its moment, scored by its relevance probability; overlapping
+    proposals are suppressed (NMS over the whole video, across windows) and the ``top_k`` kept."""
+    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], frames["relevance"], strict=True)
+                  if e > s]
+    return nms(candidates, nms_iou, top_k)
+
+
+def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
+    """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
+    ``clip_scores`` (relevance), ``saliency`` and ``clip_times`` of the valid frames."""
+    return [{"moments": rank_moments(f, top_k, nms_iou), "clip_scores": f["relevance"], "saliency": f["saliency"],
+             "clip_times": f["times"]} for f in frame_outputs(outputs)]
