@@ -18,7 +18,7 @@ from vmr.data.stream import (
     make_loader,
     skipped,
 )
-from vmr.data.video import inference_windows, open_video, sample_times
+from vmr.data.video import inference_windows, sample_times
 from vmr.errors import UserError
 from vmr.spans import clip_targets
 from vmr.text import load_tokenizer

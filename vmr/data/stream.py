@@ -301,7 +301,9 @@ def _item(meta: dict, key: str, frames, pts: list[float], span: tuple[float, flo
             "clip_saliency": q.get("saliency"),
             "tags": q.get("tags", {}),
         })
-    return {"key": key, "video_id": meta["video_id"], "frames": frames, "times": [t - offset for t in pts],
+    # A frame shown at the window's start can have been presented a little before it: clamp.
+    return {"key": key, "video_id": meta["video_id"], "frames": frames,
+            "times": [min(max(t - offset, 0.0), length) for t in pts],
             "duration": length, "offset": offset, "own": own, "window": window,
             "video_duration": float(meta["duration"]), "queries": items}
 
@@ -348,8 +350,7 @@ def decode_stage(src, data: DataConfig, rng: random.Random | None, train: bool, 
     yielded ends there (its windows so far still count)."""
     for sample in src:
         try:
-            for item in decode_video(sample, data, rng, train):
-                yield item
+            yield from decode_video(sample, data, rng, train)
         except Exception as error:  # a corrupt video must never stop a run: count it and move on
             guard.failed(f"{sample.get('__url__', '?')} key {sample.get('__key__', '?')}", error)
             continue

@@ -111,7 +111,7 @@ class WindowMerger:
             for name, values in part.items():
                 query["frames"][name] += values
             entry["windows"].add(k)
-        for v, key in enumerate(batch["key"]):
+        for key in batch["key"]:
             entry = self.open.get(key)
             if entry is not None and len(entry["windows"]) == entry["count"]:
                 done += self._finish(self.open.pop(key))
