@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from vmr.config import load_config, save_config
@@ -45,3 +47,10 @@ def test_bad_keys_and_values_name_the_key(override, message):
 def test_missing_file(tmp_path):
     with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_preset_loads(preset):
+    cfg = load_config(preset)
+    if preset.stem == "qvhighlights":  # the official setting: 2-s clips, a 150-s video in one window
+        assert 1 / cfg.data.sampling.fps == 2.0 and cfg.data.sampling.window / cfg.data.sampling.fps == 150.0
