@@ -227,13 +227,11 @@ def training_flops(model, batch: dict, device) -> float:
     """FLOPs of one forward and backward pass on ``batch`` (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vmr.model import moment_losses
+    from vmr.model import batch_forward, moment_losses
 
     batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
     with FlopCounterMode(display=False) as counter:
-        outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
-                        frame_mask=batch["frame_mask"], video_index=batch["video_index"],
-                        frame_times=batch["frame_times"], duration=batch["duration"])
+        outputs = batch_forward(model, batch)
         moment_losses(outputs, batch, model.config)["loss"].backward()
     model.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())

@@ -73,6 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
                     "frames of every video. Exits non-zero naming the shard and key of any problem.",
     )
 
+    from vmr import features
+
+    p = commands.add_parser("features", help="the frozen-feature cache: extract or import feature shards",
+                            description="Feature shards: the frozen vision tower's output for every frame, "
+                                        "computed once, or the field's released features; train, eval and "
+                                        "predict read them in place of video shards.")
+    feature_commands = p.add_subparsers(dest="features_command", metavar="ACTION", required=True)
+    add_command(
+        feature_commands, features.add_extract_arguments, features.run_extract,
+        "extract", help="decode video shards once and cache CLIP's vision features",
+        description="Decode every video of the shards once at the model's sampling spec, run the frozen "
+                    "vision tower on each frame, and write feature shards (one per input shard, atomic, "
+                    "resumable; each process of 'accelerate launch' takes its own shards).",
+        epilog="examples:\n  vmr features extract --checkpoint runs/small --shards data/shards --out data/features\n"
+               "  accelerate launch -m vmr.cli features extract --config configs/small.yaml --shards data/shards "
+               "--out data/features",
+    )
+    add_command(
+        feature_commands, features.add_import_arguments, features.run_import,
+        "import", help="pack released per-clip features (<vid>.npz) into feature shards",
+        description="Pack features in the Moment-DETR / Lighthouse / UniVTG release layout (<vid>.npz with "
+                    "'features' (clips, dim); qid<qid>.npz text features) with their annotations into "
+                    "feature shards.",
+        epilog="example:\n  vmr features import --video-features clip_features slowfast_features "
+               "--text-features clip_text_features --annotations highlight_train_release.jsonl --out data/qvh_features",
+    )
+
     from vmr import train
 
     add_command(

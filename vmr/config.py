@@ -72,6 +72,10 @@ class ModelConfig:
     freeze_clip: bool = False
     gradient_checkpointing: bool = False  # recompute the CLIP towers' activations in backward
     frame_chunk: int = 256  # frames per vision-tower call: bounds activation memory on long batches
+    # Cached features (vmr features): widths of imported features the layers above read instead of
+    # CLIP's towers; 0 = CLIP's own (extracted caches, or videos)
+    feature_dim: int = 0  # per-frame video features, e.g. 2816 for SlowFast + CLIP (2304 + 512)
+    text_feature_dim: int = 0  # per-token query features, e.g. 512 for CLIP's text tower
     # Temporal and cross-attention layers on top of CLIP
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
     motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
@@ -145,6 +149,7 @@ class Config:
             (m.num_layers >= 0, "model.num_layers", "must be >= 0"),
             (m.motion_span >= 1, "model.motion_span", "must be at least 1"),
             (m.frame_chunk >= 1, "model.frame_chunk", "must be at least 1"),
+            (m.feature_dim >= 0 and m.text_feature_dim >= 0, "model.feature_dim", "must be >= 0"),
             (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),
             (t.max_steps >= 0, "train.max_steps", "must be >= 0"),

@@ -128,7 +128,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
 
     from vmr.checkpoint import export_bundle, find_checkpoint, save_checkpoint
     from vmr.data.stream import make_loader, skipped
-    from vmr.model import VideoMomentRetrievalModel, moment_losses
+    from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
 
     t = cfg.train
     if not cfg.data.train_shards:
@@ -143,6 +143,11 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
     # ----- model, optimizer, schedule, data
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling)
     tokenizer = model.tokenizer
+    cache = check_inputs(model, cfg)
+    if cache is not None:  # feature shards: the layers above the cache train, its towers get no input
+        from vmr.features import use_cache
+
+        use_cache(model, cache)
     optimizer = torch.optim.AdamW(model.parameter_groups(t.lr, t.weight_decay, t.backbone_lr_mult), lr=t.lr)
     loader = make_loader(cfg.data.train_shards, cfg.data, tokenizer, t.batch_size, train=True,
                          rank=accelerator.process_index, world=accelerator.num_processes)
@@ -210,9 +215,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                 window["frames"] += int(batch["frame_mask"].sum()) * accelerator.num_processes
                 batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with accelerator.accumulate(model):
-                    outputs = model(batch["videos"], {"input_ids": batch["text_ids"], "attention_mask": batch["text_mask"]},
-                                    frame_mask=batch["frame_mask"], video_index=batch["video_index"],
-                                    frame_times=batch["frame_times"], duration=batch["duration"])
+                    outputs = batch_forward(model, batch)
                     losses = moment_losses(outputs, batch, accelerator.unwrap_model(model).config)
                     # Every rank must agree, or one would wait forever for the others' gradients.
                     bad = accelerator.reduce((~torch.isfinite(losses["loss"].detach())).float().reshape(1), "sum")
@@ -288,6 +291,28 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
               + (f" (best {t.best_metric} = {loop.best:.2f}: {out / 'export_best'})" if loop.best is not None else ""))
         print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return metrics
+
+
+def check_inputs(model, cfg: Config) -> dict | None:
+    """The feature cache that data.train_shards are (None for video shards), checked against the
+    model; validation shards must be of the same kind. One-line UserErrors otherwise."""
+    from vmr.data.stream import expand_shards
+    from vmr.features import cache_of, check_cache
+
+    cache = cache_of(expand_shards(cfg.data.train_shards, cfg.data.allow_pipe))
+    for key, urls in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
+        if not urls:
+            continue
+        found = cache_of(expand_shards(urls, cfg.data.allow_pipe))
+        if found is not None:
+            check_cache(found, model, cfg.data.sampling, key)
+        elif cfg.model.feature_dim or cfg.model.text_feature_dim:
+            raise UserError(f"{key}: video shards, but model.feature_dim / text_feature_dim say the model reads "
+                            "imported features; give feature shards (vmr features import)")
+        if (found is None) != (cache is None):
+            raise UserError(f"{key}: {'feature' if found else 'video'} shards, but data.train_shards are "
+                            f"{'feature' if cache else 'video'} shards; give both of one kind")
+    return cache
 
 
 def validate(accelerator, model, cfg: Config, tokenizer, step: int, tracker, zero3: bool) -> dict | None:

@@ -44,6 +44,8 @@ from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError, out_of_space
 
 MANIFEST = "manifest.json"
+# Members of a feature shard's sample beside its json, in place of the video (vmr/features.py).
+FEATURES, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
 TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
 
 

@@ -44,6 +44,7 @@ import webdataset as wds
 
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.annotations import read_annotations
+from vmr.data.shards import FEATURES, TEXT, TIMES
 from vmr.data.video import (
     find_video,
     inference_windows,
@@ -292,7 +293,7 @@ def _item(meta: dict, key: str, frames, pts: list[float], span: tuple[float, flo
     items = []
     for q in queries:
         windows = [(max(0.0, s - offset), min(length, e - offset)) for s, e in q["windows"]]
-        items.append({
+        items.append({**({"text_features": q["text_features"]} if "text_features" in q else {}),
             "qid": q["qid"],
             "query": _swap_left_right(q["query"]) if flip else q["query"],
             "windows": [(s, e) for s, e in windows if e > s],  # none left: the query is a negative here
@@ -314,6 +315,9 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
     Training (``rng`` given): one window at the trained rate, placed around up to
     ``data.queries_per_video`` queries (``training_span``), with augmentation. Evaluation: the whole
     video at the trained rate, one item per window (``inference_windows``), every query in each."""
+    if FEATURES in sample:
+        yield from decode_features(sample, data, rng, train)
+        return
     spec = data.sampling
     meta = json.loads(sample["json"])
     duration, start, key = float(meta["duration"]), float(meta.get("start", 0.0)), sample.get("__key__", "")
@@ -344,6 +348,55 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
     yield _item(meta, key, frames, pts, span, (0, len(pts)), (0, 1), queries, flip)
 
 
+def _array(data: bytes, name: str):
+    import io
+
+    import numpy as np
+
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{name} is not a numpy array file ({error})") from None
+
+
+def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, train: bool):
+    """A feature shard's sample -> its items, like ``decode_video`` but without decoding anything:
+    the cache holds the tokens of every frame at the sampling rate (the centres of its 1/fps bins),
+    so a training window and the evaluation windows are ranges of stored frames. ``frames`` of an
+    item are fp16 tokens (t, k, c); queries carry their ``text_features`` when the cache has them."""
+    from vmr.spans import frame_windows
+
+    spec = data.sampling
+    meta = json.loads(sample["json"])
+    duration, key = float(meta["duration"]), sample.get("__key__", "")
+    tokens = torch.from_numpy(_array(sample[FEATURES], FEATURES))
+    times = _array(sample[TIMES], TIMES).tolist()
+    if tokens.ndim != 3 or len(tokens) != len(times) or not times:
+        raise ValueError(f"{FEATURES} holds {tuple(tokens.shape)} for {len(times)} frame times")
+    queries = list(meta["queries"])
+    if TEXT in sample:
+        import io
+
+        import numpy as np
+
+        with np.load(io.BytesIO(sample[TEXT]), allow_pickle=False) as text:
+            queries = [{**q, "text_features": text[str(q["qid"])]} for q in queries]
+    n, bin_ = len(times), duration / len(times)
+    if not train:
+        windows = frame_windows(n, spec.window, spec.overlap)
+        for k, (first, end, own_first, own_end) in enumerate(windows):
+            yield _item(meta, key, tokens[first:end], times[first:end], (first * bin_, end * bin_),
+                        (own_first - first, own_end - first), (k, len(windows)), queries)
+        return
+    if len(queries) > data.queries_per_video or duration > spec.window / spec.fps:
+        queries = _choose_queries(queries, data.queries_per_video, spec.window / spec.fps, rng)
+    span = training_span(duration, _hull(queries), spec, rng, crop=data.temporal_crop)
+    inside = [i for i, t in enumerate(times) if span[0] <= t < span[1]][: spec.window] or \
+        [min(range(n), key=lambda i: abs(times[i] - span[0]))]
+    picked = [times[i] for i in inside]
+    yield _item(meta, key, tokens[inside[0]:inside[-1] + 1], picked, span, (0, len(picked)), (0, 1), queries)
+
+
 def decode_stage(src, data: DataConfig, rng: random.Random | None, train: bool, guard: FailureGuard):
     """Decode every sample; an undecodable one is counted and skipped, the stream goes on (until
     the guard sees nothing but failures). A video that fails after some of its windows were
@@ -365,8 +418,9 @@ class Collator:
 
     def __call__(self, items: list[dict]) -> dict:
         b, t = len(items), max(len(item["times"]) for item in items)
-        size = items[0]["frames"].shape[-1]
-        videos = torch.empty(b, t, 3, size, size, dtype=torch.uint8)  # only padding is zeroed below
+        # uint8 frames (3, s, s) each, or a cache's fp16 tokens (k, c); only padding is zeroed below
+        first = items[0]["frames"]
+        videos = torch.empty(b, t, *first.shape[1:], dtype=first.dtype)
         frame_mask = torch.zeros(b, t, dtype=torch.bool)
         frame_times = torch.zeros(b, t)
         queries = [(i, q) for i, item in enumerate(items) for q in item["queries"]]
@@ -395,7 +449,14 @@ class Collator:
                 has_saliency[j] = True
         text = self.tokenizer([q["query"] for _, q in queries], padding=True, truncation=True,
                               max_length=self.max_text_len, return_tensors="pt")
-        return {
+        extra = {}
+        if "text_features" in queries[0][1]:  # imported query features replace the text tower
+            feats = [torch.as_tensor(q["text_features"], dtype=torch.float32).reshape(-1, q["text_features"].shape[-1])
+                     for _, q in queries]
+            extra["text_features"] = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+            text["attention_mask"] = torch.nn.utils.rnn.pad_sequence([torch.ones(len(f)) for f in feats],
+                                                                     batch_first=True)
+        return {**extra,
             "videos": videos, "frame_mask": frame_mask, "frame_times": frame_times,
             "duration": torch.tensor([item["duration"] for item in items]),
             "offset": torch.tensor([item["offset"] for item in items], dtype=torch.float64),

@@ -64,12 +64,13 @@ def sample_videos() -> dict[str, dict]:
 def thumbnail(video: Path | bytes, seconds: float):
     """The frame shown at ``seconds`` of a file or its bytes, as an HWC uint8 array, or None if it
     cannot be decoded."""
-    from torchcodec.decoders import VideoDecoder
+    from vmr.data.video import open_video
 
     try:
-        decoder = VideoDecoder(video if isinstance(video, bytes) else str(video), seek_mode="approximate")
+        decoder = open_video(video)  # by presentation time, as the model read it (variable frame rates)
+        start = float(decoder.metadata.begin_stream_seconds or 0.0)
         end = decoder.metadata.end_stream_seconds or seconds
-        frame = decoder.get_frames_played_at([min(seconds, max(0.0, float(end) - 1e-3))]).data[0]
+        frame = decoder.get_frames_played_at([min(seconds + start, max(start, float(end) - 1e-3))]).data[0]
     except (RuntimeError, ValueError, IndexError):
         return None
     return frame.permute(1, 2, 0).numpy()

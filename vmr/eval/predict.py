@@ -91,14 +91,11 @@ class WindowMerger:
         ``model`` may be wrapped (DDP, DeepSpeed): only its forward is used."""
         import torch
 
-        from vmr.model import frame_outputs
+        from vmr.model import batch_forward, frame_outputs
 
         index = batch["video_index"]
         with torch.no_grad():
-            outputs = model(batch["videos"].to(device),
-                            {"input_ids": batch["text_ids"].to(device), "attention_mask": batch["text_mask"].to(device)},
-                            frame_mask=batch["frame_mask"].to(device), video_index=index.to(device),
-                            frame_times=batch["frame_times"].to(device), duration=batch["duration"].to(device))
+            outputs = batch_forward(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
         parts = frame_outputs(outputs, batch["own"][index], batch["offset"][index], batch["video_duration"][index])
         done = []
         for j, part in enumerate(parts):
@@ -170,6 +167,25 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
     return [p for p, _ in pairs], [t for _, t in pairs], skipped(loader), loader.skip_counter.last_reason
 
 
+def check_shards(model, shards, allow_pipe: bool = False) -> None:
+    """Feature shards must fit the model (vmr features ``check_cache``); a model of imported
+    features cannot read videos."""
+    from vmr.data.stream import expand_shards
+    from vmr.features import cache_of, check_cache
+
+    cache = cache_of(expand_shards(shards, allow_pipe))
+    if cache is not None:
+        check_cache(cache, model, model.sampling, "--shards")
+    else:
+        check_reads_videos(model)
+
+
+def check_reads_videos(model) -> None:
+    if model.config.feature_dim or model.config.text_feature_dim:
+        raise UserError(f"this model reads imported {model.config.feature_dim or ''}-d features, not videos "
+                        "(give feature shards made by 'vmr features import')")
+
+
 def nothing_read(shards, bad: int, reason: str) -> UserError:
     where = shards if isinstance(shards, str) else " ".join(map(str, shards))
     return UserError(f"no video of {where} could be read ({bad} unreadable shard(s) or sample(s); last: "
@@ -204,6 +220,7 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
 
     if not query.strip():
         raise UserError("the query is empty")
+    check_reads_videos(model)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -311,6 +328,7 @@ def _predict_for_eval(args):
     # On CPU-only hosts the ranks must be told, or each believes it is alone and predicts everything.
     state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
     model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
+    check_shards(model, args.shards, cfg.data.allow_pipe)
     start = time.perf_counter()
     predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
                                                      rank=state.process_index, world=state.num_processes,

@@ -3,6 +3,13 @@ losses (losses.py) and VideoMomentRetrievalModel with decoding and inference bun
 Never imports vmr.data."""
 
 from vmr.model.losses import moment_losses
-from vmr.model.model import VideoMomentRetrievalModel, decode_moments, frame_outputs, rank_moments
+from vmr.model.model import (
+           VideoMomentRetrievalModel,
+           batch_forward,
+           decode_moments,
+           frame_outputs,
+           rank_moments,
+)
 
-__all__ = ["VideoMomentRetrievalModel", "decode_moments", "frame_outputs", "moment_losses", "rank_moments"]
+__all__ = ["VideoMomentRetrievalModel", "batch_forward", "decode_moments", "frame_outputs", "moment_losses",
+           "rank_moments"]

@@ -26,7 +26,7 @@ from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
 from vmr.spans import frame_windows, nms
 from vmr.text import load_tokenizer
 
-WEIGHTS, CONFIG, CLIP_CONFIG = "model.safetensors", "config.yaml", "clip_config.json"
+WEIGHTS, CONFIG, CLIP_CONFIG, FEATURES = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
 
 
 class VideoMomentRetrievalModel(nn.Module):
@@ -59,8 +59,10 @@ class VideoMomentRetrievalModel(nn.Module):
         self.towers = ClipTowers(clip, self.processor, config)
 
         c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
-        self.frame_in, self.patch_in = nn.Linear(c, d), nn.Linear(c, d)
-        self.word_in, self.sentence_in = nn.Linear(c, d), nn.Linear(c, d)
+        cv, ct = config.feature_dim or c, config.text_feature_dim or c
+        self.frame_in, self.patch_in = nn.Linear(cv, d), nn.Linear(cv, d)
+        self.word_in, self.sentence_in = nn.Linear(ct, d), nn.Linear(ct, d)
+        self.features: dict | None = None  # the feature cache trained on (vmr features), saved in bundles
         self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
         self.norm_in = nn.LayerNorm(d)
         self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
@@ -80,7 +82,11 @@ class VideoMomentRetrievalModel(nn.Module):
                 duration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-clip outputs for every query.
 
-        video_frames uint8 (b, t, 3, s, s); text_inputs {"input_ids", "attention_mask"} (q, l);
+        video_frames uint8 (b, t, 3, s, s), or float (b, t, k, c) tokens from a feature cache (k = 1 +
+        patches: the class token then the patch grid; or k = 1, pooled only, which the query then
+        pools as its only slot); text_inputs {"input_ids", "attention_mask"} (q, l), or
+        {"features" (q, l, c), "attention_mask"} from imported text features (the sentence is the
+        last valid token, as CLIP's end-of-text);
         frame_mask (b, t) False on padding; video_index (q,) the video of each query (default: one
         query per video, or every query on a single video); frame_times (b, t) seconds (default one
         frame per second) and duration (b,) seconds, carried through for losses and decoding.
@@ -91,8 +97,8 @@ class VideoMomentRetrievalModel(nn.Module):
         """
         b, t = video_frames.shape[:2]
         device = video_frames.device
-        ids, word_mask = text_inputs["input_ids"], text_inputs["attention_mask"].bool()
-        q = len(ids)
+        word_mask = text_inputs["attention_mask"].bool()
+        q = len(word_mask)
         if frame_mask is None:
             frame_mask = torch.ones(b, t, dtype=torch.bool, device=device)
         if frame_times is None:
@@ -104,9 +110,19 @@ class VideoMomentRetrievalModel(nn.Module):
                 raise ValueError(f"{q} queries for {b} videos: pass video_index")
             video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
 
-        tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
-        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(tokens[:, :, 1:])  # (b,t,d) (b,t,p,d)
-        words, sentence = self.towers.encode_text(ids, word_mask)  # (q, l, c), (q, c)
+        if video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
+            tokens = video_frames.to(self.frame_in.weight.dtype)
+        else:
+            tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
+        # Pooled-only features: the frame's one vector is also the one slot the query pools over.
+        grid = tokens[:, :, 1:] if tokens.shape[2] > 1 else tokens
+        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(grid)  # (b,t,d) (b,t,p,d)
+        if "features" in text_inputs:
+            words = text_inputs["features"].to(self.word_in.weight.dtype)
+            last = word_mask.long().sum(dim=1).clamp(min=1) - 1
+            sentence = words[torch.arange(q, device=device), last]
+        else:
+            words, sentence = self.towers.encode_text(text_inputs["input_ids"], word_mask)  # (q, l, c), (q, c)
         words, sentence = self.word_in(words), self.sentence_in(sentence)
 
         # At this point each query sees its video's frames through what it asks for.
@@ -236,6 +252,8 @@ class VideoMomentRetrievalModel(nn.Module):
             (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
             self.tokenizer.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
+            if self.features is not None:  # what the model was trained on: a cache's extractor
+                (tmp / FEATURES).write_text(json.dumps(self.features, indent=1))
         except BaseException:  # a full disk, an interrupt: no half bundle left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -273,7 +291,21 @@ class VideoMomentRetrievalModel(nn.Module):
             raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
                             f"{sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. {sorted(unexpected)[:1]})")
         model.load_state_dict(weights)
+        if (directory / FEATURES).is_file():
+            model.features = json.loads((directory / FEATURES).read_text())
         return model.to(map_location).eval()
+
+
+def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
+    """THE way a loader batch (vmr/data/stream.py) is fed to the model, in training, evaluation and
+    the benchmarks. ``model`` may be wrapped (DDP, DeepSpeed): its forward is called."""
+    text = {"attention_mask": batch["text_mask"]}
+    if "text_features" in batch:
+        text["features"] = batch["text_features"]
+    else:
+        text["input_ids"] = batch["text_ids"]
+    return model(batch["videos"], text, frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                 frame_times=batch["frame_times"], duration=batch["duration"])
 
 
 FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends")

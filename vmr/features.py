@@ -1,0 +1,439 @@
+"""The frozen-feature cache: ``vmr features extract`` and ``vmr features import``.
+
+Most experiments keep CLIP's vision tower frozen; then what it computes for a frame never changes,
+and decoding and re-encoding every video at every epoch is repeated work. ``extract`` decodes each
+video once at the model's sampling spec (the whole video: one frame at the centre of each 1/fps
+bin) and runs the vision tower once per frame; ``import`` packs the field's released
+per-clip features. Both write **feature shards**: WebDataset tars with the same sample keys and
+``json`` as the video shards, where each sample holds instead of ``mp4``
+
+  tokens.npy   float16 (t, k, c)   per frame: CLIP's projected class token, then its patch grid
+                                   (k = 1 + patches), or the pooled vector only (k = 1)
+  times.npy    float64 (t,)        seconds from the video's start
+  text.npz     float16, per qid    imported query features (tokens, c) (optional)
+
+and ``manifest.json`` (the video shards' layout plus ``kind: features`` and ``extractor``: model,
+sampling spec, dtype, token count, width). Training, evaluation and prediction read them through the
+same loader and model (vmr/data/stream.py ``decode_features``; the model takes float tokens in place
+of frames) and refuse a cache that does not fit the model (``check_cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from vmr.config import SamplingConfig
+from vmr.data.shards import FEATURES, MANIFEST, TEXT, TIMES, _sha256, sanitise_key, write_text_atomic
+from vmr.errors import UserError
+
+DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
+CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
+
+
+def _npy(array) -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _npz(arrays: dict) -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+# ----- what a cache holds, and whether it fits a model ----------------------------------------------
+
+
+def vision_fingerprint(model) -> str:
+    """sha256 of the vision tower's weights: a cache is only valid for the tower that made it."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.towers.vision.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str) -> dict:
+    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
+    return {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
+            "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
+            "width": model.towers.width, "text": False}
+
+
+def cache_of(urls: list[str]) -> dict | None:
+    """The extractor of feature shards (from the manifest beside them), or None for video shards
+    (or shards without a manifest)."""
+    for url in urls:
+        path = Path(url)
+        if path.is_file() and (path.parent / MANIFEST).is_file():
+            try:
+                manifest = json.loads((path.parent / MANIFEST).read_text())
+            except json.JSONDecodeError:
+                return None
+            return manifest.get("extractor") if manifest.get("kind") == "features" else None
+    return None
+
+
+def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> None:
+    """A one-line UserError when the cache cannot feed this model: another width, token count,
+    frame rate, or vision tower."""
+    width = model.config.feature_dim or model.towers.width
+    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
+    problems = []
+    if extractor["width"] != width:
+        problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d "
+                        + ("(set model.feature_dim)" if extractor["kind"] == "imported" else ""))
+    if extractor["kind"] == "clip" and extractor["tokens"] not in (1, 1 + grid):
+        problems.append(f"it has {extractor['tokens']} tokens per frame, the model's CLIP makes {1 + grid}")
+    fps = extractor["sampling"]["fps"]
+    if abs(fps - spec.fps) > 1e-9:
+        problems.append(f"it holds {fps:g} frames/s, the model samples {spec.fps:g} (data.sampling.fps)")
+    if extractor.get("text") and not model.config.text_feature_dim:
+        problems.append("it holds query features, the model has no model.text_feature_dim")
+    if extractor.get("text") and model.config.text_feature_dim and extractor.get("text_width") != model.config.text_feature_dim:
+        problems.append(f"its query features are {extractor.get('text_width')}-d, model.text_feature_dim is "
+                        f"{model.config.text_feature_dim}")
+    if problems:
+        raise UserError(f"{where}: this feature cache does not fit the model: {'; '.join(problems)}")
+
+
+def use_cache(model, extractor: dict) -> None:
+    """Train the layers above a cache: its towers get no input (frozen, so that every rank agrees on
+    which parameters have gradients), and the bundle records the cache."""
+    model.towers.vision.requires_grad_(False)
+    model.towers.visual_projection.requires_grad_(False)
+    if extractor.get("text"):
+        model.towers.text.requires_grad_(False)
+        model.towers.text_projection.requires_grad_(False)
+    model.features = extractor
+
+
+# ----- extraction -------------------------------------------------------------------------------
+
+
+def _split_of(url: str) -> str:
+    path = Path(url)
+    if (path.parent / MANIFEST).is_file():
+        manifest = json.loads((path.parent / MANIFEST).read_text())
+        for split, info in manifest.get("splits", {}).items():
+            if any(s["path"] == path.name for s in info.get("shards", [])):
+                return split
+    return path.name.split("-")[0] if "-" in path.name else "train"
+
+
+def _encode_video(model, sample: dict, spec: SamplingConfig, pooled_only: bool, device):
+    """(tokens fp16 (t, k, c), times) of the whole video at the spec's rate, CHUNK frames at a time."""
+    import numpy as np
+    import torch
+
+    from vmr.data.video import open_video, sample_frames, sample_times
+
+    meta = json.loads(sample["json"])
+    decoder = open_video(sample["mp4"])
+    times = sample_times(float(meta["duration"]), "uniform", spec.fps, 1 << 30)
+    tokens, pts = [], []
+    for first in range(0, len(times), CHUNK):
+        frames, at = sample_frames(decoder, times[first:first + CHUNK], spec.size, float(meta.get("start", 0.0)))
+        with torch.no_grad():
+            out = model.towers.encode_frames(frames.to(device))
+        tokens.append((out[:, :1] if pooled_only else out).to(torch.float16).cpu())
+        pts += at
+    return meta, torch.cat(tokens).numpy(), np.asarray(pts, dtype=np.float64)
+
+
+def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
+                     source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
+    """Feature shards for ``urls`` in ``out``: one output shard per input shard, of the same name;
+    this process (``rank`` of ``world``) takes shards rank, rank + world, ... Shards finished before
+    (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
+    renamed when complete. Returns this process's totals."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    (out / DONE).mkdir(parents=True, exist_ok=True)
+    extractor = clip_extractor(model, spec, pooled_only, source)
+    totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
+    mine = urls[rank::world]
+    bar = tqdm(total=len(mine), desc="features", unit="shard", disable=not progress, file=sys.stderr)
+    for url in mine:
+        name = Path(url).name
+        record = out / DONE / f"{name}.json"
+        if record.is_file() and (out / name).is_file():
+            _same_extractor(json.loads(record.read_text()), extractor, out)
+            totals["resumed"] += 1
+            bar.update(1)
+            continue
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
+        try:
+            with open(tmp, "wb") as file:
+                writer = wds.TarWriter(file)
+                # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
+                for sample in wds.tarfile_to_samples()([{"url": url}]):
+                    try:
+                        meta, tokens, times = _encode_video(model, sample, spec, pooled_only, device)
+                    except Exception as error:  # a corrupt video: listed, the others go on
+                        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+                        entry["skipped"].append({"key": sample.get("__key__"), "reason": reason})
+                        continue
+                    writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(),
+                                  FEATURES: _npy(tokens), TIMES: _npy(times)})
+                    entry["samples"] += 1
+                    entry["queries"] += len(meta["queries"])
+                    totals["frames"] += len(times)
+                writer.close()
+            entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
+            os.replace(tmp, out / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
+        totals["shards"] += 1
+        totals["samples"] += entry["samples"]
+        totals["skipped"] += len(entry["skipped"])
+        bar.update(1)
+    bar.close()
+    return totals
+
+
+def write_manifest(out: Path, extractor: dict) -> dict:
+    """manifest.json from the records of every finished shard (all processes'), video-shard layout."""
+    splits: dict[str, dict] = {}
+    skipped = []
+    for record in sorted((out / DONE).glob("*.json")):
+        entry = json.loads(record.read_text())
+        _same_extractor(entry, extractor, out)
+        split = splits.setdefault(entry["split"], {"shards": [], "samples": 0, "queries": 0})
+        split["shards"].append({k: entry[k] for k in ("path", "samples", "queries", "sha256", "bytes")})
+        split["samples"] += entry["samples"]
+        split["queries"] += entry["queries"]
+        skipped += [{**s, "shard": entry["path"]} for s in entry["skipped"]]
+    manifest = {"kind": "features", "extractor": extractor, "splits": splits, "skipped": skipped}
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
+    """A finished shard from an earlier run counts only if the same tower and spec made it (the
+    label ``model`` aside)."""
+    theirs, ours = ({k: v for k, v in e.items() if k != "model"} for e in (entry.get("extractor", {}), extractor))
+    if theirs != ours:
+        raise UserError(f"{out}: {entry['path']} was extracted by another vision tower or sampling spec; remove "
+                        "the folder (or that shard and its .done record) and extract again")
+
+
+# ----- the field's released features --------------------------------------------------------------
+
+
+def _load_npz(path: Path, keys: tuple[str, ...]):
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            for key in keys:
+                if key in data:
+                    return np.asarray(data[key], dtype=np.float32)
+            raise UserError(f"{path}: holds {', '.join(data.files) or 'no array'}, expected {' or '.join(keys)}")
+    except (ValueError, OSError) as error:
+        raise UserError(f"{path}: not a readable .npz file ({str(error).splitlines()[0][:120]})") from None
+
+
+def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path,
+                    split: str = "train", clip_seconds: float = 2.0, max_videos_per_shard: int = 500,
+                    progress: bool = True) -> dict:
+    """Feature shards from the Moment-DETR / Lighthouse / UniVTG release layout: ``<vid>.npz`` with
+    ``features`` (clips, dim) at ``clip_seconds`` per clip in each of ``video_dirs`` (L2-normalised
+    each, concatenated along the feature axis, truncated to the shortest), and ``qid<qid>.npz`` with
+    ``last_hidden_state`` (tokens, dim) or ``pooler_output`` (dim) in ``text_dir``. Queries come from
+    a QVHighlights-style annotation file; a video or query without its files is skipped and listed."""
+    import numpy as np
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from vmr.data.annotations import read_annotations
+    from vmr.data.shards import _query_json
+
+    records, skips = read_annotations(annotations)
+    by_video: dict[str, list] = {}
+    for record in records:
+        by_video.setdefault(record.video_id, []).append(record)
+    out.mkdir(parents=True, exist_ok=True)
+    skipped = [{"video_id": s.video_id, "qid": s.qid, "reason": s.reason} for s in skips]
+    shards, writer, file, width, text_width = [], None, None, None, None
+    for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
+        parts = []
+        for folder in video_dirs:
+            path = folder / f"{video_id}.npz"
+            if not path.is_file():
+                break
+            array = _load_npz(path, ("features",))
+            if array.ndim != 2 or len(array) == 0:
+                raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
+            parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
+        if len(parts) < len(video_dirs):
+            skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
+            continue
+        n = min(len(p) for p in parts)
+        features = np.concatenate([p[:n] for p in parts], axis=1)
+        if width not in (None, features.shape[1]):
+            raise UserError(f"{video_id}: its features are {features.shape[1]}-d, earlier videos' {width}-d")
+        width = features.shape[1]
+        texts, kept = {}, []
+        for record in queries:
+            if text_dir is not None:
+                path = text_dir / f"qid{record.qid}.npz"
+                if not path.is_file():
+                    skipped.append({"video_id": video_id, "qid": record.qid, "reason": f"{path} is missing"})
+                    continue
+                array = _load_npz(path, ("last_hidden_state", "pooler_output"))
+                texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
+                text_width = array.shape[-1]
+            kept.append(_query_json(record, record.seconds(1.0 / clip_seconds)))
+        if not kept:
+            continue
+        # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
+        duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
+        meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
+        sample = {"__key__": sanitise_key(video_id), "json": json.dumps(meta).encode(),
+                  FEATURES: _npy(features[:, None].astype(np.float16)),
+                  TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
+        if texts:
+            sample[TEXT] = _npz(texts)
+        if writer is None or shards[-1]["samples"] >= max_videos_per_shard:
+            if writer is not None:
+                writer.close()
+                file.close()
+                _finish(out, shards[-1])
+            name = f"{split}-{len(shards):06d}.tar"
+            file = open(out / f".{name}.tmp", "wb")
+            writer = wds.TarWriter(file)
+            shards.append({"path": name, "samples": 0, "queries": 0})
+        writer.write(sample)
+        shards[-1]["samples"] += 1
+        shards[-1]["queries"] += len(kept)
+    if writer is not None:
+        writer.close()
+        file.close()
+        _finish(out, shards[-1])
+    if not shards:
+        raise UserError(f"{annotations}: no video had its features in {', '.join(map(str, video_dirs))}")
+    fps = 1.0 / clip_seconds
+    extractor = {"kind": "imported", "model": " + ".join(str(d) for d in video_dirs), "dtype": "float16",
+                 "tokens": 1, "width": width, "text": text_dir is not None, "text_width": text_width,
+                 "sampling": dataclasses.asdict(SamplingConfig(fps=fps, window=1, size=0))}
+    manifest = {"kind": "features", "extractor": extractor,
+                "splits": {split: {"shards": shards, "samples": sum(s["samples"] for s in shards),
+                                   "queries": sum(s["queries"] for s in shards)}}, "skipped": skipped}
+    old = out / MANIFEST
+    if old.is_file():  # another split imported before into the same folder
+        previous = json.loads(old.read_text())
+        if previous.get("extractor", {}).get("width") == width:
+            manifest["splits"] = {**previous.get("splits", {}), **manifest["splits"]}
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _finish(out: Path, shard: dict) -> None:
+    tmp = out / f".{shard['path']}.tmp"
+    shard["sha256"], shard["bytes"] = _sha256(tmp), tmp.stat().st_size
+    os.replace(tmp, out / shard["path"])
+
+
+# ----- commands -----------------------------------------------------------------------------------
+
+
+def add_extract_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an inference bundle or run directory: its CLIP and sampling spec")
+    source.add_argument("--config", help="a config preset: its CLIP (hub name, local directory, or random init) "
+                                         "and data.sampling")
+    p.add_argument("--shards", nargs="+", required=True, help="video shards (folder, glob, brace pattern)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
+    p.add_argument("--pooled-only", action="store_true", help="keep only each frame's pooled vector (no patch grid)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+    from accelerate import PartialState
+
+    from vmr.config import load_config
+    from vmr.data.stream import expand_shards
+    from vmr.model import VideoMomentRetrievalModel
+
+    urls = expand_shards(args.shards)
+    if cache_of(urls) is not None:
+        raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if args.checkpoint:
+        from vmr.eval.predict import load_model
+
+        model, cfg = load_model(args.checkpoint, state.device)
+        source = str(args.checkpoint)
+    else:
+        cfg = load_config(args.config, args.overrides)
+        torch.manual_seed(cfg.train.seed)  # a random-init CLIP is the same in every process
+        model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(state.device)
+        source = cfg.model.name if cfg.model.init == "pretrained" else f"random init ({args.config}, seed {cfg.train.seed})"
+    spec = model.sampling
+    start = time.perf_counter()
+    totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
+                              state.num_processes, progress=state.is_main_process)
+    seconds = time.perf_counter() - start
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = write_manifest(args.out, clip_extractor(model, spec, args.pooled_only, source))
+        videos = sum(s["samples"] for s in manifest["splits"].values())
+        print(f"{videos} videos in {sum(len(s['shards']) for s in manifest['splits'].values())} feature shard(s) in "
+              f"{args.out} ({totals['resumed']} shard(s) already done); this process: {totals['samples']} videos, "
+              f"{totals['frames']} frames in {seconds:.1f} s ({totals['frames'] / max(seconds, 1e-9):.0f} frames/s)"
+              + (f"; {len(manifest['skipped'])} unreadable video(s) skipped, listed in manifest.json"
+                 if manifest["skipped"] else ""))
+    if state.num_processes > 1:
+        from vmr.train import release_process_group
+
+        release_process_group()
+    return 0
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video-features", nargs="+", type=Path, required=True,
+                   help="folders of <vid>.npz with 'features' (clips, dim); several are L2-normalised and concatenated")
+    p.add_argument("--text-features", type=Path, help="folder of qid<qid>.npz ('last_hidden_state' or 'pooler_output')")
+    p.add_argument("--annotations", type=Path, required=True, help="QVHighlights-style JSONL of the split")
+    p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
+    p.add_argument("--split", default="train", help="split name (default train)")
+    p.add_argument("--clip-seconds", type=float, default=2.0, help="seconds per feature row (default 2, QVHighlights)")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    for folder in [*args.video_features, *([args.text_features] if args.text_features else [])]:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+    if not args.annotations.is_file():
+        raise UserError(f"{args.annotations}: file not found")
+    if not args.clip_seconds > 0:
+        raise UserError(f"--clip-seconds must be positive, got {args.clip_seconds}")
+    manifest = import_features(args.video_features, args.text_features, args.annotations, args.out, args.split,
+                               args.clip_seconds)
+    info = manifest["splits"][args.split]
+    print(f"split {args.split!r}: {info['samples']} videos, {info['queries']} queries, "
+          f"{manifest['extractor']['width']}-d features in {args.out}; skipped {len(manifest['skipped'])} "
+          "(listed in manifest.json)")
+    return 0
