@@ -9,7 +9,7 @@ from vmr.cli import main
 
 
 def _figures(report: dict):
-    for part in ("decode", "loader", "train", "infer"):
+    for part in ("decode", "loader", "train", "infer", "features"):
         for name, entry in report[part]["results"].items():
             for key, fig in ([(name, entry)] if "median" in entry else entry.items()):
                 yield f"{part}.{key}", fig
@@ -29,6 +29,8 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
         report["train"]["results"])
     assert {"latency_ms_p50", "latency_ms_p95", "batched_videos_per_s_batch8", "end_to_end_ms_from_file",
             "peak_memory"} <= set(report["infer"]["results"])
+    assert {"extract_frames_per_s", "extract_vs_decode_plus_forward", "frozen_step_from_videos_s",
+            "frozen_step_from_features_s", "features_speedup"} <= set(report["features"]["results"])
     assert report["train"]["flops_per_step"] > 0
     names = []
     for name, fig in _figures(report):
@@ -39,7 +41,8 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
             assert fig["min"] <= fig["median"] <= fig["max"], name
     assert len(names) >= 15
     table = capsys.readouterr().out
-    assert "| infer.latency_ms_p50 |" in table and "original promise" in table
+    assert "| infer.latency_ms_p50 |" in table and "| features.features_speedup |" in table
+    assert "original promise" in table
 
 
 def test_bench_rejects_bad_arguments(capsys):

@@ -11,6 +11,8 @@ train   the real training loop (vmr.train) for a few dozen steps: steps/s, sampl
         fraction of step time spent waiting for data, peak memory; tiny config on a CPU, the
         default architecture on a GPU (random weights: same cost, no download), with model FLOP
         utilisation from a FLOP count when the GPU's peak is known.
+features  the frozen-feature cache: extraction rate against decode + one forward per frame, and a
+        frozen-backbone training step from video shards against the same step from feature shards.
 infer   latency of one window (the config's frames per window) at batch 1 (p50, p95) and batched throughput from decoded
         frames, end-to-end latency from a video file, peak memory.
 
@@ -289,6 +291,83 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
             "resolved_config": config_to_dict(cfg), "results": results}
 
 
+def _step_times(cfg, out: Path, warmup: int) -> list[float]:
+    """Run the real loop (vmr.train.train) and read back its per-step times after ``warmup`` steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from vmr.train import train
+
+    cfg.train.output_dir = str(out)
+    cfg.train.log_every, cfg.train.save_every, cfg.train.eval_every = 1, 0, 0
+    cfg.data.val_shards = []
+    train(cfg)
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")))).Reload()
+    return [e.value for e in events.Scalars("perf/step_s") if e.step > warmup]
+
+
+def bench_features(shards: str, device: str, quick: bool, workdir: Path) -> dict:
+    """The frozen-feature cache: extraction rate against its bound (decode + one vision-tower forward
+    per frame, measured apart on the same frames), then the same frozen-backbone training step
+    (same model, same batch size, the real loop) from the video shards and from the feature shards."""
+    import torch
+
+    from vmr.data.shards import iter_shard
+    from vmr.data.stream import expand_shards
+    from vmr.data.video import open_video, sample_frames, sample_times
+    from vmr.features import extract_features, write_manifest
+    from vmr.model import VideoMomentRetrievalModel
+
+    torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
+    cfg = _bench_config(device, shards, quick)
+    cfg.model.freeze_clip = True
+    dev = torch.device(device)
+    spec = cfg.data.sampling
+    torch.manual_seed(0)
+    model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=spec).to(dev).eval()
+    urls = expand_shards(shards)
+    samples = [(video, meta) for url in urls for _, video, meta in iter_shard(Path(url))]
+
+    start = time.perf_counter()  # decode alone, then the tower alone, on the very frames extraction reads
+    decoded = [sample_frames(open_video(v), sample_times(m["duration"], "uniform", spec.fps, 1 << 30), spec.size,
+                             m.get("start", 0.0))[0] for v, m in samples]
+    decode_s = time.perf_counter() - start
+    frames = sum(len(f) for f in decoded)
+    _sync(dev)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for f in decoded:
+            model.towers.encode_frames(f.to(dev))
+    _sync(dev)
+    forward_s = time.perf_counter() - start
+    out = workdir / "features"
+    start = time.perf_counter()
+    extract_features(model, spec, urls, out, progress=False)
+    _sync(dev)
+    extract_s = time.perf_counter() - start
+    from vmr.features import clip_extractor
+
+    write_manifest(out, clip_extractor(model, spec, False, "bench"))
+
+    steps, warmup = (12, 4) if quick else (40, 8)
+    cfg.train.max_steps = steps
+    if device == "cpu":
+        cfg.train.mixed_precision = "no"
+    video_steps = _step_times(cfg, workdir / "from_videos", warmup)
+    cfg.data.train_shards = [str(out)]
+    feature_steps = _step_times(cfg, workdir / "from_features", warmup)
+    results = {
+        "extract_videos_per_s": _figure([len(samples) / extract_s], "videos/s"),
+        "extract_frames_per_s": _figure([frames / extract_s], "frames/s"),
+        "extract_vs_decode_plus_forward": _figure([(decode_s + forward_s) / extract_s], "x"),
+        "frozen_step_from_videos_s": _figure(video_steps, "s"),
+        "frozen_step_from_features_s": _figure(feature_steps, "s"),
+        "features_speedup": _figure([statistics.median(video_steps) / statistics.median(feature_steps)], "x"),
+    }
+    return {"config": "default (random init, frozen CLIP)" if device == "cuda" else "tiny (frozen CLIP)",
+            "videos": len(samples), "frames": frames, "steps": steps, "warmup_steps": warmup,
+            "batch_size": cfg.train.batch_size, "sampling": dataclasses.asdict(spec), "results": results}
+
+
 def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, repeats: int) -> dict:
     """Latency at batch 1 and throughput batched, from decoded windows (the config's frames per
     window); end to end from a file (the whole video)."""
@@ -354,15 +433,17 @@ TARGETS = {
     "infer.batched_videos_per_s_batch32": ((500.0, "min"), (20.0, "min")),
     "infer.batched_videos_per_s_batch8": ((500.0, "min"), (20.0, "min")),
     "infer.peak_memory": (None, (2048.0, "max")),
+    "features.extract_vs_decode_plus_forward": ((0.9, "min"), None),  # within 10% of decode + forward
+    "features.features_speedup": ((10.0, "min"), None),
 }
 
 
 # DESIGN.md sets these for one GPU; on a CPU the figure is reported without a verdict.
-GPU_TARGETS = ("infer.", "train.data_wait_fraction")
+GPU_TARGETS = ("infer.", "train.data_wait_fraction", "features.features_speedup")
 
 
 def _rows(report: dict):
-    for part in ("decode", "loader", "train", "infer"):
+    for part in ("decode", "loader", "train", "infer", "features"):
         if part not in report:
             continue
         for name, entry in report[part]["results"].items():
@@ -402,7 +483,7 @@ def _table(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "all"), help="what to measure")
+    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "features", "all"), help="what to measure")
     p.add_argument("--quick", action="store_true", help="small data and few repetitions (under 3 minutes on 2 cores)")
     p.add_argument("--shards", help="shards to read (path, glob or folder); default: make sample shards")
     p.add_argument("--videos", type=Path, help="the original video files of --shards (decode baseline, end-to-end)")
@@ -421,7 +502,7 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
-    parts = ("decode", "loader", "train", "infer") if args.suite == "all" else (args.suite,)
+    parts = ("decode", "loader", "train", "infer", "features") if args.suite == "all" else (args.suite,)
     repeats = 2 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="vmr-bench-") as tmp:
         videos = args.videos
@@ -441,6 +522,8 @@ def run(args: argparse.Namespace) -> int:
                 report["loader"] = bench_loader(shards, args.quick, args.max_workers, repeats)
             elif part == "train":
                 report["train"] = bench_train(shards, device, args.quick, Path(tmp))
+            elif part == "features":
+                report["features"] = bench_features(shards, device, args.quick, Path(tmp))
             else:
                 report["infer"] = bench_infer(shards, videos, device, args.quick, repeats)
     print(_table(report))

@@ -377,7 +377,11 @@ def run_extract(args: argparse.Namespace) -> int:
     from vmr.data.stream import expand_shards
     from vmr.model import VideoMomentRetrievalModel
 
-    urls = expand_shards(args.shards)
+    # Overrides written right after --shards land in its list: take them back.
+    overrides = [*(a for a in args.shards if "=" in a and not Path(a).exists()), *args.overrides]
+    urls = expand_shards([a for a in args.shards if a not in overrides])
+    if overrides and args.checkpoint:
+        raise UserError(f"config overrides ({overrides[0]}) go with --config; a --checkpoint brings its own")
     if cache_of(urls) is not None:
         raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -387,7 +391,7 @@ def run_extract(args: argparse.Namespace) -> int:
         model, cfg = load_model(args.checkpoint, state.device)
         source = str(args.checkpoint)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         torch.manual_seed(cfg.train.seed)  # a random-init CLIP is the same in every process
         model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(state.device)
         source = cfg.model.name if cfg.model.init == "pretrained" else f"random init ({args.config}, seed {cfg.train.seed})"
