@@ -98,6 +98,19 @@ def test_train_and_eval_on_feature_shards(features, tmp_path, capsys):
                  str(tmp_path / "metrics.json")]) == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["brief"]["MR-full-R1@0.5"] <= 100
+    # The bundle's frozen tower is the one that made the cache (same seed), so it reads videos too ...
+    from vmr.features import vision_fingerprint
+    from vmr.model import VideoMomentRetrievalModel
+
+    model = VideoMomentRetrievalModel.from_pretrained(bundle)
+    assert vision_fingerprint(model) == cache["vision_sha256"]
+    # ... and a model whose tower differs from the cache's reads only the cache.
+    torch.nn.init.zeros_(model.towers.vision.post_layernorm.weight)
+    from vmr.errors import UserError
+    from vmr.eval.predict import check_reads_videos
+
+    with pytest.raises(UserError, match="trained on features of another vision tower"):
+        check_reads_videos(model)
     # Feature shards are no input for an extraction.
     assert main(["features", "extract", "--config", str(TINY), "--shards", str(features), "--out",
                  str(tmp_path / "again"), *SMALL]) == 2

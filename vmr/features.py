@@ -87,14 +87,15 @@ def cache_of(urls: list[str]) -> dict | None:
 
 
 def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> None:
-    """A one-line UserError when the cache cannot feed this model: another width, token count,
-    frame rate, or vision tower."""
+    """A one-line UserError when the cache cannot feed this model: another width, token count or
+    frame rate. (The vision tower itself is checked where it matters: a model trained on a cache
+    reads videos only through the tower that made the cache, ``check_reads_videos``.)"""
     width = model.config.feature_dim or model.towers.width
     grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
     problems = []
     if extractor["width"] != width:
-        problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d "
-                        + ("(set model.feature_dim)" if extractor["kind"] == "imported" else ""))
+        problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d"
+                        + (" (set model.feature_dim)" if extractor["kind"] == "imported" else ""))
     if extractor["kind"] == "clip" and extractor["tokens"] not in (1, 1 + grid):
         problems.append(f"it has {extractor['tokens']} tokens per frame, the model's CLIP makes {1 + grid}")
     fps = extractor["sampling"]["fps"]

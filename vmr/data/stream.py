@@ -381,11 +381,13 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
 
         with np.load(io.BytesIO(sample[TEXT]), allow_pickle=False) as text:
             queries = [{**q, "text_features": text[str(q["qid"])]} for q in queries]
-    n, bin_ = len(times), duration / len(times)
+    n = len(times)
     if not train:
+        # A window spans from the midpoint before its first frame to the one after its last.
+        edges = [0.0, *((a + b) / 2 for a, b in zip(times, times[1:], strict=False)), max(duration, times[-1])]
         windows = frame_windows(n, spec.window, spec.overlap)
         for k, (first, end, own_first, own_end) in enumerate(windows):
-            yield _item(meta, key, tokens[first:end], times[first:end], (first * bin_, end * bin_),
+            yield _item(meta, key, tokens[first:end], times[first:end], (edges[first], edges[end]),
                         (own_first - first, own_end - first), (k, len(windows)), queries)
         return
     if len(queries) > data.queries_per_video or duration > spec.window / spec.fps:

@@ -181,9 +181,18 @@ def check_shards(model, shards, allow_pipe: bool = False) -> None:
 
 
 def check_reads_videos(model) -> None:
+    """A model of imported features cannot read videos; one trained on a cache of CLIP features reads
+    them only through the very tower that made the cache."""
     if model.config.feature_dim or model.config.text_feature_dim:
         raise UserError(f"this model reads imported {model.config.feature_dim or ''}-d features, not videos "
                         "(give feature shards made by 'vmr features import')")
+    cache = model.features or {}
+    if cache.get("kind") == "clip":
+        from vmr.features import vision_fingerprint
+
+        if vision_fingerprint(model) != cache.get("vision_sha256"):
+            raise UserError(f"this model was trained on features of another vision tower ({cache.get('model')}) "
+                            "than its own: it reads only those feature shards, not videos")
 
 
 def nothing_read(shards, bad: int, reason: str) -> UserError:
