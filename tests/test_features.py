@@ -241,3 +241,4 @@ def test_a_bad_release_folder_is_one_line(tmp_path, capsys):
     assert main(["features", "import", "--video-features", *map(str, folders), "--annotations", str(annotations),
                  "--out", str(tmp_path / "out")]) == 2
     assert "vidA.npz: holds feats, expected features" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []  # nothing half-written

@@ -275,61 +275,67 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
     out.mkdir(parents=True, exist_ok=True)
     skipped = [{"video_id": s.video_id, "qid": s.qid, "reason": s.reason} for s in skips]
     shards, writer, file, width, text_width = [], None, None, None, None
-    for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
-        parts = []
-        for folder in video_dirs:
-            path = folder / f"{video_id}.npz"
-            if not path.is_file():
-                break
-            array = _load_npz(path, ("features",))
-            if array.ndim != 2 or len(array) == 0:
-                raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
-            parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
-        if len(parts) < len(video_dirs):
-            skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
-            continue
-        n = min(len(p) for p in parts)
-        features = np.concatenate([p[:n] for p in parts], axis=1)
-        if width not in (None, features.shape[1]):
-            raise UserError(f"{video_id}: its features are {features.shape[1]}-d, earlier videos' {width}-d")
-        width = features.shape[1]
-        texts, kept = {}, []
-        for record in queries:
-            if text_dir is not None:
-                path = text_dir / f"qid{record.qid}.npz"
+    try:
+        for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
+            parts = []
+            for folder in video_dirs:
+                path = folder / f"{video_id}.npz"
                 if not path.is_file():
-                    skipped.append({"video_id": video_id, "qid": record.qid, "reason": f"{path} is missing"})
-                    continue
-                array = _load_npz(path, ("last_hidden_state", "pooler_output"))
-                texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
-                text_width = array.shape[-1]
-            kept.append(_query_json(record, record.seconds(1.0 / clip_seconds)))
-        if not kept:
-            continue
-        # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
-        duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
-        meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
-        sample = {"__key__": sanitise_key(video_id), "json": json.dumps(meta).encode(),
-                  FEATURES: _npy(features[:, None].astype(np.float16)),
-                  TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
-        if texts:
-            sample[TEXT] = _npz(texts)
-        if writer is None or shards[-1]["samples"] >= max_videos_per_shard:
-            if writer is not None:
-                writer.close()
-                file.close()
-                _finish(out, shards[-1])
-            name = f"{split}-{len(shards):06d}.tar"
-            file = open(out / f".{name}.tmp", "wb")
-            writer = wds.TarWriter(file)
-            shards.append({"path": name, "samples": 0, "queries": 0})
-        writer.write(sample)
-        shards[-1]["samples"] += 1
-        shards[-1]["queries"] += len(kept)
-    if writer is not None:
-        writer.close()
-        file.close()
-        _finish(out, shards[-1])
+                    break
+                array = _load_npz(path, ("features",))
+                if array.ndim != 2 or len(array) == 0:
+                    raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
+                parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
+            if len(parts) < len(video_dirs):
+                skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
+                continue
+            n = min(len(p) for p in parts)
+            features = np.concatenate([p[:n] for p in parts], axis=1)
+            if width not in (None, features.shape[1]):
+                raise UserError(f"{video_id}: its features are {features.shape[1]}-d, earlier videos' {width}-d")
+            width = features.shape[1]
+            texts, kept = {}, []
+            for record in queries:
+                if text_dir is not None:
+                    path = text_dir / f"qid{record.qid}.npz"
+                    if not path.is_file():
+                        skipped.append({"video_id": video_id, "qid": record.qid, "reason": f"{path} is missing"})
+                        continue
+                    array = _load_npz(path, ("last_hidden_state", "pooler_output"))
+                    texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
+                    text_width = array.shape[-1]
+                kept.append(_query_json(record, record.seconds(1.0 / clip_seconds)))
+            if not kept:
+                continue
+            # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
+            duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
+            meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
+            sample = {"__key__": sanitise_key(video_id), "json": json.dumps(meta).encode(),
+                      FEATURES: _npy(features[:, None].astype(np.float16)),
+                      TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
+            if texts:
+                sample[TEXT] = _npz(texts)
+            if writer is None or shards[-1]["samples"] >= max_videos_per_shard:
+                if writer is not None:
+                    writer.close()
+                    file.close()
+                    _finish(out, shards[-1])
+                name = f"{split}-{len(shards):06d}.tar"
+                file = open(out / f".{name}.tmp", "wb")
+                writer = wds.TarWriter(file)
+                shards.append({"path": name, "samples": 0, "queries": 0})
+            writer.write(sample)
+            shards[-1]["samples"] += 1
+            shards[-1]["queries"] += len(kept)
+        if writer is not None:
+            writer.close()
+            file.close()
+            _finish(out, shards[-1])
+    except BaseException:  # a bad file half way: no half-written shard left behind
+        if file is not None and not file.closed:
+            file.close()
+            (out / f".{shards[-1]['path']}.tmp").unlink(missing_ok=True)
+        raise
     if not shards:
         raise UserError(f"{annotations}: no video had its features in {', '.join(map(str, video_dirs))}")
     fps = 1.0 / clip_seconds
