@@ -207,15 +207,25 @@ def bench_decode(shards: str, videos_dir: Path | None, quick: bool, repeats: int
 
 
 def _bench_config(device: str, shards: str, quick: bool):
-    """tiny on a CPU; on a GPU the default architecture with random weights (same cost, no download)."""
+    """tiny on a CPU; on a GPU the default architecture with random weights (same cost, no download);
+    or ``--config`` with its overrides (CONFIG, set by ``run``)."""
     from vmr.config import load_config
 
     root = Path(__file__).resolve().parents[1] / "configs"
+    if CONFIG["file"] is not None:
+        return load_config(CONFIG["file"], [f"data.train_shards={shards}", "data.val_shards=[]", *CONFIG["overrides"]])
     if device == "cuda":
         return load_config(root / "default.yaml", [f"data.train_shards={shards}", "model.init=random",
                                                    "model.tokenizer=synthetic", "data.num_workers=4"])
     return load_config(root / "tiny.yaml", [f"data.train_shards={shards}", "data.val_shards=[]",
                                             "data.sampling.size=224", "data.num_workers=1"])
+
+
+CONFIG: dict = {"file": None, "overrides": ()}  # vmr bench --config FILE [overrides]: train, infer, features
+
+
+def _label(default: str) -> str:
+    return " ".join([str(CONFIG["file"]), *CONFIG["overrides"]]) if CONFIG["file"] is not None else default
 
 
 def _default_sampling():
@@ -286,7 +296,7 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
     peak = next((v for k, v in PEAK_FLOPS.items() if k in gpu), None)
     if peak:
         results["mfu"] = _figure([a / peak for a in achieved], "fraction")
-    return {"config": "default (random init)" if device == "cuda" else "tiny", "steps": steps,
+    return {"config": _label("default (random init)" if device == "cuda" else "tiny"), "steps": steps,
             "warmup_steps": warmup, "batch_size": cfg.train.batch_size, "flops_per_step": flops,
             "resolved_config": config_to_dict(cfg), "results": results}
 
@@ -363,7 +373,7 @@ def bench_features(shards: str, device: str, quick: bool, workdir: Path) -> dict
         "frozen_step_from_features_s": _figure(feature_steps, "s"),
         "features_speedup": _figure([statistics.median(video_steps) / statistics.median(feature_steps)], "x"),
     }
-    return {"config": "default (random init, frozen CLIP)" if device == "cuda" else "tiny (frozen CLIP)",
+    return {"config": _label("default (random init, frozen CLIP)" if device == "cuda" else "tiny (frozen CLIP)"),
             "videos": len(samples), "frames": frames, "steps": steps, "warmup_steps": warmup,
             "batch_size": cfg.train.batch_size, "sampling": dataclasses.asdict(spec), "results": results}
 
@@ -420,7 +430,7 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
             end_to_end.append((time.perf_counter() - start) * 1000)
         results["end_to_end_ms_from_file"] = _figure(end_to_end, "ms")
     results["peak_memory"] = _figure([memory_mb(dev)], "MB")
-    return {"config": "default (random init, bf16)" if device == "cuda" else "tiny (fp32)", "frames": t,
+    return {"config": _label("default (random init, bf16)" if device == "cuda" else "tiny (fp32)"), "frames": t,
             "image_size": size, "batch_size": batch, "model_config": config_to_dict(cfg)["model"], "results": results}
 
 
@@ -490,6 +500,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train/infer device (default: auto)")
     p.add_argument("--max-workers", type=int, default=2, help="loader: measure 0..N workers (default: 2)")
     p.add_argument("--json", type=Path, help="write the full report here")
+    p.add_argument("--config", type=Path, help="train/infer/features: this preset instead of tiny (CPU) or the "
+                                               "default architecture with random weights (GPU)")
+    p.add_argument("overrides", nargs="*", help="with --config: section.key=value overrides")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -502,6 +515,9 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here")
+    if args.overrides and args.config is None:
+        raise UserError(f"config overrides ({args.overrides[0]}) need --config")
+    CONFIG.update(file=args.config, overrides=tuple(args.overrides))
     parts = ("decode", "loader", "train", "infer", "features") if args.suite == "all" else (args.suite,)
     repeats = 2 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="vmr-bench-") as tmp:
