@@ -502,7 +502,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--config", type=Path, help="train/infer/features: this preset instead of tiny (CPU) or the "
                                                "default architecture with random weights (GPU)")
-    p.add_argument("overrides", nargs="*", help="with --config: section.key=value overrides")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --config: a config override (repeat for several)")
 
 
 def run(args: argparse.Namespace) -> int:
