@@ -154,7 +154,7 @@ def test_existing_split_needs_overwrite_and_splits_accumulate(synth_dir, tmp_pat
 def test_an_interrupted_shard_never_gets_its_final_name(synth_dir, tmp_path):
     writer = _ShardWriter(tmp_path, "train", max_bytes=1 << 30, max_videos=None)
     meta = {"video_id": "v", "queries": [{"qid": 1}]}
-    writer.write("v", (synth_dir / "videos" / "synth_0000.mp4").read_bytes(), meta)
+    writer.write("v", {"mp4": (synth_dir / "videos" / "synth_0000.mp4").read_bytes()}, meta)
     writer.abort()
     assert list(tmp_path.iterdir()) == []
 

@@ -30,7 +30,17 @@ import sys
 from pathlib import Path
 
 from vmr.config import SamplingConfig
-from vmr.data.shards import FEATURES, MANIFEST, TEXT, TIMES, _sha256, sanitise_key, write_text_atomic
+from vmr.data.shards import (
+    FEATURES,
+    MANIFEST,
+    TEXT,
+    TIMES,
+    _sha256,
+    _ShardWriter,
+    sanitise_key,
+    write_text_atomic,
+)
+from vmr.data.video import _first_line
 from vmr.errors import UserError
 
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
@@ -188,8 +198,7 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
                     try:
                         meta, tokens, times = _encode_video(model, sample, spec, pooled_only, device)
                     except Exception as error:  # a corrupt video: listed, the others go on
-                        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-                        entry["skipped"].append({"key": sample.get("__key__"), "reason": reason})
+                        entry["skipped"].append({"key": sample.get("__key__"), "reason": _first_line(error)})
                         continue
                     writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(),
                                   FEATURES: _npy(tokens), TIMES: _npy(times)})
@@ -262,7 +271,6 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
     ``last_hidden_state`` (tokens, dim) or ``pooler_output`` (dim) in ``text_dir``. Queries come from
     a QVHighlights-style annotation file; a video or query without its files is skipped and listed."""
     import numpy as np
-    import webdataset as wds
     from tqdm import tqdm
 
     from vmr.data.annotations import read_annotations
@@ -274,7 +282,9 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
         by_video.setdefault(record.video_id, []).append(record)
     out.mkdir(parents=True, exist_ok=True)
     skipped = [{"video_id": s.video_id, "qid": s.qid, "reason": s.reason} for s in skips]
-    shards, writer, file, width, text_width = [], None, None, None, None
+    # Shards are written by the video shards' writer: temporary name, renamed when complete.
+    writer = _ShardWriter(out, split, 1 << 62, max_videos_per_shard)
+    width, text_width = None, None
     try:
         for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
             parts = []
@@ -310,31 +320,14 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
             # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
             duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
             meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
-            sample = {"__key__": sanitise_key(video_id), "json": json.dumps(meta).encode(),
-                      FEATURES: _npy(features[:, None].astype(np.float16)),
-                      TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
+            members = {FEATURES: _npy(features[:, None].astype(np.float16)),
+                       TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
             if texts:
-                sample[TEXT] = _npz(texts)
-            if writer is None or shards[-1]["samples"] >= max_videos_per_shard:
-                if writer is not None:
-                    writer.close()
-                    file.close()
-                    _finish(out, shards[-1])
-                name = f"{split}-{len(shards):06d}.tar"
-                file = open(out / f".{name}.tmp", "wb")
-                writer = wds.TarWriter(file)
-                shards.append({"path": name, "samples": 0, "queries": 0})
-            writer.write(sample)
-            shards[-1]["samples"] += 1
-            shards[-1]["queries"] += len(kept)
-        if writer is not None:
-            writer.close()
-            file.close()
-            _finish(out, shards[-1])
+                members[TEXT] = _npz(texts)
+            writer.write(sanitise_key(video_id), members, meta)
+        shards = writer.close()
     except BaseException:  # a bad file half way: no half-written shard left behind
-        if file is not None and not file.closed:
-            file.close()
-            (out / f".{shards[-1]['path']}.tmp").unlink(missing_ok=True)
+        writer.abort()
         raise
     if not shards:
         raise UserError(f"{annotations}: no video had its features in {', '.join(map(str, video_dirs))}")
@@ -352,12 +345,6 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
             manifest["splits"] = {**previous.get("splits", {}), **manifest["splits"]}
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
-
-
-def _finish(out: Path, shard: dict) -> None:
-    tmp = out / f".{shard['path']}.tmp"
-    shard["sha256"], shard["bytes"] = _sha256(tmp), tmp.stat().st_size
-    os.replace(tmp, out / shard["path"])
 
 
 # ----- commands -----------------------------------------------------------------------------------

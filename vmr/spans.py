@@ -111,3 +111,10 @@ def frame_windows(n: int, size: int, overlap: float) -> list[tuple[int, int, int
     starts = list(range(0, n - size, stride)) + [n - size]
     bounds = [0] + [(starts[k] + starts[k - 1] + size) // 2 for k in range(1, len(starts))] + [n]
     return [(first, first + size, bounds[k], bounds[k + 1]) for k, first in enumerate(starts)]
+
+
+def frame_edges(times: Sequence[float], duration: float) -> list[float]:
+    """Where each frame's share of the video begins and ends: 0, the midpoints between consecutive
+    frame times, and the video's end. A window of frames [first, end) spans edges[first] to
+    edges[end] seconds."""
+    return [0.0, *((a + b) / 2 for a, b in zip(times, times[1:], strict=False)), max(duration, times[-1])]

@@ -162,7 +162,8 @@ def _sha256(path: Path) -> str:
 class _ShardWriter:
     """Writes ``<split>-NNNNNN.tar`` under a temporary name, renamed only once complete, so an
     interrupted build never leaves a truncated shard under a final name. A new shard starts when
-    the next video would pass ``max_bytes`` or the shard holds ``max_videos``."""
+    the next video would pass ``max_bytes`` or the shard holds ``max_videos``. A sample is its
+    ``json`` plus ``members`` (extension -> bytes: ``mp4`` in video shards, arrays in feature shards)."""
 
     def __init__(self, out: Path, split: str, max_bytes: int, max_videos: int | None):
         self.out, self.split, self.max_bytes, self.max_videos = out, split, max_bytes, max_videos
@@ -170,10 +171,10 @@ class _ShardWriter:
         self._tar = None
         self._file = None
 
-    def write(self, key: str, video: bytes, meta: dict) -> None:
+    def write(self, key: str, members: dict[str, bytes], meta: dict) -> None:
         import webdataset as wds
 
-        size = len(video) + 2048
+        size = sum(len(data) for data in members.values()) + 2048
         current = self.shards[-1] if self._tar is not None else None
         if current is not None and current["samples"] > 0 and (
             current["bytes"] + size > self.max_bytes
@@ -186,7 +187,7 @@ class _ShardWriter:
             self._tar = wds.TarWriter(self._file, mtime=TAR_MTIME)
             self.shards.append({"path": name, "samples": 0, "queries": 0, "bytes": 0})
         json_bytes = json.dumps(meta).encode()
-        self._tar.write({"__key__": key, "mp4": video, "json": json_bytes})
+        self._tar.write({"__key__": key, **members, "json": json_bytes})
         shard = self.shards[-1]
         shard["samples"] += 1
         shard["queries"] += len(meta["queries"])
@@ -342,7 +343,7 @@ def build_shards(
             while key in keys:  # two ids that differ only in punctuation
                 key += "_"
             keys.add(key)
-            writer.write(key, result.path.read_bytes(), result.meta)
+            writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
             if result.temporary:
                 result.path.unlink()
         shards = writer.close()

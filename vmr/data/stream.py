@@ -282,6 +282,15 @@ def _choose_queries(queries: list[dict], k: int, length: float, rng: random.Rand
     return chosen
 
 
+def _training_window(queries: list[dict], duration: float, data: DataConfig, rng: random.Random):
+    """The queries one training step trains on a video and the part of it shown: at most
+    ``data.queries_per_video``, whose moments fit one window, and the span (``training_span``)."""
+    length = data.sampling.window / data.sampling.fps
+    if len(queries) > data.queries_per_video or duration > length:
+        queries = _choose_queries(queries, data.queries_per_video, length, rng)
+    return queries, training_span(duration, _hull(queries), data.sampling, rng, crop=data.temporal_crop)
+
+
 def _hull(queries: list[dict]) -> tuple[float, float]:
     return min(s for q in queries for s, _ in q["windows"]), max(e for q in queries for _, e in q["windows"])
 
@@ -330,9 +339,7 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
             yield _item(meta, key, frames, pts, (window.start, window.end), window.own, (k, len(windows)), queries)
         return
 
-    if len(queries) > data.queries_per_video or duration > spec.window / spec.fps:
-        queries = _choose_queries(queries, data.queries_per_video, spec.window / spec.fps, rng)
-    span = training_span(duration, _hull(queries), spec, rng, crop=data.temporal_crop)
+    queries, span = _training_window(queries, duration, data, rng)
     if spec.frames == "keyframes":
         indices = keyframe_indices(decoder, span, spec.window)
         frames, pts = sample_frames(decoder, None, spec.size, start, indices=indices, rng=rng, scale=data.scale_jitter)
@@ -349,6 +356,7 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
 
 
 def _array(data: bytes, name: str):
+    """A sample member written by numpy (``.npy``: an array; ``.npz``: a mapping of arrays)."""
     import io
 
     import numpy as np
@@ -364,7 +372,7 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
     the cache holds the tokens of every frame at the sampling rate (the centres of its 1/fps bins),
     so a training window and the evaluation windows are ranges of stored frames. ``frames`` of an
     item are fp16 tokens (t, k, c); queries carry their ``text_features`` when the cache has them."""
-    from vmr.spans import frame_windows
+    from vmr.spans import frame_edges, frame_windows
 
     spec = data.sampling
     meta = json.loads(sample["json"])
@@ -375,24 +383,17 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
         raise ValueError(f"{FEATURES} holds {tuple(tokens.shape)} for {len(times)} frame times")
     queries = list(meta["queries"])
     if TEXT in sample:
-        import io
-
-        import numpy as np
-
-        with np.load(io.BytesIO(sample[TEXT]), allow_pickle=False) as text:
+        with _array(sample[TEXT], TEXT) as text:
             queries = [{**q, "text_features": text[str(q["qid"])]} for q in queries]
     n = len(times)
     if not train:
-        # A window spans from the midpoint before its first frame to the one after its last.
-        edges = [0.0, *((a + b) / 2 for a, b in zip(times, times[1:], strict=False)), max(duration, times[-1])]
+        edges = frame_edges(times, duration)
         windows = frame_windows(n, spec.window, spec.overlap)
         for k, (first, end, own_first, own_end) in enumerate(windows):
             yield _item(meta, key, tokens[first:end], times[first:end], (edges[first], edges[end]),
                         (own_first - first, own_end - first), (k, len(windows)), queries)
         return
-    if len(queries) > data.queries_per_video or duration > spec.window / spec.fps:
-        queries = _choose_queries(queries, data.queries_per_video, spec.window / spec.fps, rng)
-    span = training_span(duration, _hull(queries), spec, rng, crop=data.temporal_crop)
+    queries, span = _training_window(queries, duration, data, rng)
     inside = [i for i, t in enumerate(times) if span[0] <= t < span[1]][: spec.window] or \
         [min(range(n), key=lambda i: abs(times[i] - span[0]))]
     picked = [times[i] for i in inside]
@@ -546,7 +547,8 @@ class ShardStream(torch.utils.data.IterableDataset):
             yield from stream
 
 
-def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size: int, train: bool, rank: int | None = None, world: int | None = None,
+def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size: int, train: bool,
+                rank: int | None = None, world: int | None = None,
                 epoch_batches: int | None = None, num_workers: int | None = None):
     """A DataLoader of batches for this rank (see ShardStream). ``loader.skipped`` is the number
     of samples skipped as undecodable so far; ``loader.dataset.set_epoch(e)`` reseeds."""

@@ -260,11 +260,10 @@ def inference_windows(duration: float, spec: SamplingConfig) -> list[FrameWindow
     """The whole video at the spec's rate (a frame at the centre of each 1/fps bin), cut into windows
     of ``spec.window`` frames that overlap by ``spec.overlap`` of a window (``frame_windows``). A
     video no longer than a window is one window."""
-    n = max(1, math.floor(duration * spec.fps + 1e-6))
-    bin_ = duration / n
-    return [FrameWindow(first * bin_, end * bin_, [(i + 0.5) * bin_ for i in range(first, end)],
-                        (own_first - first, own_end - first))
-            for first, end, own_first, own_end in frame_windows(n, spec.window, spec.overlap)]
+    grid = sample_times(duration, "uniform", spec.fps, 1 << 30)
+    bin_ = duration / len(grid)
+    return [FrameWindow(first * bin_, end * bin_, grid[first:end], (own_first - first, own_end - first))
+            for first, end, own_first, own_end in frame_windows(len(grid), spec.window, spec.overlap)]
 
 
 def training_span(duration: float, moments: tuple[float, float] | None, spec: SamplingConfig, rng,

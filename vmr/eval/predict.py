@@ -201,16 +201,16 @@ def nothing_read(shards, bad: int, reason: str) -> UserError:
                      f"{reason or 'the shards hold no samples'})")
 
 
-def video_windows(path: Path, spec, info):
-    """The windows of a whole video file at the spec's rate, decoded one at a time, as
+def video_windows(path: Path, windows: list, size: int, start: float):
+    """The ``windows`` (``inference_windows``) of a video file decoded one at a time, as
     ``score_windows`` takes them. Frames are found by presentation time (variable frame rate,
     non-zero start)."""
-    from vmr.data.video import inference_windows, open_video, sample_frames
+    from vmr.data.video import open_video, sample_frames
 
     decoder = open_video(path)
-    for window in inference_windows(info.duration, spec):
+    for window in windows:
         try:
-            frames, pts = sample_frames(decoder, window.times, spec.size, info.start)
+            frames, pts = sample_frames(decoder, window.times, size, start)
         except (ValueError, RuntimeError, IndexError) as error:
             raise UserError(f"{path}: cannot decode this video at {window.start:.1f}-{window.end:.1f} s "
                             f"({str(error).splitlines()[0][:200]})") from None
@@ -238,11 +238,11 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
     except ValueError as error:
         raise UserError(f"{path}: cannot decode this video ({error})") from None
     spec = dataclasses.replace(model.sampling, fps=clip_fps or model.sampling.fps, window=window or model.sampling.window)
-    count = len(inference_windows(info.duration, spec))
-    scores = model.score_windows(video_windows(path, spec, info), [query], info.duration)[0]
+    windows = inference_windows(info.duration, spec)
+    scores = model.score_windows(video_windows(path, windows, spec.size, info.start), [query], info.duration)[0]
     moments = rank_moments(scores, top_k, model.config.nms_iou if nms_iou is None else nms_iou)
     return {"video": str(path), "duration": round(info.duration, 4), "query": query,
-            "sampling": {"fps": spec.fps, "window": spec.window, "windows": count, "frames": len(scores["times"])},
+            "sampling": {"fps": spec.fps, "window": spec.window, "windows": len(windows), "frames": len(scores["times"])},
             "moments": [{"start": round(s, 4), "end": round(e, 4), "score": round(p, 4)} for s, e, p in moments],
             "clip_times": [round(t, 4) for t in scores["times"]],
             "clip_scores": [round(s, 4) for s in scores["relevance"]]}

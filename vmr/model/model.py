@@ -23,7 +23,7 @@ from vmr.config import Config, ModelConfig, SamplingConfig, load_config
 from vmr.errors import UserError
 from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
-from vmr.spans import frame_windows, nms
+from vmr.spans import frame_edges, frame_windows, nms
 from vmr.text import load_tokenizer
 
 WEIGHTS, CONFIG, CLIP_CONFIG, FEATURES = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
@@ -200,8 +200,8 @@ class VideoMomentRetrievalModel(nn.Module):
         if duration is None:
             step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0 / fps
             duration = float(times[-1]) + (step / 2 if frame_times is None else step)
-        edges = torch.cat([times.new_zeros(1), (times[1:] + times[:-1]) / 2, times.new_full((1,), duration)])
-        windows = ((frames[first:end], times[first:end].tolist(), float(edges[first]), float(edges[end]),
+        edges = frame_edges(times.tolist(), duration)
+        windows = ((frames[first:end], times[first:end].tolist(), edges[first], edges[end],
                     (own_first - first, own_end - first))
                    for first, end, own_first, own_end in frame_windows(len(frames), self.sampling.window,
                                                                        self.sampling.overlap))
