@@ -49,12 +49,13 @@ lint: install
 
 install: ffmpeg $(STAMP)
 
-# Reinstall only when the package metadata changes. torch and torchcodec are exact pins, so on a
-# CPU machine pip takes the CPU wheels; see the README for CUDA machines.
-$(STAMP): pyproject.toml
+# Reinstall only when the package metadata or the constraints change. pyproject.toml declares the
+# supported ranges; constraints.txt the exact versions the tests run against (on a CPU machine pip
+# takes the CPU wheels of torch 2.13.0 and torchcodec 0.13.0; see the README for CUDA machines).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 # $(call apt_require,CHECK,PACKAGE,WHY): nothing when the shell test CHECK passes; else, as root

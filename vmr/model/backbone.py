@@ -68,6 +68,16 @@ def load_processor(cfg: ModelConfig, clip_config, source: str | None = None):
                               image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
 
 
+def enable_checkpointing(clip) -> None:
+    """Gradient (activation) checkpointing of the CLIP towers, non-reentrant. transformers 5.24
+    renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns on
+    the old name; 5.17 (the lowest supported) has only the old one."""
+    if hasattr(clip, "activation_checkpointing_enable"):
+        clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        clip.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class ClipTowers(nn.Module):
     """CLIP's vision and text towers with their projections into the shared space. Both return
     all tokens (patches and words), not only the pooled embedding: the layers above attend to them."""
@@ -84,7 +94,7 @@ class ClipTowers(nn.Module):
         if cfg.freeze_clip:
             self.requires_grad_(False)
         if cfg.gradient_checkpointing:
-            clip.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(clip)
 
     def pixels(self, frames: torch.Tensor) -> torch.Tensor:
         """uint8 (n, 3, s, s) -> normalised floats at the tower's input size and dtype."""
