@@ -68,16 +68,24 @@ def test_batch_layout_and_targets(shard_dir):
                          rank=0, world=1, epoch_batches=2)
     batches = list(loader)
     assert len(batches) == 2
+    data = _data()
+    # Training batches have fixed shapes: frames per window, queries per batch, words per query.
+    for batch in batches:
+        assert batch["videos"].shape[:2] == (3, data.sampling.window)
+        assert batch["text_ids"].shape == (3 * data.queries_per_video, data.max_text_len)
+        assert batch["windows"].shape[1] == 4 and batch["query_mask"].shape == (3 * data.queries_per_video,)
     b = batches[0]
-    n_videos, n_queries = b["videos"].shape[0], b["text_ids"].shape[0]
+    n_videos, n_queries = b["videos"].shape[0], int(b["query_mask"].sum())
+    assert len(b["qid"]) == len(b["ground_truth"]) == n_queries and b["query_mask"][:n_queries].all()
+    assert not b["window_mask"][n_queries:].any() and not b["relevance"][n_queries:].any()
     assert b["videos"].dtype == torch.uint8 and b["videos"].shape[2:] == (3, 16, 16)
     assert b["frame_mask"].shape == b["frame_times"].shape == (n_videos, b["videos"].shape[1])
-    assert b["relevance"].shape == b["saliency"].shape == (n_queries, b["videos"].shape[1])
+    assert b["relevance"].shape == b["saliency"].shape == (b["text_ids"].shape[0], b["videos"].shape[1])
     assert n_queries <= n_videos * 4 and b["video_index"].max() < n_videos
     # The sentence ends with the end-of-text token, as CLIP's text tower expects.
     last = b["text_mask"].sum(1) - 1
-    assert (b["text_ids"][torch.arange(n_queries), last] == TOKENIZER.eos_token_id).all()
-    assert b["has_saliency"].all(), "QVHighlights-style sample data has saliency"
+    assert (b["text_ids"][torch.arange(n_queries), last[:n_queries]] == TOKENIZER.eos_token_id).all()
+    assert b["has_saliency"][:n_queries].all(), "QVHighlights-style sample data has saliency"
     for q in range(n_queries):
         v = b["video_index"][q]
         times = b["frame_times"][v][b["frame_mask"][v]]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from vmr.cli import main
 from vmr.config import load_config
@@ -175,6 +176,33 @@ def test_gradient_of_two_halves_matches_the_whole_batch(tmp_path):
     assert report["world"] == 2 and report["checked"] > 100
     assert report["worst_relative"] < 1e-3, report  # float32 sums in another order
     assert report["worst_absolute_of_zero"] < 1e-7, report
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(shard_dir, tmp_path):
+    """Rank 1's loss is NaN at step 3 (a fault injected into the real loop): both ranks skip that
+    step (its checkpoint holds the weights of step 2), count it, train on and end with the same
+    weights. The verdict is taken on the device and read by the host a step later."""
+    out = tmp_path / "run"
+    args = overrides(shard_dir, out, max_steps=5, save_every=1, keep_checkpoints=5, eval_every=0,
+                     max_nonfinite_steps=2)
+    command = [*launch(2, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")), str(ROOT / "tests/launch_nonfinite.py"),
+               str(TINY), str(tmp_path), *args]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["calls"] == ranks[1]["calls"] == 5
+    assert ranks[0]["digest"] == ranks[1]["digest"]  # DDP ranks still hold the same weights
+    from safetensors.torch import load_file
+
+    weights = {s: load_file(out / "checkpoints" / f"step_{s:07d}" / "model.safetensors") for s in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # step 3: no update
+    assert any(not torch.equal(weights[3][k], weights[4][k]) for k in weights[3])  # step 4: trained on
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "tensorboard").rglob("events.out.tfevents.*")))).Reload()
+    assert [e.value for e in events.Scalars("train/nonfinite_steps")][-1] == 1
 
 
 @pytest.mark.slow

@@ -117,6 +117,9 @@ class TrainConfig:
     best_metric: str = "MR-full-R1@0.5"  # a key of the metrics' "brief" section; higher is better
     log_every: int = 10  # steps between TensorBoard scalars
     max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
+    # torch.compile of the model (inductor, fixed shapes): the first steps compile (minutes), later
+    # ones reuse the code. Off by default: what it gains is a GPU measurement (vmr bench train --compile).
+    compile: bool = False
     figure_queries: int = 4  # validation queries drawn in TensorBoard at each validation
     seed: int = 0
 

@@ -36,6 +36,36 @@ class LoopState:
         self.step, self.best, self.nonfinite = state["step"], state["best"], state["nonfinite"]
 
 
+class StepVerdicts:
+    """Whether each optimizer step was skipped because its loss or its gradient norm was not
+    finite. The device decides at once: the fused optimizer reads the verdict as ``found_inf`` and
+    skips the update without the host looking (as it does under a gradient scaler). The host reads
+    each verdict one step later (``settle``), when reading no longer makes it wait for the device,
+    counts it, and stops the run after ``limit`` skipped steps in a row."""
+
+    def __init__(self, loop: LoopState, limit: int):
+        self.loop, self.limit, self.in_a_row, self.pending = loop, limit, 0, []
+
+    def push(self, step: int, skipped) -> None:
+        """``skipped``: a bool, or a tensor still being computed on the device."""
+        self.pending.append((step, skipped))
+
+    def settle(self, keep: int = 1) -> None:
+        """Read every verdict but the newest ``keep``."""
+        while len(self.pending) > keep:
+            step, skipped = self.pending.pop(0)
+            if not bool(skipped):
+                self.in_a_row = 0
+                continue
+            self.loop.nonfinite += 1
+            self.in_a_row += 1
+            if self.in_a_row >= self.limit:
+                raise UserError(f"the loss or its gradients were not finite for {self.in_a_row} steps in a row "
+                                f"(step {step}); "
+                                "the last checkpoint is intact: lower train.lr, use bf16 instead of fp16, "
+                                "or check the data, then --resume latest")
+
+
 def precision_for(asked: str, cuda: bool, mps: bool, bf16_ok: bool) -> str:
     """``auto``: bf16 on CUDA where supported, else fp16 (with loss scaling); fp16 on MPS; fp32 on CPU."""
     if asked == "auto":
@@ -57,9 +87,15 @@ def make_accelerator(cfg: Config):
         PartialState(backend="gloo")
     precision = precision_for(cfg.train.mixed_precision, cuda, mps, cuda and torch.cuda.is_bf16_supported())
     out = Path(cfg.train.output_dir)
+    compile_options = {}
+    if cfg.train.compile:  # fixed batch shapes (BatchShape): one compilation serves every step
+        from accelerate.utils import TorchDynamoPlugin
+
+        compile_options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", dynamic=False)
     accelerator = Accelerator(
         cpu=not (cuda or mps or deepspeed),  # CPU ranks must be told, or each trains alone
         mixed_precision=precision,
+        **compile_options,
         gradient_accumulation_steps=cfg.train.grad_accum,
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
@@ -127,7 +163,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
     from tqdm import tqdm
 
     from vmr.checkpoint import export_bundle, find_checkpoint, save_checkpoint
-    from vmr.data.stream import make_loader, skipped
+    from vmr.data.stream import device_batches, make_loader, skipped
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
 
     t = cfg.train
@@ -148,15 +184,20 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
         from vmr.features import use_cache
 
         use_cache(model, cache)
-    optimizer = torch.optim.AdamW(model.parameter_groups(t.lr, t.weight_decay, t.backbone_lr_mult), lr=t.lr)
+    # DeepSpeed wraps the optimizer and steps it inside backward; elsewhere the fused AdamW (one
+    # kernel per step instead of several per tensor) also skips a non-finite step on the device.
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    optimizer = torch.optim.AdamW(model.parameter_groups(t.lr, t.weight_decay, t.backbone_lr_mult), lr=t.lr,
+                                  fused=not deepspeed)
     loader = make_loader(cfg.data.train_shards, cfg.data, tokenizer, t.batch_size, train=True,
                          rank=accelerator.process_index, world=accelerator.num_processes)
     steps_per_epoch = max(1, loader.dataset.epoch_batches // t.grad_accum)
     total = t.max_steps or t.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(t.warmup_steps, total, t.min_lr_ratio))
     model, optimizer = accelerator.prepare(model, optimizer)
-    zero3 = accelerator.state.deepspeed_plugin is not None and accelerator.state.deepspeed_plugin.zero_stage == 3
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     loop = LoopState()
+    verdicts = StepVerdicts(loop, t.max_nonfinite_steps)
     # The scheduler is stepped by hand once per optimizer step (a prepared one steps once per process).
     accelerator.register_for_checkpointing(scheduler, loop)
 
@@ -177,7 +218,8 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
             raise UserError(f"train.output_dir: cannot write to {out} ({error.strerror or error})") from None
     accelerator.init_trackers("run")
     tracker = accelerator.get_tracker("tensorboard", unwrap=False) if main_process else None
-    batches = endless(loader, f"resume{start}-" if start else "")
+    # Each batch is copied to the device while the step before it computes.
+    batches = device_batches(endless(loader, f"resume{start}-" if start else ""), device)
     # In a log file (no terminal) a bar redrawn 10 times a second is noise: redraw every 30 s there.
     bar = tqdm(total=total, initial=start, desc="training", unit="step", disable=not main_process, dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 30)
@@ -185,7 +227,7 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                       f"{accelerator.mixed_precision}, {steps_per_epoch} steps per epoch, {total} steps")
 
     metrics, window = None, {"time": 0.0, "wait": 0.0, "videos": 0, "frames": 0, "steps": 0}
-    nonfinite_in_a_row = 0
+    no_clip = math.inf  # train.max_grad_norm = 0: the norm is still computed, for the verdict
     try:
         while True:
             step = loop.step
@@ -200,58 +242,62 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                     loop.best = score
                     export_bundle(accelerator, model, cfg, out / "export_best")
             if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
+                verdicts.settle(keep=0)  # the saved counters are exact
                 save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
             if last:
                 break
 
-            # ----- one optimizer step
-            step_start, skipped_step = time.perf_counter(), False
+            # ----- one optimizer step. Nothing here waits for the device (on CUDA the host runs
+            # ahead, queueing work), except under DeepSpeed and when logging.
+            step_start = time.perf_counter()
             model.train()
+            bad = torch.zeros((), device=device)  # micro-batches whose loss is not finite
             for _ in range(t.grad_accum):
                 wait_start = time.perf_counter()
                 batch = next(batches)
                 window["wait"] += time.perf_counter() - wait_start
                 window["videos"] += len(batch["video_id"]) * accelerator.num_processes
-                window["frames"] += int(batch["frame_mask"].sum()) * accelerator.num_processes
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+                window["frames"] += batch["frames"] * accelerator.num_processes
                 with accelerator.accumulate(model):
                     outputs = batch_forward(model, batch)
                     losses = moment_losses(outputs, batch, accelerator.unwrap_model(model).config)
-                    # Every rank must agree, or one would wait forever for the others' gradients.
-                    bad = accelerator.reduce((~torch.isfinite(losses["loss"].detach())).float().reshape(1), "sum")
-                    if bad.item() > 0:
-                        skipped_step = True
+                    bad = bad + (~torch.isfinite(losses["loss"].detach())).float()
+                    grad_norm = None
+                    if deepspeed:
+                        # DeepSpeed steps inside backward, so whether to step must be known before
+                        # it: here the host waits for each micro-batch's loss, summed over ranks.
+                        skipped = accelerator.reduce(bad.reshape(1), "sum").item() > 0
+                        if not skipped:
+                            accelerator.backward(losses["loss"])
+                        if accelerator.sync_gradients:
+                            verdicts.push(loop.step + 1, skipped)
                     else:
                         accelerator.backward(losses["loss"])
-                    grad_norm = None
-                    if accelerator.sync_gradients and not skipped_step:
-                        if t.max_grad_norm > 0:
-                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                        # A finite loss can still overflow in backward; clipping by an infinite norm
-                        # would write NaN into every weight. (Gradients are reduced: every rank agrees.)
-                        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-                            skipped_step = True
-                        else:
+                        if accelerator.sync_gradients:
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or no_clip)
+                            # Every rank reaches the same verdict: loss flags are summed over ranks and
+                            # the norm is that of the reduced gradients. A finite loss can still
+                            # overflow in backward (a non-finite norm).
+                            found = ((accelerator.reduce(bad, "sum") > 0) | ~torch.isfinite(grad_norm)).float()
+                            optimizer.optimizer.found_inf = found  # read by the fused AdamW: no update
                             optimizer.step()
-                            scheduler.step()
+                            verdicts.push(loop.step + 1, found)
+                    if accelerator.sync_gradients:
+                        scheduler.step()  # skipped steps count in the schedule, as in loop.step
                     optimizer.zero_grad(set_to_none=True)
             loop.step += 1
-            if skipped_step:
-                loop.nonfinite += 1
-                nonfinite_in_a_row += 1
-                if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    raise UserError(f"the loss or its gradients were not finite for {nonfinite_in_a_row} steps in a row "
-                                    f"(step {loop.step}); "
-                                    "the last checkpoint is intact: lower train.lr, use bf16 instead of fp16, "
-                                    "or check the data, then --resume latest")
-            else:
-                nonfinite_in_a_row = 0
+            verdicts.settle(keep=1)  # the step before this one, long done on the device
             window["time"] += time.perf_counter() - step_start
             window["steps"] += 1
             bar.update(1)
 
             if loop.step % t.log_every == 0 or loop.step == total:
-                values = {f"loss/{k}": v.item() for k, v in losses.items()}
+                verdicts.settle(keep=0)
+                # One read of the device for every logged number.
+                named = {f"loss/{k}": v.detach().float() for k, v in losses.items()}
+                if grad_norm is not None:
+                    named["train/grad_norm"] = grad_norm.detach().float()
+                values = dict(zip(named, torch.stack(list(named.values())).tolist(), strict=True))
                 elapsed = max(window["time"], 1e-9)
                 values.update({
                     "perf/samples_per_s": window["videos"] / elapsed,
@@ -264,12 +310,11 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                 })
                 for group in optimizer.param_groups:
                     values[f"lr/{group.get('name', 'group')}"] = group["lr"]
-                if grad_norm is not None:
-                    values["train/grad_norm"] = float(grad_norm)
                 accelerator.log(values, step=loop.step)
                 bar.set_postfix(loss=f"{values['loss/loss']:.3f}", wait=f"{values['perf/data_wait_fraction']:.0%}",
                                 refresh=False)
                 window = dict.fromkeys(window, 0)
+        verdicts.settle(keep=0)
 
     finally:  # the bar's last redraw must not land after an error's one line
         bar.close()

@@ -23,8 +23,12 @@ l text tokens, w moments per query):
   relevance     float (q, t)           1 where the frame's time is inside a window
   saliency      float (q, t)           annotator score / 4 of the frame's 2-second clip; has_saliency (q,)
   video_index   long  (q,)             which video of the batch a query belongs to
-  qid, query, video_id               lists, for predictions and logging
-  ground_truth  list of QVHighlights-style rows, one per query, whole-video times (for scoring)
+  frames        int                    the number of valid frames (a plain number: no device read)
+  query_mask    bool  (q,)             False on padding queries (training batches have fixed
+                                       sizes, ``BatchShape``: frames, queries and words padded)
+  qid, query, video_id               lists, for predictions and logging (real queries only:
+                                     padding queries come after them)
+  ground_truth  list of QVHighlights-style rows, one per real query, whole-video times (for scoring)
 
 The loader is never passed through ``accelerator.prepare``: ranks and workers split the shards
 here, and ``loader.skipped`` counts samples that could not be decoded (they are skipped, the
@@ -37,6 +41,7 @@ import glob
 import json
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -413,27 +418,54 @@ def decode_stage(src, data: DataConfig, rng: random.Random | None, train: bool, 
         guard.succeeded()
 
 
-class Collator:
-    """Items -> one padded batch (see the module docstring). Tokenises the queries."""
+@dataclass(frozen=True)
+class BatchShape:
+    """Fixed sizes a training batch is padded to, so that every step has the same tensor shapes:
+    no new allocations or kernel plans per step, and compiled code (``train.compile``) or CUDA
+    graphs are reused instead of rebuilt. ``frames`` per window, ``queries`` per batch, ``words``
+    per query; ``windows`` (moments per query) is padded to a power of two of at least 4. A batch
+    that needs more (never in training: windows hold at most ``frames`` frames, each video at most
+    ``data.queries_per_video`` queries) grows to fit."""
 
-    def __init__(self, tokenizer, max_text_len: int):
-        self.tokenizer, self.max_text_len = tokenizer, max_text_len
+    frames: int
+    queries: int
+    words: int
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(2, (n - 1).bit_length())
+
+
+class Collator:
+    """Items -> one padded batch (see the module docstring). Tokenises the queries. With ``shape``
+    (training) the batch is padded to those fixed sizes; padded queries come last, with
+    ``query_mask`` False, an empty sentence, no moment and no weight in the losses."""
+
+    def __init__(self, tokenizer, max_text_len: int, shape: BatchShape | None = None):
+        self.tokenizer, self.max_text_len, self.shape = tokenizer, max_text_len, shape
 
     def __call__(self, items: list[dict]) -> dict:
+        shape = self.shape
         b, t = len(items), max(len(item["times"]) for item in items)
-        # uint8 frames (3, s, s) each, or a cache's fp16 tokens (k, c); only padding is zeroed below
-        first = items[0]["frames"]
-        videos = torch.empty(b, t, *first.shape[1:], dtype=first.dtype)
-        frame_mask = torch.zeros(b, t, dtype=torch.bool)
-        frame_times = torch.zeros(b, t)
         queries = [(i, q) for i, item in enumerate(items) for q in item["queries"]]
         n_windows = max([len(q["windows"]) for _, q in queries] + [1])
-        windows = torch.zeros(len(queries), n_windows, 2)
-        clip_windows = torch.zeros(len(queries), n_windows, 2, dtype=torch.long)
-        window_mask = torch.zeros(len(queries), n_windows, dtype=torch.bool)
-        relevance = torch.zeros(len(queries), t)
-        saliency = torch.zeros(len(queries), t)
-        has_saliency = torch.zeros(len(queries), dtype=torch.bool)
+        n_queries = len(queries)
+        if shape is not None:
+            t, n_queries, n_windows = max(t, shape.frames), max(n_queries, shape.queries), _bucket(n_windows)
+        # uint8 frames (3, s, s) each, or a cache's fp16 tokens (k, c); only padding is zeroed below.
+        # In a loader worker the batch is built in shared memory: sending it to the main process
+        # then costs no copy (what DataLoader's own collation does).
+        first = items[0]["frames"]
+        videos = _empty((b, t, *first.shape[1:]), first.dtype)
+        frame_mask = torch.zeros(b, t, dtype=torch.bool)
+        frame_times = torch.zeros(b, t)
+        windows = torch.zeros(n_queries, n_windows, 2)
+        clip_windows = torch.zeros(n_queries, n_windows, 2, dtype=torch.long)
+        window_mask = torch.zeros(n_queries, n_windows, dtype=torch.bool)
+        relevance = torch.zeros(n_queries, t)
+        saliency = torch.zeros(n_queries, t)
+        has_saliency = torch.zeros(n_queries, dtype=torch.bool)
+        query_mask = torch.arange(n_queries) < len(queries)
         for i, item in enumerate(items):
             n = len(item["times"])
             videos[i, :n] = item["frames"]
@@ -450,12 +482,15 @@ class Collator:
             if q["saliency"] is not None:
                 saliency[j, : len(q["saliency"])] = torch.tensor(q["saliency"])
                 has_saliency[j] = True
-        text = self.tokenizer([q["query"] for _, q in queries], padding=True, truncation=True,
-                              max_length=self.max_text_len, return_tensors="pt")
+        sentences = [q["query"] for _, q in queries] + [""] * (n_queries - len(queries))
+        text = self.tokenizer(sentences, padding="max_length" if shape is not None else True, truncation=True,
+                              max_length=shape.words if shape is not None else self.max_text_len,
+                              return_tensors="pt")
         extra = {}
         if "text_features" in queries[0][1]:  # imported query features replace the text tower
             feats = [torch.as_tensor(q["text_features"], dtype=torch.float32).reshape(-1, q["text_features"].shape[-1])
                      for _, q in queries]
+            feats += [feats[0][:1] * 0] * (n_queries - len(queries))
             extra["text_features"] = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
             text["attention_mask"] = torch.nn.utils.rnn.pad_sequence([torch.ones(len(f)) for f in feats],
                                                                      batch_first=True)
@@ -470,11 +505,22 @@ class Collator:
             "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
             "windows": windows, "window_mask": window_mask, "clip_windows": clip_windows,
             "relevance": relevance, "saliency": saliency, "has_saliency": has_saliency,
-            "video_index": torch.tensor([i for i, _ in queries], dtype=torch.long),
+            "video_index": torch.tensor([i for i, _ in queries] + [0] * (n_queries - len(queries)), dtype=torch.long),
+            "query_mask": query_mask,
+            "frames": sum(len(item["times"]) for item in items),  # valid frames, counted on the host
             "qid": [q["qid"] for _, q in queries], "query": [q["query"] for _, q in queries],
             "video_id": [item["video_id"] for item in items],
             "ground_truth": [ground_truth_row(items[i], q) for i, q in queries],
         }
+
+
+def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised tensor, in shared memory inside a DataLoader worker."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    numel = math.prod(shape)
+    storage = torch.UntypedStorage._new_shared(numel * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def ground_truth_row(item: dict, query: dict) -> dict:
@@ -501,7 +547,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls, self.data, self.batch_size = urls, data, batch_size
         self.train, self.rank, self.world, self.epoch_batches = train, rank, world, epoch_batches
-        self.collate = Collator(tokenizer, data.max_text_len)
+        shape = BatchShape(data.sampling.window, batch_size * data.queries_per_video, data.max_text_len)
+        self.collate = Collator(tokenizer, data.max_text_len, shape if train else None)
         self.counter = counter
         self.epoch = 0
 
@@ -568,13 +615,55 @@ def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size
     counter = SkipCounter(workers)
     stream = ShardStream(urls, data, tokenizer, batch_size, train, rank, world, epoch_batches, counter)
     # Batches are complete when they leave the stream: no default_convert walk over every field.
+    # Pinned (page-locked) batches on CUDA: only those copy to the device while it computes.
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                         persistent_workers=False, prefetch_factor=2 if workers else None)
+                                         persistent_workers=False, prefetch_factor=2 if workers else None,
+                                         pin_memory=torch.cuda.is_available())
     loader.skip_counter = counter
     return loader
 
 
 def _as_is(batch: dict) -> dict:
+    return batch
+
+
+def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def device_batches(batches, device):
+    """``batches`` on ``device``, each copied there while the step before it computes. On CUDA the
+    copy of the next batch is queued on a side stream before the current one is handed out, so it
+    overlaps the current step's kernels; the compute stream waits for a batch's copy before using
+    it, and the batch's memory is marked as used by that stream (so the allocator does not recycle
+    it while a kernel still reads it). Elsewhere a plain copy: the same batches either way."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield to_device(batch, device)
+        return
+    side, compute = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+
+    def issue(batch: dict) -> tuple[dict, torch.cuda.Event]:
+        with torch.cuda.stream(side):
+            moved = to_device(batch, device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        return moved, copied
+
+    upcoming = None
+    for batch in batches:
+        ready, upcoming = upcoming, issue(batch)
+        if ready is not None:
+            yield _arrived(*ready, compute)
+    if upcoming is not None:
+        yield _arrived(*upcoming, compute)
+
+
+def _arrived(batch: dict, copied, compute) -> dict:
+    compute.wait_event(copied)  # this batch's copy only, not the one queued after it
+    for value in batch.values():
+        if torch.is_tensor(value):
+            value.record_stream(compute)
     return batch
 
 

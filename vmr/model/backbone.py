@@ -119,21 +119,34 @@ class ClipTowers(nn.Module):
         """(q, l) ids -> token features (q, l, c) and the sentence embedding (q, c).
 
         The text tower is causal, so the sentence is read at the end-of-text token, the last real
-        token of each row (token 0 would give the same vector for every sentence)."""
+        token of each row (token 0 would give the same vector for every sentence). For the same
+        reason no padding mask is passed: padding comes after the real tokens, which never attend
+        to later positions, so their features are the same without it (padded positions differ,
+        and the layers above mask them). The causal mask alone lets attention take the fused
+        (flash) kernel, which an explicit mask rules out."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            tokens = self.text_projection(self.text(input_ids=ids, attention_mask=mask).last_hidden_state)
+            tokens = self.text_projection(self.text(input_ids=ids).last_hidden_state)
         last = mask.long().sum(dim=1).clamp(min=1) - 1
         sentence = tokens[torch.arange(len(tokens), device=tokens.device), last]
         return tokens, sentence
 
 
 def frames_to_tokens(towers: ClipTowers, videos: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
-    """(b, t, 3, s, s) -> (b, t, 1+p, c). Only valid frames go through the tower; padding stays zero,
-    so padded frames cost nothing and cannot change anything downstream."""
+    """(b, t, 3, s, s) -> (b, t, 1+p, c); padded frames come out as zeros, so they cannot change
+    anything downstream.
+
+    On a CPU only the valid frames go through the tower: padding costs nothing, and picking them
+    costs no wait. On an accelerator every frame goes through and padding is zeroed by a
+    multiplication: picking by the mask would give a shape only the device knows, which makes the
+    host wait for it and allocate new sizes at every step (and defeats compiled code)."""
     flat_mask = rearrange(frame_mask, "b t -> (b t)")
-    if not flat_mask.any():
-        raise ValueError("a batch without any valid frame")
-    encoded = towers.encode_frames(rearrange(videos, "b t c h w -> (b t) c h w")[flat_mask])
-    tokens = encoded.new_zeros((len(flat_mask), *encoded.shape[1:]))
-    tokens[flat_mask] = encoded
+    flat = rearrange(videos, "b t c h w -> (b t) c h w")
+    if videos.device.type == "cpu":
+        if not flat_mask.any():
+            raise ValueError("a batch without any valid frame")
+        encoded = towers.encode_frames(flat[flat_mask])
+        tokens = encoded.new_zeros((len(flat_mask), *encoded.shape[1:]))
+        tokens[flat_mask] = encoded
+    else:
+        tokens = towers.encode_frames(flat) * rearrange(flat_mask, "n -> n 1 1")
     return rearrange(tokens, "(b t) p c -> b t p c", b=frame_mask.shape[0])

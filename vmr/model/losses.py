@@ -61,31 +61,38 @@ def saliency_ranking(scores: torch.Tensor, labels: torch.Tensor, valid: torch.Te
     return (hinge * better).sum() / better.sum().clamp(min=1)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is True (0 where it is nowhere True). ``torch.where``, not a
+    product: a non-finite value at a masked-out position (e.g. a padded frame) cannot leak in."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
 def moment_losses(outputs: dict, batch: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Weighted sum of the relevance, boundary (L1 + gIoU) and saliency losses, and each term.
 
     ``outputs`` come from the model's forward; ``batch`` holds the loader's targets."""
     mask = outputs["frame_mask"]
+    if "query_mask" in batch:  # padding queries of a fixed-size batch weigh nothing
+        mask = mask & rearrange(batch["query_mask"], "q -> q 1")
     logits = outputs["relevance_logits"].float()
     relevance = batch["relevance"].to(logits)
     if cfg.relevance_loss == "focal":
         per_frame = focal_loss(logits, relevance, cfg.focal_gamma)
     else:
         per_frame = F.binary_cross_entropy_with_logits(logits, relevance, reduction="none")
-    loss_relevance = per_frame[mask].mean()
+    loss_relevance = masked_mean(per_frame, mask)
 
-    # Boundaries: only frames inside a moment know where it starts and ends.
+    # Boundaries: only frames inside a moment know where it starts and ends. Means over masks are
+    # sums over counts, never boolean indexing: no shape depends on the data, nothing waits for the
+    # device, and a batch without any positive frame gives 0 with the graph still connected.
     frame_times, duration = outputs["frame_times"].float(), outputs["duration"].float()
     positive, target = boundary_targets(batch, frame_times, duration)
     positive &= mask
     pred = outputs["boundaries"].float()
     centre = frame_times / rearrange(duration, "q -> q 1")
-    if positive.any():
-        loss_l1 = (pred - target).abs().sum(-1)[positive].mean()
-        giou = giou_1d(distances_to_window(centre, pred), distances_to_window(centre, target))
-        loss_giou = (1 - giou)[positive].mean()
-    else:  # keep the graph connected so every rank's backward matches
-        loss_l1 = loss_giou = pred.sum() * 0.0
+    loss_l1 = masked_mean((pred - target).abs().sum(-1), positive)
+    giou = giou_1d(distances_to_window(centre, pred), distances_to_window(centre, target))
+    loss_giou = masked_mean(1 - giou, positive)
 
     # Saliency: annotator scores where the data has them, else the frame's relevance.
     has = rearrange(batch["has_saliency"].bool(), "q -> q 1")

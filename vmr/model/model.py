@@ -51,6 +51,7 @@ class VideoMomentRetrievalModel(nn.Module):
         self.config = config
         self.sampling = dataclasses.replace(sampling) if sampling is not None else SamplingConfig()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.name)
+        self.tokenizer.padding_side = "right"  # the causal text tower reads its padding-free prefix (encode_text)
         clip = load_clip(config, self.tokenizer, clip_config)
         if processor_source is None and clip_config is None and config.init == "pretrained":
             processor_source = config.name
