@@ -25,8 +25,10 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
     assert report["device"] == "cpu" and report["quick"] is True
     assert set(report["loader"]["results"]) == {"raw_decode", "loader_workers_0", "loader_workers_1"}
     assert {"shards_frames_per_s", "baseline_frames_per_s", "speedup_vs_baseline"} <= set(report["decode"]["results"])
-    assert {"steps_per_s", "samples_per_s", "data_wait_fraction", "peak_memory", "model_tflops_per_s"} <= set(
+    assert {"steps_per_s", "samples_per_s", "data_wait_fraction", "peak_memory", "model_tflops_per_s",
+            "loop_step_s", "model_alone_step_s", "loop_overhead", "model_alone_tflops_per_s"} <= set(
         report["train"]["results"])
+    assert "scaling_efficiency" in report["loader"]["results"]["loader_workers_1"]
     assert {"latency_ms_p50", "latency_ms_p95", "batched_videos_per_s_batch8", "end_to_end_ms_from_file",
             "peak_memory"} <= set(report["infer"]["results"])
     assert {"extract_frames_per_s", "extract_vs_decode_plus_forward", "frozen_step_from_videos_s",
@@ -42,9 +44,29 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
     assert len(names) >= 15
     table = capsys.readouterr().out
     assert "| infer.latency_ms_p50 |" in table and "| features.features_speedup |" in table
+    assert "| train.loop_overhead |" in table and "| loader.loader_workers_1.scaling_efficiency |" in table
     assert "original promise" in table
 
 
 def test_bench_rejects_bad_arguments(capsys):
     assert main(["bench", "loader", "--max-workers", "-1"]) == 2
     assert "--max-workers must be >= 0" in capsys.readouterr().err
+    assert main(["bench", "train", "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_compares_variants_in_one_run(tmp_path, capsys):
+    """One command, the base run and a variant beside it, each with the loop, the model alone and
+    their ratio."""
+    out = tmp_path / "train.json"
+    assert main(["bench", "train", "--quick", "--device", "cpu", "--batch-size", "1", "2",
+                 "--json", str(out)]) == 0
+    report = json.loads(out.read_text())["train"]
+    assert report["batch_size"] == 1 and set(report["variants"]) == {"batch2"}
+    assert report["variants"]["batch2"]["batch_size"] == 2
+    for results in (report["results"], report["variants"]["batch2"]["results"]):
+        assert results["loop_overhead"]["median"] > 0 and results["model_alone_step_s"]["median"] > 0
+    assert report["variants"]["batch2"]["flops_per_step"] > report["flops_per_step"]
+    table = capsys.readouterr().out
+    assert "| train.loop_overhead |" in table and "| train[batch2].loop_overhead |" in table

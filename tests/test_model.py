@@ -279,3 +279,66 @@ def test_motion_features_see_the_order_of_frames():
     assert (pool(sentence, patches, index, mask)[0, 1] - pool(sentence, swapped, index, mask)[0, 1]).abs().max() > 1e-4
     pool.motion = None  # frame by frame only: frame 1 cannot tell
     torch.testing.assert_close(pool(sentence, patches, index, mask)[0, 1], pool(sentence, swapped, index, mask)[0, 1])
+
+
+def _fixed_shape_batch(shard_dir, model, cfg) -> dict:
+    data = dataclasses.replace(cfg.data, sampling=dataclasses.replace(cfg.data.sampling, size=16, window=64),
+                               num_workers=0)
+    return next(iter(make_loader(str(shard_dir), data, model.tokenizer, 2, train=True, rank=0, world=1,
+                                 epoch_batches=1)))
+
+
+@pytest.mark.slow
+def test_the_compiled_model_gives_the_eager_outputs_and_gradients(shard_dir):
+    """train.compile: torch.compile (inductor, fixed shapes, as the loop compiles it) of the whole
+    model, forward and backward through the losses, on a real training batch."""
+    from vmr.model import batch_forward
+
+    cfg = load_config(TINY, ["model.dropout=0"])
+    torch.manual_seed(0)
+    model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).train()
+    batch = _fixed_shape_batch(shard_dir, model, cfg)
+
+    def run(forward):
+        model.zero_grad(set_to_none=True)
+        outputs = batch_forward(forward, batch)
+        losses = moment_losses(outputs, batch, cfg.model)
+        losses["loss"].backward()
+        return outputs, losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager, compiled = run(model), run(torch.compile(model, backend="inductor", dynamic=False))
+    for key in ("relevance_logits", "boundaries", "saliency"):
+        torch.testing.assert_close(compiled[0][key], eager[0][key], rtol=1e-4, atol=1e-5)
+    for key in eager[1]:
+        torch.testing.assert_close(compiled[1][key], eager[1][key], rtol=1e-4, atol=1e-6)
+    assert eager[2].keys() == compiled[2].keys() and len(eager[2]) > 100
+    for name in eager[2]:  # key biases have no gradient in exact arithmetic: noise of ~1e-10 either way
+        torch.testing.assert_close(compiled[2][name], eager[2][name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_padding_queries_and_frames_change_no_loss(shard_dir):
+    """A fixed-shape batch's padding (queries after the real ones, frames after each window's end)
+    weighs nothing: the losses equal those of the same batch cut to its real queries and frames."""
+    from vmr.model import batch_forward
+
+    cfg = load_config(TINY, ["model.dropout=0"])
+    torch.manual_seed(0)
+    model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).eval()
+    batch = _fixed_shape_batch(shard_dir, model, cfg)
+    q, t = int(batch["query_mask"].sum()), int(batch["frame_mask"].sum(1).max())
+    assert q < len(batch["query_mask"]) and t < batch["videos"].shape[1], "the batch must hold padding"
+    cut = dict(batch)
+    for key in ("videos", "frame_mask", "frame_times"):
+        cut[key] = batch[key][:, :t]
+    for key in ("text_ids", "text_mask", "windows", "window_mask", "clip_windows", "has_saliency", "video_index"):
+        cut[key] = batch[key][:q]
+    for key in ("relevance", "saliency"):
+        cut[key] = batch[key][:q, :t]
+    width = int(cut["text_mask"].sum(1).max())
+    cut["text_ids"], cut["text_mask"] = cut["text_ids"][:, :width], cut["text_mask"][:, :width]
+    del cut["query_mask"]
+    with torch.no_grad():
+        padded = moment_losses(batch_forward(model, batch), batch, cfg.model)
+        plain = moment_losses(batch_forward(model, cut), cut, cfg.model)
+    for key in plain:
+        torch.testing.assert_close(padded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)

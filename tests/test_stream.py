@@ -238,3 +238,23 @@ def test_expand_shards(shard_dir):
         expand_shards(str(shard_dir / "nope.tar"))
     with pytest.raises(UserError, match="no shard matches"):
         expand_shards(str(shard_dir / "*.zip"))
+
+
+def test_device_batches_are_the_loaders_batches(shard_dir):
+    """The training loop's input path (``device_batches``: each batch copied to the device while
+    the step before it computes; a side stream on CUDA) yields exactly the loader's batches."""
+    from vmr.data.stream import device_batches
+
+    def loader():
+        return make_loader(str(shard_dir), _data(num_workers=1), TOKENIZER, batch_size=2, train=True,
+                           rank=0, world=1, epoch_batches=3)
+
+    plain, moved = list(loader()), list(device_batches(loader(), torch.device("cpu")))
+    assert len(plain) == len(moved) == 3
+    for a, b in zip(plain, moved, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if torch.is_tensor(a[key]):
+                assert b[key].device.type == "cpu" and torch.equal(a[key], b[key]), key
+            else:
+                assert a[key] == b[key], key

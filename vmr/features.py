@@ -382,7 +382,7 @@ def run_extract(args: argparse.Namespace) -> int:
     if args.checkpoint:
         from vmr.eval.predict import load_model
 
-        model, cfg = load_model(args.checkpoint, state.device)
+        model, cfg = load_model(args.checkpoint, state.device, fast=False)  # the tower's own fp32 weights
         source = str(args.checkpoint)
     else:
         cfg = load_config(args.config, overrides)

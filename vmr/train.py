@@ -266,11 +266,11 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
                     if deepspeed:
                         # DeepSpeed steps inside backward, so whether to step must be known before
                         # it: here the host waits for each micro-batch's loss, summed over ranks.
-                        skipped = accelerator.reduce(bad.reshape(1), "sum").item() > 0
-                        if not skipped:
+                        refused = accelerator.reduce(bad.reshape(1), "sum").item() > 0
+                        if not refused:
                             accelerator.backward(losses["loss"])
                         if accelerator.sync_gradients:
-                            verdicts.push(loop.step + 1, skipped)
+                            verdicts.push(loop.step + 1, refused)
                     else:
                         accelerator.backward(losses["loss"])
                         if accelerator.sync_gradients:
