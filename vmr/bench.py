@@ -390,7 +390,7 @@ def _step_times(cfg, out: Path, warmup: int, stage: int = 0) -> dict[str, list[f
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "bench.yaml")
         launch = Path(__file__).resolve().parents[1] / "launch" / f"ds_zero{stage}.json"
-        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--use_deepspeed",
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--use_deepspeed",
                    "--deepspeed_config_file", str(launch), "-m", "vmr.train", "--config", str(out / "bench.yaml")]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
@@ -485,29 +485,35 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
     size, t = cfg.data.sampling.size, cfg.data.sampling.window
     text = {k: v.to(dev) for k, v in model.tokenize(["a red circle moves left"]).items()}
 
-    def forward(batch: int) -> float:
+    def forward(batch: int, runner) -> float:
         videos = torch.randint(0, 256, (batch, t, 3, size, size), dtype=torch.uint8, device=dev)
         tokens = {k: v.expand(batch, -1) for k, v in text.items()}
         _sync(dev)
         start = time.perf_counter()
         with torch.no_grad():
-            model.decode(model(videos, tokens), top_k=5)
+            model.decode(runner(videos, tokens), top_k=5)
         _sync(dev)
         return time.perf_counter() - start
 
     n = 20 if quick else 100
-    for _ in range(3):
-        forward(1)
-    latency = [forward(1) * 1000 for _ in range(n)]
     batch = 128 if device == "cuda" else 8
-    for _ in range(2):
-        forward(batch)
-    throughput = [batch / forward(batch) for _ in range(max(3, n // 10))]
-    results = {
-        "latency_ms_p50": {**_figure(latency, "ms"), "median": _percentile(latency, 0.5)},
-        "latency_ms_p95": {**_figure(latency, "ms"), "median": _percentile(latency, 0.95)},
-        f"batched_videos_per_s_batch{batch}": _figure(throughput, "videos/s"),
-    }
+    results = {}
+    runners = [("", model)]
+    if TRAIN_SWITCHES["compile"]:  # CUDA graphs on a GPU ("reduce-overhead"): launch costs gone at batch 1
+        runners.append(("compiled_", torch.compile(model, mode="reduce-overhead" if device == "cuda" else None,
+                                                    dynamic=False)))
+    for prefix, runner in runners:
+        for _ in range(3):
+            forward(1, runner)
+        latency = [forward(1, runner) * 1000 for _ in range(n)]
+        for _ in range(2):
+            forward(batch, runner)
+        throughput = [batch / forward(batch, runner) for _ in range(max(3, n // 10))]
+        results.update({
+            f"{prefix}latency_ms_p50": {**_figure(latency, "ms"), "median": _percentile(latency, 0.5)},
+            f"{prefix}latency_ms_p95": {**_figure(latency, "ms"), "median": _percentile(latency, 0.95)},
+            f"{prefix}batched_videos_per_s_batch{batch}": _figure(throughput, "videos/s"),
+        })
     if videos_dir is not None:
         files = sorted(Path(videos_dir).glob("*.mp4"))[:4]
         end_to_end = []
@@ -552,7 +558,7 @@ def _target_key(name: str) -> str:
         name = "train." + name.split("].", 1)[1]
     if name.startswith("loader.loader_workers_") and name.endswith(".scaling_efficiency"):
         return "loader.scaling_efficiency"
-    return name
+    return name.replace("infer.compiled_", "infer.")
 
 
 def _rows(report: dict):
@@ -613,7 +619,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("train variants (each measured beside the base run, one change at a time)")
     g.add_argument("--batch-size", type=int, nargs="+", metavar="N",
                    help="videos per step; the first is the base run's, each other one more variant")
-    g.add_argument("--compile", action="store_true", help="also measure with train.compile (torch.compile)")
+    g.add_argument("--compile", action="store_true",
+                   help="also measure with train.compile (torch.compile); infer: a compiled model too")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="also measure with model.gradient_checkpointing")
     g.add_argument("--deepspeed-stage", type=int, nargs="+", choices=(1, 2, 3), default=[], metavar="STAGE",
