@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 
@@ -260,7 +261,8 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
     """The model by itself: forward + ``moment_losses`` + backward + clipping + the fused AdamW
     step, on one batch reused (already on the device), at the loop's precision and compile
     setting. Returns the seconds of each step after two warm-up steps (each step synchronised) and
-    the peak memory in MB."""
+    the peak memory in MB, and on CUDA the implicit host-device synchronisations per step (torch's
+    sync debug mode; none is the goal)."""
     import torch
 
     from vmr.data.stream import to_device
@@ -278,19 +280,26 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
     batch = to_device(batch, device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps + 2):
+    times, syncs = [], 0
+    for i in range(steps + 2):
         _sync(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = moment_losses(batch_forward(forward, batch), batch, cfg.model)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if cuda and i >= 2:  # after warm-up: every implicit host-device synchronisation warns
+                torch.cuda.set_sync_debug_mode("warn")
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = moment_losses(batch_forward(forward, batch), batch, cfg.model)["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs += sum("synchroniz" in str(w.message) for w in caught)
         _sync(device)
         times.append(time.perf_counter() - start)
-    return times[2:], memory_mb(device)
+    return times[2:], memory_mb(device), syncs / steps
 
 
 def _variants(args_batch: list[int], compile_: bool, checkpointing: bool, stages: list[int]) -> list[tuple[str, dict]]:
@@ -354,8 +363,10 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
         flop_model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).train()
         flops = training_flops(flop_model, batch, dev)
         del flop_model
-        alone, alone_memory = model_alone_steps(cfg, batch, dev, max(5, steps - warmup))
+        alone, alone_memory, syncs = model_alone_steps(cfg, batch, dev, max(5, steps - warmup))
         results["model_alone_step_s"] = _figure(alone, "s")
+        if device == "cuda":
+            results["model_alone_host_syncs_per_step"] = _figure([syncs], "syncs")
         results["model_alone_peak_memory"] = _figure([alone_memory], "MB")
         results["loop_overhead"] = _figure([statistics.median(step_s) / statistics.median(alone)], "x")
         results["model_tflops_per_s"] = _figure([flops / t / 1e12 for t in step_s], "TFLOP/s")
@@ -537,6 +548,7 @@ TARGETS = {
     "train.data_wait_fraction": ((0.05, "max"), None),
     "train.loop_overhead": ((1.10, "max"), None),  # the loop's step within 10% of the model's own
     "train.model_alone_mfu": ((0.35, "min"), None),
+    "train.model_alone_host_syncs_per_step": ((0.0, "max"), None),
     "train.mfu": ((0.35 / 1.10, "min"), None),
     "infer.latency_ms_p50": ((5.0, "max"), (50.0, "max")),
     "infer.batched_videos_per_s_batch128": ((1500.0, "min"), (20.0, "min")),

@@ -483,7 +483,8 @@ class Collator:
             for k, (window, clip) in enumerate(zip(q["windows"], clips, strict=True)):
                 windows[j][k], clip_windows[j][k], window_mask[j][k] = list(window), list(clip), True
             if q["saliency"] is not None:
-                saliency[j][: len(q["saliency"])] = q["saliency"][:t]
+                scores = list(q["saliency"][:t])
+                saliency[j][: len(scores)] = scores
                 has_saliency[j] = True
         frame_mask, frame_times = torch.tensor(frame_mask, dtype=torch.bool), torch.tensor(frame_times)
         windows, clip_windows = torch.tensor(windows), torch.tensor(clip_windows, dtype=torch.long)
