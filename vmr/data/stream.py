@@ -8,7 +8,8 @@ Each of the b "videos" of a batch is one window of a video: the part the tempora
 once, at the sampling spec's rate (``data.sampling``; one window per video in training, every
 window of each video in evaluation, see vmr/data/video.py). A batch (b windows, q queries, t frames,
 l text tokens, w moments per query):
-  videos        uint8 (b, t, 3, s, s)  CLIP normalisation happens on the device, not here
+  videos        uint8 (b, t, 3, s, s)  CLIP normalisation happens on the device, not here; channels-last
+                                       in memory (torchcodec's layout), a view as (b, t, 3, s, s)
   frame_mask    bool  (b, t)           False on padding
   frame_times   float (b, t)           seconds from the start of the window
   duration      float (b,)             the window's length in seconds
