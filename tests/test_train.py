@@ -126,6 +126,20 @@ def test_nonfinite_losses_stop_the_run_with_a_reason(shard_dir, tmp_path):
     assert not (tmp_path / "run" / "export").exists()
 
 
+@pytest.mark.slow
+def test_a_compiled_run_trains_validates_and_exports(shard_dir, tmp_path):
+    """train.compile: the loop through accelerate's torch.compile (the same shapes as the
+    compiled-model test, so inductor's cache serves both), validation on the plain module."""
+    out = tmp_path / "run"
+    result = run([*overrides(shard_dir, out, max_steps=3, save_every=3, eval_every=3, compile="true"),
+                  "model.dropout=0", "data.sampling.window=64"], timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "done: 3 steps" in result.stdout and "MR-full-R1@0.5" in result.stdout
+    from vmr.model import VideoMomentRetrievalModel
+
+    assert VideoMomentRetrievalModel.from_pretrained(out / "export").config.name
+
+
 def test_an_infinite_learning_rate_is_refused(shard_dir, tmp_path):
     result = run([*overrides(shard_dir, tmp_path / "run"), "train.lr=1e400"])
     assert result.returncode == 2
@@ -254,3 +268,12 @@ def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
         assert flat(row) == pytest.approx(flat(one[row["qid"]]), abs=1e-3)
     assert json.loads((tmp_path / "metrics2.json").read_text())["brief"] == pytest.approx(
         json.loads((tmp_path / "metrics1.json").read_text())["brief"], abs=0.01, nan_ok=True)  # empty ranges: NaN
+
+
+def test_cpu_threads_leave_the_loader_workers_their_cores():
+    from vmr.train import cpu_threads
+
+    assert cpu_threads(workers=1, local_processes=1, cores=2) == 1
+    assert cpu_threads(workers=0, local_processes=1, cores=2) == 2
+    assert cpu_threads(workers=2, local_processes=2, cores=16) == 6
+    assert cpu_threads(workers=4, local_processes=2, cores=2) == 1  # never below one

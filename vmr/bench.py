@@ -267,10 +267,12 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
 
     from vmr.data.stream import to_device
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
-    from vmr.train import memory_mb, precision_for
+    from vmr.train import cpu_threads, memory_mb, precision_for
 
     t = cfg.train
     cuda = device.type == "cuda"
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the loop's threads (vmr.train)
+        torch.set_num_threads(cpu_threads(cfg.data.num_workers, 1))
     precision = precision_for(t.mixed_precision, cuda, device.type == "mps", cuda and torch.cuda.is_bf16_supported())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
@@ -363,7 +365,9 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
         flop_model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).train()
         flops = training_flops(flop_model, batch, dev)
         del flop_model
+        threads = torch.get_num_threads()
         alone, alone_memory, syncs = model_alone_steps(cfg, batch, dev, max(5, steps - warmup))
+        torch.set_num_threads(threads)
         results["model_alone_step_s"] = _figure(alone, "s")
         if device == "cuda":
             results["model_alone_host_syncs_per_step"] = _figure([syncs], "syncs")

@@ -92,7 +92,10 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
 def export_bundle(accelerator, model, cfg, directory: Path) -> None:
     """The inference bundle of the current weights (gathered from all ranks under ZeRO-3). Refused
     on every rank alike when the weights are not finite or the disk is full."""
-    state = accelerator.get_state_dict(model)
+    # A compiled model (train.compile) names its weights "_orig_mod.<name>": bundles use the plain names.
+    state = accelerator.get_state_dict(model)  # None on the other ranks under ZeRO-3
+    if state is not None:
+        state = {key.removeprefix("_orig_mod."): value for key, value in state.items()}
     error = None
     if accelerator.is_main_process:
         try:

@@ -136,12 +136,13 @@ def frames_to_tokens(towers: ClipTowers, videos: torch.Tensor, frame_mask: torch
     anything downstream.
 
     On a CPU only the valid frames go through the tower: padding costs nothing, and picking them
-    costs no wait. On an accelerator every frame goes through and padding is zeroed by a
-    multiplication: picking by the mask would give a shape only the device knows, which makes the
-    host wait for it and allocate new sizes at every step (and defeats compiled code)."""
+    costs no wait. On an accelerator, and in compiled code, every frame goes through and padding
+    is zeroed by a multiplication: picking by the mask would give a shape only the device knows,
+    which makes the host wait for it and allocate new sizes at every step (and makes compiled code
+    recompile)."""
     flat_mask = rearrange(frame_mask, "b t -> (b t)")
     flat = rearrange(videos, "b t c h w -> (b t) c h w")
-    if videos.device.type == "cpu":
+    if videos.device.type == "cpu" and not torch.compiler.is_compiling():  # compiled code needs fixed shapes
         if not flat_mask.any():
             raise ValueError("a batch without any valid frame")
         encoded = towers.encode_frames(flat[flat_mask])
