@@ -243,9 +243,10 @@ def training_flops(model, batch: dict, device) -> float:
     """FLOPs of one forward and backward pass on ``batch`` (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from vmr.data.stream import to_device
     from vmr.model import batch_forward, moment_losses
 
-    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     with FlopCounterMode(display=False) as counter:
         outputs = batch_forward(model, batch)
         moment_losses(outputs, batch, model.config)["loss"].backward()
@@ -257,7 +258,7 @@ def training_flops(model, batch: dict, device) -> float:
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float], float]:
+def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float], float, float]:
     """The model by itself: forward + ``moment_losses`` + backward + clipping + the fused AdamW
     step, on one batch reused (already on the device), at the loop's precision and compile
     setting. Returns the seconds of each step after two warm-up steps (each step synchronised) and
@@ -267,12 +268,10 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
 
     from vmr.data.stream import to_device
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
-    from vmr.train import cpu_threads, memory_mb, precision_for
+    from vmr.train import compute_threads, memory_mb, precision_for
 
     t = cfg.train
     cuda = device.type == "cuda"
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # the loop's threads (vmr.train)
-        torch.set_num_threads(cpu_threads(cfg.data.num_workers, 1))
     precision = precision_for(t.mixed_precision, cuda, device.type == "mps", cuda and torch.cuda.is_bf16_supported())
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     torch.manual_seed(0)
@@ -283,24 +282,25 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     times, syncs = [], 0
-    for i in range(steps + 2):
-        _sync(device)
-        start = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if cuda and i >= 2:  # after warm-up: every implicit host-device synchronisation warns
-                torch.cuda.set_sync_debug_mode("warn")
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = moment_losses(batch_forward(forward, batch), batch, cfg.model)["loss"]
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.set_sync_debug_mode("default")
-        syncs += sum("synchroniz" in str(w.message) for w in caught)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    with compute_threads(device, cfg.data.num_workers):  # the loop's threads on a CPU (vmr.train)
+        for i in range(steps + 2):
+            _sync(device)
+            start = time.perf_counter()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if cuda and i >= 2:  # after warm-up: every implicit host-device synchronisation warns
+                    torch.cuda.set_sync_debug_mode("warn")
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    loss = moment_losses(batch_forward(forward, batch), batch, cfg.model)["loss"]
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
+            syncs += sum("synchroniz" in str(w.message) for w in caught)
+            _sync(device)
+            times.append(time.perf_counter() - start)
     return times[2:], memory_mb(device), syncs / steps
 
 
@@ -340,7 +340,7 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
     switches = TRAIN_SWITCHES
     variants = _variants(switches["batch_size"] or [_bench_config(device, shards, quick).train.batch_size],
                          switches["compile"], switches["gradient_checkpointing"], switches["deepspeed_stage"])
-    report, first = {}, None
+    report = {}
     for label, variant in variants:
         cfg = _bench_config(device, shards, quick)
         cfg.train.batch_size, cfg.train.compile = variant["batch_size"], variant["compile"]
@@ -359,15 +359,13 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
             "data_wait_fraction": _figure(loop["perf/data_wait_fraction"], "fraction"),
             "peak_memory": _figure([max(loop["perf/memory_mb"])], "MB"),
         }
-        loader = make_loader(shards, cfg.data, VideoMomentRetrievalModel.from_config(cfg.model).tokenizer,
-                             cfg.train.batch_size, train=True, rank=0, world=1, num_workers=0)
-        batch = next(iter(loader))
         flop_model = VideoMomentRetrievalModel.from_config(cfg.model).to(dev).train()
+        loader = make_loader(shards, cfg.data, flop_model.tokenizer, cfg.train.batch_size, train=True,
+                             rank=0, world=1, num_workers=0)
+        batch = next(iter(loader))
         flops = training_flops(flop_model, batch, dev)
         del flop_model
-        threads = torch.get_num_threads()
         alone, alone_memory, syncs = model_alone_steps(cfg, batch, dev, max(5, steps - warmup))
-        torch.set_num_threads(threads)
         results["model_alone_step_s"] = _figure(alone, "s")
         if device == "cuda":
             results["model_alone_host_syncs_per_step"] = _figure([syncs], "syncs")
@@ -379,8 +377,7 @@ def bench_train(shards: str, device: str, quick: bool, workdir: Path) -> dict:
             results["mfu"] = _figure([flops / t / peak for t in step_s], "fraction")
             results["model_alone_mfu"] = _figure([flops / t / peak for t in alone], "fraction")
         entry = {**variant, "flops_per_step": flops, "results": results}
-        if first is None:
-            first = entry
+        if not report:  # the base run
             report = {"config": _label("default (random init)" if device == "cuda" else "tiny"), "steps": steps,
                       "warmup_steps": warmup, "log_every": log_every, **entry,
                       "resolved_config": config_to_dict(cfg), "variants": {}}

@@ -12,6 +12,7 @@ splits shards by rank and worker itself (vmr.data.stream).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -120,6 +121,21 @@ def cpu_threads(workers: int, local_processes: int, cores: int | None = None) ->
     return max(1, cores // max(1, local_processes) - workers)
 
 
+@contextlib.contextmanager
+def compute_threads(device, workers: int, local_processes: int = 1):
+    """On a CPU, torch's threads set to ``cpu_threads`` for the duration (unless OMP_NUM_THREADS is
+    set: an explicit setting wins), then restored: training may run inside a notebook."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads(workers, local_processes))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def lr_schedule(warmup: int, total: int, min_ratio: float):
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
 
@@ -167,21 +183,14 @@ def release_process_group(barrier: bool = True) -> None:
 
 def train(cfg: Config, resume: str | None = None) -> dict | None:
     """Run the configured training; returns the last validation metrics (main process)."""
-    import torch
-
     t = cfg.train
     if not cfg.data.train_shards:
         raise UserError("data.train_shards is empty: give the training shards (folder, glob or URLs)")
     if t.best_metric not in BRIEF_KEYS:
         raise UserError(f"train.best_metric: {t.best_metric!r} is not one of {', '.join(BRIEF_KEYS)}")
     accelerator = make_accelerator(cfg)
-    threads = torch.get_num_threads()
-    if accelerator.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # an explicit setting wins
-        torch.set_num_threads(cpu_threads(cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-    try:
+    with compute_threads(accelerator.device, cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
         return _train(cfg, resume, accelerator)
-    finally:
-        torch.set_num_threads(threads)  # train() may be called from a notebook: leave it as it was
 
 
 def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:

@@ -423,14 +423,14 @@ def decode_stage(src, data: DataConfig, rng: random.Random | None, train: bool, 
 class BatchShape:
     """Fixed sizes a training batch is padded to, so that every step has the same tensor shapes:
     no new allocations or kernel plans per step, and compiled code (``train.compile``) or CUDA
-    graphs are reused instead of rebuilt. ``frames`` per window, ``queries`` per batch, ``words``
-    per query; ``windows`` (moments per query) is padded to a power of two of at least 4. A batch
+    graphs are reused instead of rebuilt. ``frames`` per window, ``queries`` per batch; words per
+    query are padded to the collator's ``max_text_len``, and moments per query to a power of two of
+    at least 4. A batch
     that needs more (never in training: windows hold at most ``frames`` frames, each video at most
     ``data.queries_per_video`` queries) grows to fit."""
 
     frames: int
     queries: int
-    words: int
 
 
 def _bucket(n: int) -> int:
@@ -453,9 +453,8 @@ class Collator:
         n_queries = len(queries)
         if shape is not None:
             t, n_queries, n_windows = max(t, shape.frames), max(n_queries, shape.queries), _bucket(n_windows)
-        # uint8 frames (3, s, s) each, or a cache's fp16 tokens (k, c); only padding is zeroed below.
-        # In a loader worker the batch is built in shared memory: sending it to the main process
-        # then costs no copy (what DataLoader's own collation does).
+        # In a loader worker the batch is built in shared memory (_empty): sending it to the main
+        # process then costs no copy (what DataLoader's own collation does). Only padding is zeroed.
         first = items[0]["frames"]
         if first.dim() == 4:
             # uint8 frames (n, 3, s, s), which torchcodec decodes channels-last: the batch keeps that
@@ -495,8 +494,7 @@ class Collator:
         query_mask = torch.arange(n_queries) < len(queries)
         sentences = [q["query"] for _, q in queries] + [""] * (n_queries - len(queries))
         text = self.tokenizer(sentences, padding="max_length" if shape is not None else True, truncation=True,
-                              max_length=shape.words if shape is not None else self.max_text_len,
-                              return_tensors="pt")
+                              max_length=self.max_text_len, return_tensors="pt")
         extra = {}
         if "text_features" in queries[0][1]:  # imported query features replace the text tower
             feats = [torch.as_tensor(q["text_features"], dtype=torch.float32).reshape(-1, q["text_features"].shape[-1])
@@ -558,7 +556,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.urls, self.data, self.batch_size = urls, data, batch_size
         self.train, self.rank, self.world, self.epoch_batches = train, rank, world, epoch_batches
-        shape = BatchShape(data.sampling.window, batch_size * data.queries_per_video, data.max_text_len)
+        shape = BatchShape(data.sampling.window, batch_size * data.queries_per_video)
         self.collate = Collator(tokenizer, data.max_text_len, shape if train else None)
         self.counter = counter
         self.epoch = 0
@@ -639,6 +637,7 @@ def _as_is(batch: dict) -> dict:
 
 
 def to_device(batch: dict, device, non_blocking: bool = False) -> dict:
+    """A batch's tensors on ``device``; its lists and numbers as they are."""
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

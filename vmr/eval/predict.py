@@ -98,11 +98,12 @@ class WindowMerger:
         ``model`` may be wrapped (DDP, DeepSpeed): only its forward is used."""
         import torch
 
+        from vmr.data.stream import to_device
         from vmr.model import batch_forward, frame_outputs
 
         index = batch["video_index"]
         with torch.no_grad():
-            outputs = batch_forward(model, {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+            outputs = batch_forward(model, to_device(batch, device))
         parts = frame_outputs(outputs, batch["own"][index], batch["offset"][index], batch["video_duration"][index])
         done = []
         for j, part in enumerate(parts):
