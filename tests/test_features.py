@@ -124,6 +124,55 @@ def test_pooled_only_cache_trains(shard_dir, tmp_path):
     assert main(train_args(tmp_path / "pooled", tmp_path / "run")) == 0
 
 
+def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, features, tmp_path):
+    import random
+
+    from vmr.data.shards import VIEW_TIMES, VIEWS
+    from vmr.data.stream import decode_features
+
+    out = tmp_path / "views"
+    assert extract(shard_dir, out, "--views", "3") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["extractor"]["views"] == 3
+    assert manifest["extractor"]["augmentation"] == {"temporal_jitter": True, "scale_jitter": [0.7, 1.0]}
+    plain, cached = samples(features), samples(out)
+    cfg = load_config(TINY, SMALL)
+    val = {key for tar in shard_dir.glob("val-*.tar") for key, _, _ in iter_shard(tar)}
+    assert val and val < set(cached)
+    for key, sample in cached.items():
+        tokens, times = array(sample[FEATURES]), array(sample[TIMES])
+        # The plain view is exactly the cache of one view: evaluation sees the same either way.
+        assert np.array_equal(tokens, array(plain[key][FEATURES])) and np.array_equal(times, array(plain[key][TIMES]))
+        if key in val:
+            assert VIEWS not in sample  # evaluation reads only the plain view
+            continue
+        views, view_times = array(sample[VIEWS]), array(sample[VIEW_TIMES])
+        assert views.dtype == np.float16 and views.shape == (2, *tokens.shape) and view_times.shape == (2, len(times))
+        assert all(np.all(np.diff(t) > 0) and t.min() >= 0 and t.max() <= times.max() + 0.5 for t in view_times)
+        assert not np.array_equal(views[0], tokens) and not np.array_equal(views[0], views[1])  # augmented
+        # Training draws every view of a video, each whole (its tokens with its own times).
+        drawn = set()
+        for seed in range(40):
+            item = next(decode_features(sample, cfg.data, random.Random(seed), train=True))
+            frames = item["frames"].numpy()
+            for v, candidate in enumerate([tokens, *views]):
+                first = [i for i in range(len(candidate) - len(frames) + 1)
+                         if np.array_equal(candidate[i:i + len(frames)], frames)]
+                if first:
+                    drawn.add(v)
+                    source = times if v == 0 else view_times[v - 1]
+                    offset = item["offset"]
+                    assert np.allclose(np.array(item["times"]) + offset, source[first[0]:first[0] + len(frames)],
+                                       atol=1e-6)
+        assert drawn == {0, 1, 2}
+    # Drawn from each video's own seed: another extraction draws the same views.
+    assert extract(shard_dir, tmp_path / "again", "--views", "3") == 0
+    again = samples(tmp_path / "again")
+    assert all(np.array_equal(array(again[key][VIEWS]), array(sample[VIEWS]))
+               for key, sample in cached.items() if key not in val)
+    assert main(train_args(out, tmp_path / "run")) == 0
+
+
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shard_dir, tmp_path, capsys):
     from vmr.data.stream import expand_shards
     from vmr.features import extract_features

@@ -11,6 +11,15 @@ per-clip features. Both write **feature shards**: WebDataset tars with the same 
                                    (k = 1 + patches), or the pooled vector only (k = 1)
   times.npy    float64 (t,)        seconds from the video's start
   text.npz     float16, per qid    imported query features (tokens, c) (optional)
+  views.npy    float16 (v, t, k, c) with ``--views 1+v``: augmented copies for training (optional)
+  view_times.npy float64 (v, t)    their frames' times
+
+The plain view (tokens.npy) is what evaluation and prediction see: each bin's centre, the whole
+frame. A cache of fixed frames cannot apply the video loader's training augmentation, so
+``--views N`` stores N - 1 more views of each training video, drawn as the video loader draws a
+training window: one random time in each bin (``data.sampling.frames``, ``data.temporal_jitter``)
+and one random square crop (``data.scale_jitter``) per view. Training picks one of the N views of
+a video at random each time it is drawn.
 
 and ``manifest.json`` (the video shards' layout plus ``kind: features`` and ``extractor``: model,
 sampling spec, dtype, token count, width). Training, evaluation and prediction read them through the
@@ -26,15 +35,18 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
-from vmr.config import SamplingConfig
+from vmr.config import DataConfig, SamplingConfig
 from vmr.data.shards import (
     FEATURES,
     MANIFEST,
     TEXT,
     TIMES,
+    VIEW_TIMES,
+    VIEWS,
     _sha256,
     _ShardWriter,
     sanitise_key,
@@ -43,6 +55,7 @@ from vmr.data.shards import (
 from vmr.data.video import _first_line
 from vmr.errors import UserError
 
+EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
 CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
 
@@ -75,11 +88,17 @@ def vision_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str) -> dict:
+def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
+                   data: DataConfig | None = None) -> dict:
     grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
-    return {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
-            "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
-            "width": model.towers.width, "text": False}
+    extractor = {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
+                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
+                 "width": model.towers.width, "text": False}
+    if views > 1:  # how many, and how they were drawn: part of what a resumed extraction must match
+        data = data or DataConfig()
+        extractor["views"] = views
+        extractor["augmentation"] = {"temporal_jitter": data.temporal_jitter, "scale_jitter": list(data.scale_jitter)}
+    return extractor
 
 
 def cache_of(urls: list[str]) -> dict | None:
@@ -144,39 +163,70 @@ def _split_of(url: str) -> str:
     return path.name.split("-")[0] if "-" in path.name else "train"
 
 
-def _encode_video(model, sample: dict, spec: SamplingConfig, pooled_only: bool, device):
-    """(tokens fp16 (t, k, c), times) of the whole video at the spec's rate, CHUNK frames at a time."""
+def _encode(model, decoder, times: list[float], spec: SamplingConfig, start: float, pooled_only: bool, device,
+            crop: tuple[float, tuple[float, float]] | None = None):
+    """(tokens fp16 (t, k, c), times) of the frames shown at ``times``, CHUNK frames at a time.
+    ``crop`` (seed, scale): one random square crop of an area fraction in ``scale``, the same for
+    every frame (each chunk redraws it from the same seed)."""
     import numpy as np
     import torch
 
-    from vmr.data.video import open_video, sample_frames, sample_times
+    from vmr.data.video import sample_frames
 
-    meta = json.loads(sample["json"])
-    decoder = open_video(sample["mp4"])
-    times = sample_times(float(meta["duration"]), "uniform", spec.fps, 1 << 30)
     tokens, pts = [], []
     for first in range(0, len(times), CHUNK):
-        frames, at = sample_frames(decoder, times[first:first + CHUNK], spec.size, float(meta.get("start", 0.0)))
+        rng, scale = (random.Random(crop[0]), crop[1]) if crop else (None, (1.0, 1.0))
+        frames, at = sample_frames(decoder, times[first:first + CHUNK], spec.size, start, rng=rng, scale=scale)
         with torch.no_grad():
             out = model.towers.encode_frames(frames.to(device))
         tokens.append((out[:, :1] if pooled_only else out).to(torch.float16).cpu())
         pts += at
-    return meta, torch.cat(tokens).numpy(), np.asarray(pts, dtype=np.float64)
+    return torch.cat(tokens).numpy(), np.asarray(pts, dtype=np.float64)
+
+
+def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, views: int, pooled_only: bool,
+                   device) -> tuple[dict, dict, int]:
+    """A video shard's sample -> (its json, the feature sample's members, frames encoded): the whole
+    video at the spec's rate (the centres of its bins), and ``views - 1`` augmented views."""
+    import numpy as np
+
+    from vmr.data.video import open_video, sample_times
+
+    meta = json.loads(sample["json"])
+    decoder = open_video(sample["mp4"])
+    duration, start = float(meta["duration"]), float(meta.get("start", 0.0))
+    tokens, times = _encode(model, decoder, sample_times(duration, "uniform", spec.fps, 1 << 30), spec, start,
+                            pooled_only, device)
+    members = {FEATURES: _npy(tokens), TIMES: _npy(times)}
+    if views > 1:
+        # Seeded by the video: the same views whichever process makes them, and again on a resume.
+        rng = random.Random(f"views:{sample.get('__key__', '')}")
+        mode = "uniform" if spec.frames == "uniform" else "random"  # key frames: a random time per bin
+        drawn = [_encode(model, decoder, sample_times(duration, mode, spec.fps, 1 << 30, rng=rng,
+                                                      jitter=data.temporal_jitter),
+                         spec, start, pooled_only, device, crop=(rng.random(), tuple(data.scale_jitter)))
+                 for _ in range(views - 1)]
+        members[VIEWS] = _npy(np.stack([view for view, _ in drawn]))
+        members[VIEW_TIMES] = _npy(np.stack([at for _, at in drawn]))
+    return meta, members, len(times) * views
 
 
 def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
-                     source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None) -> dict:
+                     source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None,
+                     views: int = 1, data: DataConfig | None = None) -> dict:
     """Feature shards for ``urls`` in ``out``: one output shard per input shard, of the same name;
     this process (``rank`` of ``world``) takes shards rank, rank + world, ... Shards finished before
     (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
-    renamed when complete. Returns this process's totals."""
+    renamed when complete. ``views`` > 1: that many views of each video outside the evaluation
+    splits, augmented as ``data`` says (module docstring). Returns this process's totals."""
     import webdataset as wds
     from tqdm import tqdm
 
     device = device or next(model.parameters()).device
     model.eval()
     (out / DONE).mkdir(parents=True, exist_ok=True)
-    extractor = clip_extractor(model, spec, pooled_only, source)
+    data = data or DataConfig()
+    extractor = clip_extractor(model, spec, pooled_only, source, views, data)
     totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
     mine = urls[rank::world]
     bar = tqdm(total=len(mine), desc="features", unit="shard", disable=not progress, file=sys.stderr)
@@ -190,21 +240,22 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
             continue
         tmp = out / f".{name}.tmp-{os.getpid()}"
         entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
+        shard_views = 1 if entry["split"] in EVALUATION_SPLITS else views
         try:
             with open(tmp, "wb") as file:
                 writer = wds.TarWriter(file)
                 # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
                 for sample in wds.tarfile_to_samples()([{"url": url}]):
                     try:
-                        meta, tokens, times = _encode_video(model, sample, spec, pooled_only, device)
+                        meta, members, frames = _encode_sample(model, sample, spec, data, shard_views, pooled_only,
+                                                               device)
                     except Exception as error:  # a corrupt video: listed, the others go on
                         entry["skipped"].append({"key": sample.get("__key__"), "reason": _first_line(error)})
                         continue
-                    writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(),
-                                  FEATURES: _npy(tokens), TIMES: _npy(times)})
+                    writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(), **members})
                     entry["samples"] += 1
                     entry["queries"] += len(meta["queries"])
-                    totals["frames"] += len(times)
+                    totals["frames"] += frames
                 writer.close()
             entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
             os.replace(tmp, out / name)
@@ -358,6 +409,11 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", nargs="+", required=True, help="video shards (folder, glob, brace pattern)")
     p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
     p.add_argument("--pooled-only", action="store_true", help="keep only each frame's pooled vector (no patch grid)")
+    p.add_argument("--views", type=int, default=1,
+                   help="views of each training video (default 1: the plain one); more are augmented copies, drawn "
+                        "as the video loader's training windows are (data.sampling.frames, data.temporal_jitter, "
+                        "data.scale_jitter), of which training picks one at random; the val and test splits get "
+                        "only the plain view")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
 
 
@@ -378,6 +434,8 @@ def run_extract(args: argparse.Namespace) -> int:
         raise UserError(f"config overrides ({overrides[0]}) go with --config; a --checkpoint brings its own")
     if cache_of(urls) is not None:
         raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
+    if not 1 <= args.views <= 64:
+        raise UserError(f"--views must be between 1 and 64, got {args.views}")
     state = PartialState(cpu=not torch.cuda.is_available())
     if args.checkpoint:
         from vmr.eval.predict import load_model
@@ -392,11 +450,11 @@ def run_extract(args: argparse.Namespace) -> int:
     spec = model.sampling
     start = time.perf_counter()
     totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
-                              state.num_processes, progress=state.is_main_process)
+                              state.num_processes, progress=state.is_main_process, views=args.views, data=cfg.data)
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(args.out, clip_extractor(model, spec, args.pooled_only, source))
+        manifest = write_manifest(args.out, clip_extractor(model, spec, args.pooled_only, source, args.views, cfg.data))
         videos = sum(s["samples"] for s in manifest["splits"].values())
         print(f"{videos} videos in {sum(len(s['shards']) for s in manifest['splits'].values())} feature shard(s) in "
               f"{args.out} ({totals['resumed']} shard(s) already done); this process: {totals['samples']} videos, "

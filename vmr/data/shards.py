@@ -46,6 +46,7 @@ from vmr.errors import UserError, out_of_space
 MANIFEST = "manifest.json"
 # Members of a feature shard's sample beside its json, in place of the video (vmr/features.py).
 FEATURES, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
+VIEWS, VIEW_TIMES = "views.npy", "view_times.npy"  # a cache's augmented training views
 TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
 
 

@@ -50,7 +50,7 @@ import webdataset as wds
 
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.annotations import read_annotations
-from vmr.data.shards import FEATURES, TEXT, TIMES
+from vmr.data.shards import FEATURES, TEXT, TIMES, VIEW_TIMES, VIEWS
 from vmr.data.video import (
     find_video,
     inference_windows,
@@ -377,7 +377,8 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
     """A feature shard's sample -> its items, like ``decode_video`` but without decoding anything:
     the cache holds the tokens of every frame at the sampling rate (the centres of its 1/fps bins),
     so a training window and the evaluation windows are ranges of stored frames. ``frames`` of an
-    item are fp16 tokens (t, k, c); queries carry their ``text_features`` when the cache has them."""
+    item are fp16 tokens (t, k, c); queries carry their ``text_features`` when the cache has them.
+    A training draw of a video with augmented views reads one of them at random."""
     from vmr.spans import frame_edges, frame_windows
 
     spec = data.sampling
@@ -399,9 +400,17 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
             yield _item(meta, key, tokens[first:end], times[first:end], (edges[first], edges[end]),
                         (own_first - first, own_end - first), (k, len(windows)), queries)
         return
+    if VIEWS in sample:  # augmented views (vmr features extract --views): one of them, or the plain one
+        view_times = _array(sample[VIEW_TIMES], VIEW_TIMES)
+        view = rng.randrange(1 + len(view_times))
+        if view:
+            views = _array(sample[VIEWS], VIEWS)
+            if views.shape[:2] != view_times.shape or views.shape[2:] != tokens.shape[1:]:
+                raise ValueError(f"{VIEWS} holds {views.shape} for {view_times.shape} frame times")
+            tokens, times = torch.from_numpy(views[view - 1]), view_times[view - 1].tolist()
     queries, span = _training_window(queries, duration, data, rng)
     inside = [i for i, t in enumerate(times) if span[0] <= t < span[1]][: spec.window] or \
-        [min(range(n), key=lambda i: abs(times[i] - span[0]))]
+        [min(range(len(times)), key=lambda i: abs(times[i] - span[0]))]
     picked = [times[i] for i in inside]
     yield _item(meta, key, tokens[inside[0]:inside[-1] + 1], picked, span, (0, len(picked)), (0, 1), queries)
 
