@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU-speed measurement in one run: the loop against the model alone (batch 8 and 32, compiled,
-# gradient checkpointing, ZeRO-2), the loader up to 12 workers, inference eager and compiled.
+# gradient checkpointing, ZeRO-2), the loader up to 12 workers, inference eager and compiled, and
+# the frozen end-to-end step against the head-only step from a feature cache.
 #
 #   benchmarks/gpu_speed.sh prepare DATA     # on a CPU machine with FFmpeg: sample videos -> shards
 #   benchmarks/gpu_speed.sh run DATA OUT     # on the GPU machine: reports into OUT
@@ -29,3 +30,4 @@ shards="$data/shards"
     --deepspeed-stage 2 --json "$stamp-train.json" | tee "$stamp-train.md"
 "${vmr[@]}" bench loader --shards "$shards" --max-workers 12 --json "$stamp-loader.json" | tee "$stamp-loader.md"
 "${vmr[@]}" bench infer --device cuda --shards "$shards" --compile --json "$stamp-infer.json" | tee "$stamp-infer.md"
+"${vmr[@]}" bench features --device cuda --shards "$shards" --json "$stamp-features.json" | tee "$stamp-features.md"
