@@ -124,7 +124,7 @@ def test_pooled_only_cache_trains(shard_dir, tmp_path):
     assert main(train_args(tmp_path / "pooled", tmp_path / "run")) == 0
 
 
-def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, features, tmp_path):
+def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, features, tmp_path, capsys):
     import random
 
     from vmr.data.shards import VIEW_TIMES, VIEWS
@@ -170,6 +170,12 @@ def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, 
     again = samples(tmp_path / "again")
     assert all(np.array_equal(array(again[key][VIEWS]), array(sample[VIEWS]))
                for key, sample in cached.items() if key not in val)
+    # Resuming into it with other views is refused, naming what differs.
+    capsys.readouterr()
+    assert extract(shard_dir, out, "--views", "2") == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "was extracted with another number of views (--views);" in errors[0]
+    assert errors[0].startswith("vmr features: error:")  # not behind the progress bar
     assert main(train_args(out, tmp_path / "run")) == 0
 
 

@@ -211,6 +211,40 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
     return meta, members, len(times) * views
 
 
+def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataConfig, views: int,
+                   pooled_only: bool, device) -> tuple[dict, int]:
+    """One video shard -> the feature shard of the same name in ``out``, written under a temporary
+    name and renamed when complete. Returns its manifest entry and the frames encoded."""
+    import webdataset as wds
+
+    name = Path(url).name
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
+    shard_views = 1 if entry["split"] in EVALUATION_SPLITS else views
+    frames = 0
+    try:
+        with open(tmp, "wb") as file:
+            writer = wds.TarWriter(file)
+            # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
+            for sample in wds.tarfile_to_samples()([{"url": url}]):
+                try:
+                    meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
+                except Exception as error:  # a corrupt video: listed, the others go on
+                    entry["skipped"].append({"key": sample.get("__key__"), "reason": _first_line(error)})
+                    continue
+                writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(), **members})
+                entry["samples"] += 1
+                entry["queries"] += len(meta["queries"])
+                frames += encoded
+            writer.close()
+        entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
+        os.replace(tmp, out / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return entry, frames
+
+
 def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
                      source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None,
                      views: int = 1, data: DataConfig | None = None) -> dict:
@@ -219,7 +253,6 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
     (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
     renamed when complete. ``views`` > 1: that many views of each video outside the evaluation
     splits, augmented as ``data`` says (module docstring). Returns this process's totals."""
-    import webdataset as wds
     from tqdm import tqdm
 
     device = device or next(model.parameters()).device
@@ -230,44 +263,23 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
     totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
     mine = urls[rank::world]
     bar = tqdm(total=len(mine), desc="features", unit="shard", disable=not progress, file=sys.stderr)
-    for url in mine:
-        name = Path(url).name
-        record = out / DONE / f"{name}.json"
-        if record.is_file() and (out / name).is_file():
-            _same_extractor(json.loads(record.read_text()), extractor, out)
-            totals["resumed"] += 1
+    try:  # the bar ends its line before any error is printed
+        for url in mine:
+            name = Path(url).name
+            record = out / DONE / f"{name}.json"
+            if record.is_file() and (out / name).is_file():
+                _same_extractor(json.loads(record.read_text()), extractor, out)
+                totals["resumed"] += 1
+            else:
+                entry, frames = _extract_shard(model, url, out, spec, data, views, pooled_only, device)
+                write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
+                totals["shards"] += 1
+                totals["samples"] += entry["samples"]
+                totals["frames"] += frames
+                totals["skipped"] += len(entry["skipped"])
             bar.update(1)
-            continue
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
-        shard_views = 1 if entry["split"] in EVALUATION_SPLITS else views
-        try:
-            with open(tmp, "wb") as file:
-                writer = wds.TarWriter(file)
-                # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
-                for sample in wds.tarfile_to_samples()([{"url": url}]):
-                    try:
-                        meta, members, frames = _encode_sample(model, sample, spec, data, shard_views, pooled_only,
-                                                               device)
-                    except Exception as error:  # a corrupt video: listed, the others go on
-                        entry["skipped"].append({"key": sample.get("__key__"), "reason": _first_line(error)})
-                        continue
-                    writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(), **members})
-                    entry["samples"] += 1
-                    entry["queries"] += len(meta["queries"])
-                    totals["frames"] += frames
-                writer.close()
-            entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
-            os.replace(tmp, out / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
-        totals["shards"] += 1
-        totals["samples"] += entry["samples"]
-        totals["skipped"] += len(entry["skipped"])
-        bar.update(1)
-    bar.close()
+    finally:
+        bar.close()
     return totals
 
 
@@ -289,12 +301,15 @@ def write_manifest(out: Path, extractor: dict) -> dict:
 
 
 def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
-    """A finished shard from an earlier run counts only if the same tower and spec made it (the
-    label ``model`` aside)."""
-    theirs, ours = ({k: v for k, v in e.items() if k != "model"} for e in (entry.get("extractor", {}), extractor))
-    if theirs != ours:
-        raise UserError(f"{out}: {entry['path']} was extracted by another vision tower or sampling spec; remove "
-                        "the folder (or that shard and its .done record) and extract again")
+    """A finished shard from an earlier run counts only if the same tower, spec and views made it
+    (the label ``model`` aside)."""
+    theirs, ours = entry.get("extractor", {}), extractor
+    differ = sorted(k for k in theirs.keys() | ours.keys() if k != "model" and theirs.get(k) != ours.get(k))
+    if differ:
+        words = {"vision_sha256": "vision tower", "sampling": "sampling spec", "tokens": "token count (--pooled-only)",
+                 "views": "number of views (--views)", "augmentation": "view augmentation"}
+        raise UserError(f"{out}: {entry['path']} was extracted with another {', '.join(words.get(k, k) for k in differ)};"
+                        " remove the folder (or that shard and its .done record) and extract again")
 
 
 # ----- the field's released features --------------------------------------------------------------
