@@ -60,7 +60,7 @@ seconds = {p.stem: float(p.read_text()) for p in out.glob("*.time")}
 runs = {}
 for metrics in sorted(out.glob("*/metrics.json")):
     name, brief = metrics.parent.name, json.loads(metrics.read_text())["brief"]
-    wall = sum(seconds.get(f"{name}-{part}", 0.0) for part in ("extract", "train", "eval"))
+    wall = round(sum(seconds.get(f"{name}-{part}", 0.0) for part in ("extract", "train", "eval")), 1)
     runs[name] = {"R1@0.5": brief["MR-full-R1@0.5"], "R1@0.7": brief["MR-full-R1@0.7"],
                   "mAP": brief["MR-full-mAP"], "extract_s": seconds.get(f"{name}-extract", 0.0),
                   "train_s": seconds.get(f"{name}-train"), "eval_s": seconds.get(f"{name}-eval"), "wall_s": wall}
