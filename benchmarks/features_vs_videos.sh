@@ -15,6 +15,9 @@
 # Both runs use 2 processes (launch/cpu_2proc.yaml) and the same seed. Run it on a quiet machine.
 set -euo pipefail
 mode=${1:?usage: features_vs_videos.sh videos|features|report OUT}
+case $mode in videos|features|report) ;;
+*) echo "features_vs_videos.sh: unknown mode $mode (videos, features or report)" >&2; exit 2 ;;
+esac
 out=${2:?the output folder}
 data=${DATA:-runs/quickstart-data/shards}
 read -r -a model <<< "${MODEL:-model.freeze_clip=true model.vision_width=256 model.vision_layers=6 model.vision_heads=4}"
@@ -86,5 +89,4 @@ if base:  # the same frozen tower: its weights' sha256 in the video run's bundle
 (out / "report.json").write_text(json.dumps(runs, indent=1) + "\n")
 EOF
     ;;
-*) echo "features_vs_videos.sh: unknown mode $mode (videos, features or report)" >&2; exit 2 ;;
 esac
