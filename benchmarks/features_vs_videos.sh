@@ -29,12 +29,13 @@ now() { date +%s.%N; }
 # seconds since $1, into $out/$2.time: what the report reads
 took() { python3 -c "import sys, time; print(round(time.time() - float(sys.argv[1]), 1))" "$1" > "$out/$2.time"; }
 
-train_and_eval() {  # NAME TRAIN_GLOB VAL_GLOB
-    local name=$1 start
+train_and_eval() {  # NAME TRAIN_GLOB VAL_GLOB [OVERRIDE ...]
+    local name=$1 train=$2 val=$3 start
+    shift 3
     rm -rf "${out:?}/$name"
     start=$(now)
-    "${launch[@]}" -m vmr.train --config configs/tiny.yaml "${model[@]}" "data.train_shards=$2" \
-        "data.val_shards=$3" "train.output_dir=$out/$name"
+    "${launch[@]}" -m vmr.train --config configs/tiny.yaml "${model[@]}" "data.train_shards=$train" \
+        "data.val_shards=$val" "train.output_dir=$out/$name" "$@"
     took "$start" "$name-train"
     start=$(now)
     python3 -m vmr.cli eval --checkpoint "$out/$name/export" --shards "$3" --json "$out/$name/metrics.json"
@@ -52,11 +53,16 @@ features)
     "${launch[@]}" -m vmr.cli features extract --config configs/tiny.yaml "$@" --shards "$data" \
         --out "$out/$name-cache" "${model[@]}"
     took "$start" "$name-extract"
-    train_and_eval "$name" "$out/$name-cache/train-*.tar" "$out/$name-cache/val-*.tar" ;;
+    # Each input gets its best loader: a cache batch costs about 12 ms to read, and on 2 cores a
+    # loader worker beside each of the 2 ranks costs more than it saves (0.373 s per step with one
+    # worker, 0.334 s without); video shards train at the same speed with or without (1.835 / 1.827 s).
+    train_and_eval "$name" "$out/$name-cache/train-*.tar" "$out/$name-cache/val-*.tar" data.num_workers=0 ;;
 report)
     python3 - "$out" <<'EOF'
-import json, sys
+import json, statistics, sys
 from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 out = Path(sys.argv[1])
 seconds = {p.stem: float(p.read_text()) for p in out.glob("*.time")}
@@ -67,14 +73,20 @@ for metrics in sorted(out.glob("*/metrics.json")):
     runs[name] = {"R1@0.5": brief["MR-full-R1@0.5"], "R1@0.7": brief["MR-full-R1@0.7"],
                   "mAP": brief["MR-full-mAP"], "extract_s": seconds.get(f"{name}-extract", 0.0),
                   "train_s": seconds.get(f"{name}-train"), "eval_s": seconds.get(f"{name}-eval"), "wall_s": wall}
+    # The loop's own timings (TensorBoard perf/*): the machine's speed drifts, so each run says its own.
+    events = EventAccumulator(str(next((metrics.parent / "tensorboard").rglob("events.out.tfevents.*")))).Reload()
+    for tag, key in (("perf/step_s", "median_step_s"), ("perf/data_wait_fraction", "median_data_wait")):
+        runs[name][key] = round(statistics.median(e.value for e in events.Scalars(tag)), 3)
 base = runs.get("videos")
-print("| run | R1@0.5 | R1@0.7 | mAP | extract s | train s | eval s | wall s | wall / videos | R1@0.5 - videos |")
-print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+print("| run | R1@0.5 | R1@0.7 | mAP | extract s | train s | eval s | wall s | wall / videos | R1@0.5 - videos "
+      "| median step s | data wait |")
+print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 for name, r in runs.items():
     ratio = f"{r['wall_s'] / base['wall_s']:.3f}" if base else ""
     gap = f"{r['R1@0.5'] - base['R1@0.5']:+.2f}" if base else ""
     print(f"| {name} | {r['R1@0.5']:.2f} | {r['R1@0.7']:.2f} | {r['mAP']:.2f} | {r['extract_s']:.0f} | "
-          f"{r['train_s']:.0f} | {r['eval_s']:.0f} | {r['wall_s']:.0f} | {ratio} | {gap} |")
+          f"{r['train_s']:.0f} | {r['eval_s']:.0f} | {r['wall_s']:.0f} | {ratio} | {gap} | "
+          f"{r['median_step_s']:.3f} | {r['median_data_wait']:.1%} |")
 if base:  # the same frozen tower: its weights' sha256 in the video run's bundle and in each cache
     from vmr.features import vision_fingerprint
     from vmr.model import VideoMomentRetrievalModel
