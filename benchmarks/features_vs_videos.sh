@@ -38,7 +38,7 @@ train_and_eval() {  # NAME TRAIN_GLOB VAL_GLOB [OVERRIDE ...]
         "data.val_shards=$val" "train.output_dir=$out/$name" "$@"
     took "$start" "$name-train"
     start=$(now)
-    python3 -m vmr.cli eval --checkpoint "$out/$name/export" --shards "$3" --json "$out/$name/metrics.json"
+    python3 -m vmr.cli eval --checkpoint "$out/$name/export" --shards "$val" --json "$out/$name/metrics.json"
     took "$start" "$name-eval"
 }
 
