@@ -9,10 +9,11 @@
 #   benchmarks/features_vs_videos.sh report   OUT            # the table, and OUT/report.json
 #
 # Data: the quickstart's shards (`make quickstart` builds them; DATA= to use others). Model:
-# configs/tiny.yaml with CLIP frozen and a vision tower of width 256 and 6 layers (4.8M parameters,
-# MODEL= to change it): on the quickstart's 32-px frames it costs about 6x the layers above it per
-# step, less than CLIP ViT-B/32 does at 224 px (17x, benchmarks/reports/2026-12-01-cpu-2core-features.md).
-# Both runs use 2 processes (launch/cpu_2proc.yaml) and the same seed. Run it on a quiet machine.
+# configs/tiny.yaml with CLIP frozen and a vision tower of width 256 and 12 layers (9.5M parameters,
+# MODEL= to change it): on the quickstart's 32-px frames it costs about 9x the layers above it per
+# training step, less than CLIP ViT-B/32 does at 224 px (17x, benchmarks/reports/2026-12-01-cpu-2core-features.md).
+# Both runs train STEPS steps (default 1000) on 2 processes (launch/cpu_2proc.yaml) with the same
+# seed. Run it on a quiet machine: the ratio of wall times is only as good as the machine's steadiness.
 set -euo pipefail
 mode=${1:?usage: features_vs_videos.sh videos|features|report OUT}
 case $mode in videos|features|report) ;;
@@ -20,7 +21,8 @@ case $mode in videos|features|report) ;;
 esac
 out=${2:?the output folder}
 data=${DATA:-runs/quickstart-data/shards}
-read -r -a model <<< "${MODEL:-model.freeze_clip=true model.vision_width=256 model.vision_layers=6 model.vision_heads=4}"
+read -r -a model <<< "${MODEL:-model.freeze_clip=true model.vision_width=256 model.vision_layers=12 model.vision_heads=4}"
+steps=${STEPS:-1000}
 bin=$(dirname "$(command -v python3)")
 launch=("$bin/accelerate" launch --config_file launch/cpu_2proc.yaml)
 mkdir -p "$out"
@@ -35,7 +37,7 @@ train_and_eval() {  # NAME TRAIN_GLOB VAL_GLOB [OVERRIDE ...]
     rm -rf "${out:?}/$name"
     start=$(now)
     "${launch[@]}" -m vmr.train --config configs/tiny.yaml "${model[@]}" "data.train_shards=$train" \
-        "data.val_shards=$val" "train.output_dir=$out/$name" "$@"
+        "data.val_shards=$val" "train.output_dir=$out/$name" "train.max_steps=$steps" "$@"
     took "$start" "$name-train"
     start=$(now)
     python3 -m vmr.cli eval --checkpoint "$out/$name/export" --shards "$val" --json "$out/$name/metrics.json"
