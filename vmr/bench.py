@@ -425,7 +425,7 @@ def bench_features(shards: str, device: str, quick: bool, workdir: Path) -> dict
     from vmr.data.shards import iter_shard
     from vmr.data.stream import expand_shards
     from vmr.data.video import open_video, sample_frames, sample_times
-    from vmr.features import clip_extractor, extract_features, write_manifest
+    from vmr.features import extract_features, write_manifest
     from vmr.model import VideoMomentRetrievalModel
 
     torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
@@ -452,10 +452,10 @@ def bench_features(shards: str, device: str, quick: bool, workdir: Path) -> dict
     forward_s = time.perf_counter() - start
     out = workdir / "features"
     start = time.perf_counter()
-    extract_features(model, spec, urls, out, progress=False)
+    extractor = extract_features(model, spec, urls, out, progress=False, source="bench")["extractor"]
     _sync(dev)
     extract_s = time.perf_counter() - start
-    write_manifest(out, clip_extractor(model, spec, False, "bench"))
+    write_manifest(out, extractor)
 
     steps, warmup = (12, 4) if quick else (40, 8)
     cfg.train.max_steps = steps

@@ -252,7 +252,8 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
     this process (``rank`` of ``world``) takes shards rank, rank + world, ... Shards finished before
     (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
     renamed when complete. ``views`` > 1: that many views of each video outside the evaluation
-    splits, augmented as ``data`` says (module docstring). Returns this process's totals."""
+    splits, augmented as ``data`` says (module docstring). Returns this process's totals, and the
+    ``extractor`` record that ``write_manifest`` takes (hashing the tower's weights once is enough)."""
     from tqdm import tqdm
 
     device = device or next(model.parameters()).device
@@ -280,7 +281,7 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
             bar.update(1)
     finally:
         bar.close()
-    return totals
+    return {**totals, "extractor": extractor}
 
 
 def write_manifest(out: Path, extractor: dict) -> dict:
@@ -469,7 +470,7 @@ def run_extract(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(args.out, clip_extractor(model, spec, args.pooled_only, source, args.views, cfg.data))
+        manifest = write_manifest(args.out, totals["extractor"])
         videos = sum(s["samples"] for s in manifest["splits"].values())
         print(f"{videos} videos in {sum(len(s['shards']) for s in manifest['splits'].values())} feature shard(s) in "
               f"{args.out} ({totals['resumed']} shard(s) already done); this process: {totals['samples']} videos, "
