@@ -6,6 +6,7 @@
 #
 #   benchmarks/features_vs_videos.sh videos   OUT            # train + eval from video shards
 #   benchmarks/features_vs_videos.sh features OUT [NAME [extract options]]  # extract + train + eval
+#   benchmarks/features_vs_videos.sh features OUT views2 --views 2   # the same with one augmented view per training video
 #   benchmarks/features_vs_videos.sh report   OUT            # the table, and OUT/report.json
 #
 # Data: the quickstart's shards (`make quickstart` builds them; DATA= to use others). Model:
