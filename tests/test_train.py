@@ -271,7 +271,7 @@ def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
 
 
 def test_cpu_threads_leave_the_loader_workers_their_cores():
-    from vmr.train import cpu_threads
+    from vmr.runtime import cpu_threads
 
     assert cpu_threads(workers=1, local_processes=1, cores=2) == 1
     assert cpu_threads(workers=0, local_processes=1, cores=2) == 2

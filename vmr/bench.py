@@ -268,7 +268,7 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
 
     from vmr.data.stream import to_device
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
-    from vmr.train import compute_threads, memory_mb, precision_for
+    from vmr.runtime import compute_threads, memory_mb, precision_for
 
     t = cfg.train
     cuda = device.type == "cuda"
@@ -486,7 +486,7 @@ def bench_infer(shards: str, videos_dir: Path | None, device: str, quick: bool, 
     from vmr.config import config_to_dict
     from vmr.eval.predict import predict_video
     from vmr.model import VideoMomentRetrievalModel
-    from vmr.train import memory_mb
+    from vmr.runtime import memory_mb
 
     cfg = _bench_config(device, shards, quick)
     dev = torch.device(device)

@@ -434,14 +434,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    import time
-
-    import torch
-    from accelerate import PartialState
-
-    from vmr.config import load_config
     from vmr.data.stream import expand_shards
-    from vmr.model import VideoMomentRetrievalModel
+    from vmr.runtime import process_group_scope, process_state
 
     # Overrides written right after --shards land in its list: take them back.
     overrides = [*(a for a in args.shards if "=" in a and not Path(a).exists()), *args.overrides]
@@ -452,7 +446,20 @@ def run_extract(args: argparse.Namespace) -> int:
         raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
     if not 1 <= args.views <= 64:
         raise UserError(f"--views must be between 1 and 64, got {args.views}")
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
+    with process_group_scope():
+        return _extract(args, state, urls, overrides)
+
+
+def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[str]) -> int:
+    """``vmr features extract`` on this rank, inside its process group's scope."""
+    import time
+
+    import torch
+
+    from vmr.config import load_config
+    from vmr.model import VideoMomentRetrievalModel
+
     if args.checkpoint:
         from vmr.eval.predict import load_model
 
@@ -477,10 +484,6 @@ def run_extract(args: argparse.Namespace) -> int:
               f"{totals['frames']} frames in {seconds:.1f} s ({totals['frames'] / max(seconds, 1e-9):.0f} frames/s)"
               + (f"; {len(manifest['skipped'])} unreadable video(s) skipped, listed in manifest.json"
                  if manifest["skipped"] else ""))
-    if state.num_processes > 1:
-        from vmr.train import release_process_group
-
-        release_process_group()
     return 0
 
 

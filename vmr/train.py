@@ -12,7 +12,6 @@ splits shards by rank and worker itself (vmr.data.stream).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from vmr.config import Config, load_config, save_config
 from vmr.errors import UserError
 from vmr.eval.metrics import BRIEF_KEYS
+from vmr.runtime import compute_threads, make_accelerator, memory_mb, process_group_scope
 
 
 class LoopState:
@@ -67,75 +67,6 @@ class StepVerdicts:
                                 "or check the data, then --resume latest")
 
 
-def precision_for(asked: str, cuda: bool, mps: bool, bf16_ok: bool) -> str:
-    """``auto``: bf16 on CUDA where supported, else fp16 (with loss scaling); fp16 on MPS; fp32 on CPU."""
-    if asked == "auto":
-        return ("bf16" if bf16_ok else "fp16") if cuda else "fp16" if mps else "no"
-    if asked == "fp16" and not (cuda or mps):
-        raise UserError("train.mixed_precision: fp16 needs a CUDA or MPS device; on a CPU use bf16 or no")
-    return asked
-
-
-def make_accelerator(cfg: Config):
-    import torch
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration
-
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if deepspeed and not cuda:
-        # Without a GPU, DeepSpeed's ranks only find each other over gloo (else each believes it is alone).
-        PartialState(backend="gloo")
-    precision = precision_for(cfg.train.mixed_precision, cuda, mps, cuda and torch.cuda.is_bf16_supported())
-    out = Path(cfg.train.output_dir)
-    compile_options = {}
-    if cfg.train.compile:  # fixed batch shapes (BatchShape): one compilation serves every step
-        from accelerate.utils import TorchDynamoPlugin
-
-        compile_options["dynamo_plugin"] = TorchDynamoPlugin(backend="inductor", dynamic=False)
-    accelerator = Accelerator(
-        cpu=not (cuda or mps or deepspeed),  # CPU ranks must be told, or each trains alone
-        mixed_precision=precision,
-        **compile_options,
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tensorboard")),
-    )
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None:
-        # The loader is not prepared, so DeepSpeed's "auto" batch and clipping values come from here.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-        plugin.deepspeed_config["train_batch_size"] = (cfg.train.batch_size * cfg.train.grad_accum
-                                                       * accelerator.num_processes)
-        if plugin.deepspeed_config.get("gradient_clipping", "auto") == "auto":
-            plugin.deepspeed_config["gradient_clipping"] = cfg.train.max_grad_norm
-    return accelerator
-
-
-def cpu_threads(workers: int, local_processes: int, cores: int | None = None) -> int:
-    """Compute threads for each training process on a CPU: the cores left after every process's
-    loader workers, shared by this machine's processes. More compete with the workers' decoding for
-    the same cores: on 2 cores with 1 worker, a tiny-config step took 1.35 s with torch's default
-    2 threads and 0.95 s with 1 (vmr bench train)."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores // max(1, local_processes) - workers)
-
-
-@contextlib.contextmanager
-def compute_threads(device, workers: int, local_processes: int = 1):
-    """On a CPU, torch's threads set to ``cpu_threads`` for the duration (unless OMP_NUM_THREADS is
-    set: an explicit setting wins), then restored: training may run inside a notebook."""
-    import torch
-
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_threads(workers, local_processes))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def lr_schedule(warmup: int, total: int, min_ratio: float):
     """Linear warm-up over ``warmup`` steps, then cosine decay to ``min_ratio`` at ``total``."""
 
@@ -158,29 +89,6 @@ def endless(loader, label: str):
         epoch += 1
 
 
-def memory_mb(device) -> float:
-    import psutil
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return psutil.Process().memory_info().rss / 2**20
-
-
-def release_process_group(barrier: bool = True) -> None:
-    """Tear the process groups down while the interpreter is still whole. Left to interpreter
-    finalisation, gloo's worker threads may still hold work with tensors whose release needs the
-    GIL, and the process aborts after finishing ("terminate called without an active exception",
-    exit -6; pytorch/pytorch#190489). ``barrier=False`` on an error path, where the other ranks
-    may never arrive."""
-    import torch
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        if barrier:
-            torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
 def train(cfg: Config, resume: str | None = None) -> dict | None:
     """Run the configured training; returns the last validation metrics (main process)."""
     t = cfg.train
@@ -188,13 +96,22 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
         raise UserError("data.train_shards is empty: give the training shards (folder, glob or URLs)")
     if t.best_metric not in BRIEF_KEYS:
         raise UserError(f"train.best_metric: {t.best_metric!r} is not one of {', '.join(BRIEF_KEYS)}")
+    with process_group_scope():  # released once the accelerator below is gone: it holds the group
+        return _on_accelerator(cfg, resume)
+
+
+def _on_accelerator(cfg: Config, resume: str | None) -> dict | None:
+    """The accelerator and the CPU threads around the loop."""
     accelerator = make_accelerator(cfg)
     with compute_threads(accelerator.device, cfg.data.num_workers, int(os.environ.get("LOCAL_WORLD_SIZE", 1))):
-        return _train(cfg, resume, accelerator)
+        try:
+            return _train(cfg, resume, accelerator)
+        finally:  # the prepared model (DDP, a DeepSpeed engine) holds the process group: drop it
+            accelerator.free_memory()
 
 
 def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
-    """The loop itself (``train`` sets up the accelerator and the CPU threads around it)."""
+    """The loop itself (``_on_accelerator`` sets up the accelerator and the CPU threads around it)."""
     import torch
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm import tqdm
@@ -350,16 +267,16 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
 
     finally:  # the bar's last redraw must not land after an error's one line
         bar.close()
+        batches.close()  # the loader's workers stop now, not at interpreter exit
     export_bundle(accelerator, model, cfg, out / "export")
-    if hasattr(model, "destroy"):  # a DeepSpeed engine: release ZeRO-3 hooks and threads before exit
-        model.destroy()
+    # A DeepSpeed engine is destroyed here (ZeRO-3 hooks and threads), while the group it needs is alive.
+    accelerator.free_memory()
     bad = skipped(loader)
     if accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
         bad = sum(gather_object([bad]))
     accelerator.end_training()
-    release_process_group()
     if main_process:
         if bad:
             print(f"{bad} unreadable shard or sample read(s) were skipped (each read counts once; last reason on "
@@ -439,11 +356,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        train(load_config(args.config, args.overrides), resume=args.resume)
-    except BaseException:
-        release_process_group(barrier=False)  # exit with the error, not with an abort
-        raise
+    train(load_config(args.config, args.overrides), resume=args.resume)
     return 0
 
 
@@ -460,4 +373,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from vmr.runtime import exit_process
+
+    exit_process(main())

@@ -338,26 +338,22 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _predict_for_eval(args):
     """Batched inference on the best device; under ``accelerate launch`` every process predicts its
     share of the shards and the main process gathers them."""
-    import torch
-    from accelerate import PartialState
     from accelerate.utils import gather_object
 
-    # On CPU-only hosts the ranks must be told, or each believes it is alone and predicts everything.
-    state = PartialState(cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()))
-    model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
-    check_shards(model, args.shards, cfg.data.allow_pipe)
-    start = time.perf_counter()
-    predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
-                                                     rank=state.process_index, world=state.num_processes,
-                                                     progress=state.is_main_process)
-    if state.num_processes > 1:
-        predictions, truth = gather_object(predictions), gather_object(truth)
-        bad = sum(gather_object([bad]))
-        reason = next((r for r in gather_object([reason]) if r), "")
-    if state.num_processes > 1:
-        from vmr.train import release_process_group
+    from vmr.runtime import process_group_scope, process_state
 
-        release_process_group()
+    state = process_state()
+    with process_group_scope():
+        model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
+        check_shards(model, args.shards, cfg.data.allow_pipe)
+        start = time.perf_counter()
+        predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
+                                                         rank=state.process_index, world=state.num_processes,
+                                                         progress=state.is_main_process)
+        if state.num_processes > 1:
+            predictions, truth = gather_object(predictions), gather_object(truth)
+            bad = sum(gather_object([bad]))
+            reason = next((r for r in gather_object([reason]) if r), "")
     if not predictions:  # every rank raises alike: no metrics of nothing
         raise nothing_read(args.shards, bad, reason)
     if not state.is_main_process:
