@@ -145,7 +145,8 @@ def _kill_after_first_staged_shard(process: subprocess.Popen, out: Path, split: 
 def test_a_killed_build_changes_nothing_and_can_be_redone(synth_dir, tmp_path):
     out = tmp_path / "out"
     _kill_after_first_staged_shard(_slow_build(synth_dir, out), out)
-    visible = [p.name for p in out.iterdir() if not p.name.startswith(".vmr-build-")]
+    # The killed build's lock stays (its holder is gone: the next build takes it over).
+    visible = [p.name for p in out.iterdir() if not p.name.startswith(".vmr-build-") and p.name != ".vmr-lock"]
     assert visible == [], visible  # no shard, no manifest, no temporary file in the output folder
     redo = _slow_build(synth_dir, out)  # no --overwrite needed: nothing was ever built
     assert redo.wait(timeout=120) == 0, redo.stderr.read()
@@ -163,7 +164,8 @@ def test_a_killed_overwrite_keeps_the_old_split_whole(synth_dir, tmp_path):
     assert build(synth_dir / "videos", tmp_path / "two.jsonl", out) == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     _kill_after_first_staged_shard(_slow_build(synth_dir, out, "--overwrite"), out)
-    after = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".vmr-build-")}
+    after = {p.name: p.read_bytes() for p in out.iterdir()
+             if not p.name.startswith(".vmr-build-") and p.name != ".vmr-lock"}  # the killed run's stale lock
     assert after == before  # the old shards and manifest, byte for byte, and nothing beside them
     assert main(["shards", "verify", str(out)]) == 0
     redo = _slow_build(synth_dir, out, "--overwrite")

@@ -30,6 +30,7 @@ of frames) and refuse a cache that does not fit the model (``check_cache``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -40,20 +41,10 @@ import sys
 from pathlib import Path
 
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.shards import (
-    FEATURES,
-    MANIFEST,
-    TEXT,
-    TIMES,
-    VIEW_TIMES,
-    VIEWS,
-    _sha256,
-    _ShardWriter,
-    sanitise_key,
-    write_text_atomic,
-)
-from vmr.data.video import _first_line
+from vmr.data.manifest import MANIFEST, claim, extractor_of, shard_entry
+from vmr.data.shards import FEATURES, TEXT, TIMES, VIEW_TIMES, VIEWS, _sha256, _ShardWriter, sanitise_key
 from vmr.errors import UserError
+from vmr.io import FolderLock, confined, field, first_line, read_json, read_npz, write_text_atomic
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
@@ -102,17 +93,8 @@ def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, 
 
 
 def cache_of(urls: list[str]) -> dict | None:
-    """The extractor of feature shards (from the manifest beside them), or None for video shards
-    (or shards without a manifest)."""
-    for url in urls:
-        path = Path(url)
-        if path.is_file() and (path.parent / MANIFEST).is_file():
-            try:
-                manifest = json.loads((path.parent / MANIFEST).read_text())
-            except json.JSONDecodeError:
-                return None
-            return manifest.get("extractor") if manifest.get("kind") == "features" else None
-    return None
+    """The extractor of feature shards, or None for video shards (or shards without a manifest)."""
+    return extractor_of(urls)
 
 
 def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> None:
@@ -154,13 +136,11 @@ def use_cache(model, extractor: dict) -> None:
 
 
 def _split_of(url: str) -> str:
-    path = Path(url)
-    if (path.parent / MANIFEST).is_file():
-        manifest = json.loads((path.parent / MANIFEST).read_text())
-        for split, info in manifest.get("splits", {}).items():
-            if any(s["path"] == path.name for s in info.get("shards", [])):
-                return split
-    return path.name.split("-")[0] if "-" in path.name else "train"
+    found = shard_entry(url)
+    if found is not None:
+        return found[0]
+    name = Path(url).name
+    return name.split("-")[0] if "-" in name else "train"
 
 
 def _encode(model, decoder, times: list[float], spec: SamplingConfig, start: float, pooled_only: bool, device,
@@ -230,7 +210,7 @@ def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataC
                 try:
                     meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
                 except Exception as error:  # a corrupt video: listed, the others go on
-                    entry["skipped"].append({"key": sample.get("__key__"), "reason": _first_line(error)})
+                    entry["skipped"].append({"key": sample.get("__key__"), "reason": first_line(error)})
                     continue
                 writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(), **members})
                 entry["samples"] += 1
@@ -268,8 +248,9 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
         for url in mine:
             name = Path(url).name
             record = out / DONE / f"{name}.json"
-            if record.is_file() and (out / name).is_file():
-                _same_extractor(json.loads(record.read_text()), extractor, out)
+            done = _finished(record, out) if record.is_file() else None
+            if done is not None:
+                _same_extractor(done, extractor, out)
                 totals["resumed"] += 1
             else:
                 entry, frames = _extract_shard(model, url, out, spec, data, views, pooled_only, device)
@@ -284,12 +265,51 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
     return {**totals, "extractor": extractor}
 
 
+def _read_record(path: Path, out: Path) -> dict:
+    """A ``.done`` record, every field checked; its shard's name stays inside ``out``."""
+    entry, where = read_json(path), str(path)
+    name = field(entry, "path", str, where)
+    confined(out, name, f"{where}: 'path'")
+    if path.name != f"{name}.json":
+        raise UserError(f"{where}: records shard {name!r}, not {path.name.removesuffix('.json')!r}")
+    field(entry, "split", str, where)
+    for key in ("samples", "queries", "bytes"):
+        if field(entry, key, int, where) < 0:
+            raise UserError(f"{where}: '{key}' must be >= 0")
+    field(entry, "sha256", str, where)
+    field(entry, "skipped", list, where)
+    field(entry, "extractor", dict, where)
+    return entry
+
+
+def _finished(record: Path, out: Path) -> dict | None:
+    """The record of a shard finished before, if the shard still matches it (size and sha256);
+    None when it must be redone (a shard that changed, or is gone)."""
+    entry = _read_record(record, out)
+    shard = out / entry["path"]
+    if shard.is_file() and shard.stat().st_size == entry["bytes"] and _sha256(shard) == entry["sha256"]:
+        return entry
+    print(f"{shard}: missing or changed since its record was written; extracting it again", file=sys.stderr)
+    return None
+
+
+def sweep_temporaries(out: Path) -> int:
+    """Remove the temporary shards and records a killed run left in ``out`` (call with the folder's
+    lock held, before this run writes): returns how many."""
+    swept = 0
+    for path in [*out.glob(".*.tmp*"), *(out / DONE).glob(".*.tmp*")]:
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            swept += 1
+    return swept
+
+
 def write_manifest(out: Path, extractor: dict) -> dict:
     """manifest.json from the records of every finished shard (all processes'), video-shard layout."""
     splits: dict[str, dict] = {}
     skipped = []
     for record in sorted((out / DONE).glob("*.json")):
-        entry = json.loads(record.read_text())
+        entry = _read_record(record, out)
         _same_extractor(entry, extractor, out)
         split = splits.setdefault(entry["split"], {"shards": [], "samples": 0, "queries": 0})
         split["shards"].append({k: entry[k] for k in ("path", "samples", "queries", "sha256", "bytes")})
@@ -316,22 +336,26 @@ def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
 # ----- the field's released features --------------------------------------------------------------
 
 
-def _load_npz(path: Path, keys: tuple[str, ...]):
-    import numpy as np
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            for key in keys:
-                if key in data:
-                    return np.asarray(data[key], dtype=np.float32)
-            raise UserError(f"{path}: holds {', '.join(data.files) or 'no array'}, expected {' or '.join(keys)}")
-    except (ValueError, OSError) as error:
-        raise UserError(f"{path}: not a readable .npz file ({str(error).splitlines()[0][:120]})") from None
-
-
 def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path,
                     split: str = "train", clip_seconds: float = 2.0, max_videos_per_shard: int = 500,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, overwrite: bool = False) -> dict:
+    """``_import_features`` with the folder claimed (feature shards only; an existing split, or
+    other features, only with ``overwrite``) and locked for the run."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise UserError(f"--split: {split!r} must be letters, digits, '_' or '-'")
+    claim(out, "features", split, overwrite)
+    with FolderLock(out, f"vmr features import --split {split}"):
+        sweep_temporaries(out)
+        previous = claim(out, "features", split, overwrite)  # again: another run may have written meanwhile
+        return _import_features(video_dirs, text_dir, annotations, out, split, clip_seconds, max_videos_per_shard,
+                                progress, previous, overwrite)
+
+
+def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path, split: str,
+                     clip_seconds: float, max_videos_per_shard: int, progress: bool, previous: dict,
+                     overwrite: bool) -> dict:
     """Feature shards from the Moment-DETR / Lighthouse / UniVTG release layout: ``<vid>.npz`` with
     ``features`` (clips, dim) at ``clip_seconds`` per clip in each of ``video_dirs`` (L2-normalised
     each, concatenated along the feature axis, truncated to the shortest), and ``qid<qid>.npz`` with
@@ -344,11 +368,16 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
     from vmr.data.shards import _query_json
 
     records, skips = read_annotations(annotations)
-    by_video: dict[str, list] = {}
-    for record in records:
-        by_video.setdefault(record.video_id, []).append(record)
-    out.mkdir(parents=True, exist_ok=True)
     skipped = [{"video_id": s.video_id, "qid": s.qid, "reason": s.reason} for s in skips]
+    by_video: dict[str, list] = {}
+    seen: set = set()
+    for record in records:
+        if record.qid in seen:
+            skipped.append({"video_id": record.video_id, "qid": record.qid,
+                            "reason": f"{record.source}: duplicate qid {record.qid!r}"})
+            continue
+        seen.add(record.qid)
+        by_video.setdefault(record.video_id, []).append(record)
     # Shards are written by the video shards' writer: temporary name, renamed when complete.
     writer = _ShardWriter(out, split, 1 << 62, max_videos_per_shard)
     width, text_width = None, None
@@ -356,10 +385,10 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
         for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
             parts = []
             for folder in video_dirs:
-                path = folder / f"{video_id}.npz"
+                path = confined(folder, f"{video_id}.npz", f"{annotations}: video id")
                 if not path.is_file():
                     break
-                array = _load_npz(path, ("features",))
+                array = read_npz(path, ("features",))
                 if array.ndim != 2 or len(array) == 0:
                     raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
                 parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
@@ -374,11 +403,15 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
             texts, kept = {}, []
             for record in queries:
                 if text_dir is not None:
-                    path = text_dir / f"qid{record.qid}.npz"
+                    path = confined(text_dir, f"qid{record.qid}.npz", f"{annotations}: qid")
                     if not path.is_file():
                         skipped.append({"video_id": video_id, "qid": record.qid, "reason": f"{path} is missing"})
                         continue
-                    array = _load_npz(path, ("last_hidden_state", "pooler_output"))
+                    array = read_npz(path, ("last_hidden_state", "pooler_output"))
+                    if array.ndim > 2 and not all(n == 1 for n in array.shape[:-2]):
+                        raise UserError(f"{path}: expected (tokens, dim) or (dim,), got {array.shape}")
+                    if text_width not in (None, array.shape[-1]):
+                        raise UserError(f"{path}: {array.shape[-1]}-d, earlier queries' features are {text_width}-d")
                     texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
                     text_width = array.shape[-1]
                 kept.append(_query_json(record, record.seconds(1.0 / clip_seconds)))
@@ -405,11 +438,17 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
     manifest = {"kind": "features", "extractor": extractor,
                 "splits": {split: {"shards": shards, "samples": sum(s["samples"] for s in shards),
                                    "queries": sum(s["queries"] for s in shards)}}, "skipped": skipped}
-    old = out / MANIFEST
-    if old.is_file():  # another split imported before into the same folder
-        previous = json.loads(old.read_text())
-        if previous.get("extractor", {}).get("width") == width:
-            manifest["splits"] = {**previous.get("splits", {}), **manifest["splits"]}
+    others = {k: v for k, v in previous["splits"].items() if k != split} if previous["kind"] == "features" else {}
+    if others:  # other splits imported before into the same folder: kept when they fit together
+        theirs = previous["extractor"]
+        differ = [k for k in ("width", "text", "text_width", "sampling") if theirs.get(k) != extractor.get(k)]
+        if differ and not overwrite:
+            raise UserError(f"{out}: its splits {', '.join(sorted(others))} hold features that differ in "
+                            f"{', '.join(differ)}; import into another folder, or pass --overwrite to drop them")
+        if not differ:
+            manifest["splits"] = {**others, **manifest["splits"]}
+            manifest["skipped"] = [s for s in previous.get("skipped", []) if s.get("split") != split] + [
+                {**s, "split": split} for s in skipped]
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -430,6 +469,8 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
                         "as the video loader's training windows are (data.sampling.frames, data.temporal_jitter, "
                         "data.scale_jitter), of which training picks one at random; the val and test splits get "
                         "only the plain view")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds video shards (replacing its manifest)")
     p.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
 
 
@@ -444,6 +485,9 @@ def run_extract(args: argparse.Namespace) -> int:
         raise UserError(f"config overrides ({overrides[0]}) go with --config; a --checkpoint brings its own")
     if cache_of(urls) is not None:
         raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
+    inputs = {Path(u).resolve().parent for u in urls if Path(u).is_file()}
+    if args.out.resolve() in inputs:  # each feature shard takes its video shard's name: it would replace it
+        raise UserError(f"--out: {args.out} holds the video shards being read; write the features to another folder")
     if not 1 <= args.views <= 64:
         raise UserError(f"--views must be between 1 and 64, got {args.views}")
     state = process_state()
@@ -472,12 +516,18 @@ def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[s
         source = cfg.model.name if cfg.model.init == "pretrained" else f"random init ({args.config}, seed {cfg.train.seed})"
     spec = model.sampling
     start = time.perf_counter()
-    totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
-                              state.num_processes, progress=state.is_main_process, views=args.views, data=cfg.data)
+    # The main process holds the folder's lock for the whole run; every rank checks the folder's kind.
+    claim(args.out, "features", None, args.overwrite)
+    with FolderLock(args.out, "vmr features extract") if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process and sweep_temporaries(args.out):
+            print(f"removed temporary files a killed run left in {args.out}", file=sys.stderr)
+        state.wait_for_everyone()
+        totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
+                                  state.num_processes, progress=state.is_main_process, views=args.views, data=cfg.data)
+        state.wait_for_everyone()
+        manifest = write_manifest(args.out, totals["extractor"]) if state.is_main_process else None
     seconds = time.perf_counter() - start
-    state.wait_for_everyone()
     if state.is_main_process:
-        manifest = write_manifest(args.out, totals["extractor"])
         videos = sum(s["samples"] for s in manifest["splits"].values())
         print(f"{videos} videos in {sum(len(s['shards']) for s in manifest['splits'].values())} feature shard(s) in "
               f"{args.out} ({totals['resumed']} shard(s) already done); this process: {totals['samples']} videos, "
@@ -495,6 +545,8 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
     p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--clip-seconds", type=float, default=2.0, help="seconds per feature row (default 2, QVHighlights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing split, or a folder of video shards or of features of another width")
 
 
 def run_import(args: argparse.Namespace) -> int:
@@ -506,7 +558,7 @@ def run_import(args: argparse.Namespace) -> int:
     if not args.clip_seconds > 0:
         raise UserError(f"--clip-seconds must be positive, got {args.clip_seconds}")
     manifest = import_features(args.video_features, args.text_features, args.annotations, args.out, args.split,
-                               args.clip_seconds)
+                               args.clip_seconds, overwrite=args.overwrite)
     info = manifest["splits"][args.split]
     print(f"split {args.split!r}: {info['samples']} videos, {info['queries']} queries, "
           f"{manifest['extractor']['width']}-d features in {args.out}; skipped {len(manifest['skipped'])} "

@@ -82,8 +82,8 @@ def release_process_group(barrier: bool = True) -> None:
     import torch
 
     dist = torch.distributed
-    if not dist.is_available():
-        return
+    if not dist.is_available() or not (dist.is_initialized() or gloo_threads()):
+        return  # no group was made here (a single process): nothing to release
     try:
         if barrier and dist.is_initialized() and dist.get_world_size() > 1:
             if dist.get_backend() == "gloo":
@@ -125,7 +125,7 @@ def _drop_captured_groups() -> None:
     import types
 
     for obj in gc.get_objects():
-        if not isinstance(obj, types.FunctionType):
+        if type(obj) is not types.FunctionType:  # type(), not isinstance: no attribute lookups
             continue
         if obj.__defaults__ and any(type(d).__name__ == "ProcessGroup" for d in obj.__defaults__):
             obj.__defaults__ = tuple(None if type(d).__name__ == "ProcessGroup" else d for d in obj.__defaults__)

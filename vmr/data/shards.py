@@ -40,10 +40,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
+from vmr.data.manifest import MANIFEST, claim, read_manifest
 from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError, out_of_space
+from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
 
-MANIFEST = "manifest.json"
 # Members of a feature shard's sample beside its json, in place of the video (vmr/features.py).
 FEATURES, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
 VIEWS, VIEW_TIMES = "views.npy", "view_times.npy"  # a cache's augmented training views
@@ -219,34 +220,6 @@ class _ShardWriter:
             self._tar = None
 
 
-def read_manifest(out: Path) -> dict:
-    path = out / MANIFEST
-    if not path.is_file():
-        return {"splits": {}, "skipped": [], "params": {}}
-    try:
-        manifest = json.loads(path.read_text())
-        if not isinstance(manifest.get("splits"), dict):
-            raise ValueError("no 'splits' object")
-    except (json.JSONDecodeError, ValueError, AttributeError) as error:
-        raise UserError(f"{path}: not a vmr shard manifest ({error})") from None
-    return manifest
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file.
-    A full disk or an unwritable place is a UserError naming it, and leaves no temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        full = out_of_space(error, path)
-        raise (full or UserError(f"{path}: cannot write it ({error.strerror or error})")) from None
-
-
 def build_shards(
     videos: Path,
     annotations: list[Path],
@@ -306,77 +279,77 @@ def build_shards(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UserError(f"--out: cannot create {out} ({error.strerror or error})") from None
-    finish_commits(out)
-    staging = out / f".vmr-build-{split}"
-    if staging.exists():
-        print(f"removing an unfinished build of split {split!r} left in {staging} (the build was interrupted; "
-              "nothing in the output folder had changed)", file=sys.stderr)
-        shutil.rmtree(staging)
-    manifest = read_manifest(out)
-    old_files = sorted(out.glob(f"{split}-*.tar"))
-    if split in manifest["splits"] and not overwrite:
-        raise UserError(f"{out}: split {split!r} already exists; pass --overwrite to replace it")
-    if old_files and not overwrite:
-        raise UserError(f"{out}: {old_files[0].name} and other shards of split {split!r} exist but the manifest "
-                        "does not list them; pass --overwrite to replace them")
-    if not tasks:
-        raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
-                        + (f": {skips[0].reason}" if skips else ""))
+    # One build of a folder at a time: two would share its staging folders and manifest.
+    with FolderLock(out, f"vmr shards build --split {split}"):
+        finish_commits(out)
+        staging = out / f".vmr-build-{split}"
+        if staging.exists():
+            print(f"removing an unfinished build of split {split!r} left in {staging} (the build was interrupted; "
+                  "nothing in the output folder had changed)", file=sys.stderr)
+            shutil.rmtree(staging)
+        claim(out, "videos", split, overwrite)
+        old_files = sorted(out.glob(f"{split}-*.tar"))
+        if old_files and not overwrite:
+            raise UserError(f"{out}: {old_files[0].name} and other shards of split {split!r} exist but the manifest "
+                            "does not list them; pass --overwrite to replace them")
+        if not tasks:
+            raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
+                            + (f": {skips[0].reason}" if skips else ""))
 
-    encode_dir = staging / "encode"
-    encode_dir.mkdir(parents=True)
-    writer = _ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
-    keys: set[str] = set()
-    jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        # imap keeps the annotation order, so the shards do not depend on the number of workers.
-        results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
-        for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
-                           disable=not progress, file=sys.stderr):
-            if isinstance(result, Skip):
-                skips.append(result)
-                continue
-            skips.extend(result.skips)
-            if not result.meta:
-                continue
-            key = sanitise_key(result.video_id)
-            while key in keys:  # two ids that differ only in punctuation
-                key += "_"
-            keys.add(key)
-            writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
-            if result.temporary:
-                result.path.unlink()
-        shards = writer.close()
-        if not shards:
-            raise UserError(f"split {split!r}: no video could be packed; {len(skips)} skipped, the first: "
-                            f"{skips[0].reason if skips else '?'}")
-    except BaseException as error:
-        writer.abort()
-        # Asked before the staging folder gives its space back, so the disk still reads as full.
-        full = out_of_space(error, staging) if isinstance(error, OSError) else None
-        shutil.rmtree(staging, ignore_errors=True)
-        if full is None:
+        encode_dir = staging / "encode"
+        encode_dir.mkdir(parents=True)
+        writer = _ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+        keys: set[str] = set()
+        jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+        try:
+            # imap keeps the annotation order, so the shards do not depend on the number of workers.
+            results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
+            for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
+                               disable=not progress, file=sys.stderr):
+                if isinstance(result, Skip):
+                    skips.append(result)
+                    continue
+                skips.extend(result.skips)
+                if not result.meta:
+                    continue
+                key = sanitise_key(result.video_id)
+                while key in keys:  # two ids that differ only in punctuation
+                    key += "_"
+                keys.add(key)
+                writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
+                if result.temporary:
+                    result.path.unlink()
+            shards = writer.close()
+            if not shards:
+                raise UserError(f"split {split!r}: no video could be packed; {len(skips)} skipped, the first: "
+                                f"{skips[0].reason if skips else '?'}")
+        except BaseException as error:
+            writer.abort()
+            # Asked before the staging folder gives its space back, so the disk still reads as full.
+            full = out_of_space(error, staging) if isinstance(error, OSError) else None
+            shutil.rmtree(staging, ignore_errors=True)
+            if full is None:
+                raise
+            raise UserError(f"{full}; nothing in {out} was changed") from None
+        finally:
+            if pool:
+                pool.terminate()
+
+        params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
+                       "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
+                       "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
+        entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
+                 "queries": sum(s["queries"] for s in shards), "params": params_json}
+        journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
+                   "skipped": [{"split": split, **s.to_json()} for s in skips]}
+        try:
+            write_text_atomic(out / f".vmr-commit-{split}.json", json.dumps(journal) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
             raise
-        raise UserError(f"{full}; nothing in {out} was changed") from None
-    finally:
-        if pool:
-            pool.terminate()
-
-    params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
-                   "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
-                   "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
-    entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
-             "queries": sum(s["queries"] for s in shards), "params": params_json}
-    journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
-               "skipped": [{"split": split, **s.to_json()} for s in skips]}
-    try:
-        write_text_atomic(out / f".vmr-commit-{split}.json", json.dumps(journal) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    _commit(out, journal)
-    return {**entry, "skipped": skips}
+        _commit(out, journal)
+        return {**entry, "skipped": skips}
 
 
 def _commit(out: Path, journal: dict) -> None:
@@ -392,6 +365,8 @@ def _commit(out: Path, journal: dict) -> None:
         if (staging / name).exists():
             os.replace(staging / name, out / name)
     manifest = read_manifest(out)
+    if manifest["kind"] != "videos":  # --overwrite of a folder of feature shards
+        manifest = {"kind": "videos", "splits": {}, "skipped": []}
     manifest["splits"][split] = entry
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + journal["skipped"]
     manifest["params"] = entry["params"]
@@ -400,24 +375,40 @@ def _commit(out: Path, journal: dict) -> None:
     (out / f".vmr-commit-{split}.json").unlink(missing_ok=True)
 
 
+def _read_journal(path: Path, out: Path) -> dict:
+    """A commit journal, every name in it a plain file name of this split inside ``out``: a
+    journal is a file like any other, and ``_commit`` deletes and moves what it names."""
+    journal = read_json(path)
+    where = str(path)
+    split = field(journal, "split", str, where)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", split) or path.name != f".vmr-commit-{split}.json":
+        raise UserError(f"{where}: 'split' {split!r} does not match the journal's name")
+    entry = field(journal, "entry", dict, where)
+    shards = field(entry, "shards", list, f"{where}: entry")
+    names = [*field(journal, "old", list, where),
+             *(field(s, "path", str, f"{where}: entry.shards") if isinstance(s, dict) else s for s in shards)]
+    for name in names:
+        confined(out, name, f"{where}: shard name")
+        if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
+            raise UserError(f"{where}: {name!r} is not a shard of split {split!r}")
+    field(journal, "skipped", list, where)
+    return journal
+
+
 def finish_commits(out: Path) -> None:
     """Finish any split switch that a killed build left half done."""
-    for path in sorted(out.glob(".vmr-commit-*.json")):
-        try:
-            journal = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):  # killed while writing the journal: the switch never began
-            path.unlink(missing_ok=True)
-            continue
+    for path in sorted(out.glob(".vmr-commit-*.json")):  # written atomically: whole, or not there
+        journal = _read_journal(path, out)
         print(f"finishing the interrupted switch of split {journal['split']!r} in {out}", file=sys.stderr)
         _commit(out, journal)
 
 
 def iter_shard(path: Path):
-    """(key, video bytes, metadata) for each sample of one shard, in order."""
+    """(key, video bytes (None in a feature shard), metadata) for each sample of one shard, in order."""
     import webdataset as wds
 
     for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-        yield sample["__key__"], sample["mp4"], json.loads(sample["json"])
+        yield sample["__key__"], sample.get("mp4"), json.loads(sample["json"])
 
 
 def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
@@ -443,7 +434,7 @@ def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
             for key, video, meta in iter_shard(path):
                 samples += 1
                 queries += len(meta.get("queries", []))
-                problem = _check_sample(video, meta)
+                problem = _check_sample(video, meta) if video is not None else None  # feature shards: no video
                 if problem:
                     problems.append(f"{path} key {key}: {problem}")
         except Exception as error:  # a damaged tar: name the shard, keep checking the others

@@ -56,23 +56,72 @@ def percent(x: float) -> float:
 
 
 def load_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a file that is missing, a folder, binary or not JSON lines, and a row
+    without a usable ``qid``, are a BadInput naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise BadInput(f"{path}: file not found")
+        raise BadInput(f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadInput(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+    except OSError as error:
+        raise BadInput(f"{path}: cannot read it ({error.strerror or error})") from None
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadInput(f"{path}:{number}: not a JSON line (is this a JSONL file?)") from None
         if not isinstance(row, dict) or "qid" not in row:
             raise BadInput(f"{path}:{number}: expected an object with a 'qid'")
+        if isinstance(row["qid"], bool) or not isinstance(row["qid"], (int, str)):
+            raise BadInput(f"{path}:{number}: 'qid' must be an integer or a string, got {row['qid']!r:.60}")
         rows.append(row)
     if not rows:
         raise BadInput(f"{path}: no lines to read")
     return rows
+
+
+def _finite_numbers(values, qid, key: str) -> list[float]:
+    """``values`` as a list of finite floats, else a BadInput naming the qid and key."""
+    if not isinstance(values, (list, tuple)):
+        raise BadInput(f"qid {qid}: {key} must be a list, got {values!r:.60}")
+    try:
+        numbers = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise BadInput(f"qid {qid}: {key} holds a non-number") from None
+    if any(isinstance(v, bool) for v in values) or not all(math.isfinite(v) for v in numbers):
+        raise BadInput(f"qid {qid}: {key} holds a value that is not a finite number")
+    return numbers
+
+
+def _check_truth_row(row: dict) -> dict:
+    """Every ground-truth field that enters a metric, checked: duration a positive number, clip ids
+    non-negative integers, one row of 0-4 annotator scores per clip id."""
+    qid, row = row["qid"], dict(row)
+    if "duration" in row:
+        duration = row["duration"]
+        if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not (
+                math.isfinite(duration) and duration > 0):
+            raise BadInput(f"qid {qid}: duration must be a positive number of seconds, got {duration!r:.60}")
+    ids = row.get("relevant_clip_ids")
+    if ids is not None:
+        if not isinstance(ids, list) or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in ids):
+            raise BadInput(f"qid {qid}: relevant_clip_ids must be a list of non-negative integers")
+        if "duration" in row and ids and max(ids) * QVH_CLIP_SECONDS >= row["duration"] + QVH_CLIP_SECONDS:
+            raise BadInput(f"qid {qid}: relevant_clip_ids reach clip {max(ids)}, past the {row['duration']:g}-s video")
+    scores = row.get("saliency_scores")
+    if scores is not None:
+        if ids is None or not isinstance(scores, list) or len(scores) != len(ids):
+            raise BadInput(f"qid {qid}: saliency_scores must have one row per relevant_clip_ids entry "
+                           f"({len(ids or [])}), got {len(scores) if isinstance(scores, list) else repr(scores)[:40]}")
+        rows = [_finite_numbers(r, qid, "saliency_scores") for r in scores]
+        if any(len(r) != len(rows[0]) for r in rows) or any(not 0 <= v <= 4 for r in rows for v in r):
+            raise BadInput(f"qid {qid}: saliency_scores must be rows of equal length with scores from 0 to 4")
+    return row
 
 
 def _check_window(window, qid, key: str, with_score: bool) -> list[float]:
@@ -98,6 +147,9 @@ def check_inputs(predictions: list[dict], ground_truth: list[dict], allow_missin
     Duplicate or unknown qids and malformed windows are errors naming the qid. A ground-truth qid
     without a prediction is an error, or with ``allow_missing`` an empty prediction (it scores 0)."""
     gt: dict = OrderedDict()
+    for row in [*ground_truth, *predictions]:
+        if not isinstance(row, dict) or isinstance(row.get("qid"), bool) or not isinstance(row.get("qid"), (int, str)):
+            raise BadInput(f"a row's 'qid' must be an integer or a string: {str(row)[:80]}")
     for row in ground_truth:
         qid = row["qid"]
         if qid in gt:
@@ -105,7 +157,7 @@ def check_inputs(predictions: list[dict], ground_truth: list[dict], allow_missin
         windows = [_check_window(w, qid, "relevant_windows", False) for w in row.get("relevant_windows") or []]
         if not windows:
             raise BadInput(f"qid {qid}: the ground truth has no relevant_windows")
-        gt[qid] = {**row, "relevant_windows": windows}
+        gt[qid] = {**_check_truth_row(row), "relevant_windows": windows}
     preds: dict = {}
     for row in predictions:
         qid = row["qid"]
@@ -117,10 +169,7 @@ def check_inputs(predictions: list[dict], ground_truth: list[dict], allow_missin
                    for w in row.get("pred_relevant_windows") or []]
         saliency = row.get("pred_saliency_scores")
         if saliency is not None:
-            try:
-                saliency = [float(s) for s in saliency]
-            except (TypeError, ValueError):
-                raise BadInput(f"qid {qid}: pred_saliency_scores holds a non-number") from None
+            saliency = _finite_numbers(saliency, qid, "pred_saliency_scores")
         preds[qid] = {**row, "pred_relevant_windows": windows, "pred_saliency_scores": saliency}
     missing = [qid for qid in gt if qid not in preds]
     if missing and not allow_missing:

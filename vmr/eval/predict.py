@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from vmr.data.shards import write_text_atomic
 from vmr.errors import UserError
 from vmr.eval.metrics import BadInput, evaluate, evaluate_groups, leaderboard, load_jsonl
+from vmr.io import write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 TOP_K = 10  # windows kept per query: mAP reads the top 10
