@@ -124,6 +124,15 @@ class TrainConfig:
     seed: int = 0
 
 
+# Every size of the model that something divides by or allocates from.
+POSITIVE_MODEL_SIZES = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
+                        "text_layers", "text_heads", "projection_dim", "hidden_dim", "num_heads")
+NON_NEGATIVE_MODEL_VALUES = ("focal_gamma", "loss_relevance", "loss_l1", "loss_giou", "loss_saliency",
+                             "saliency_margin")
+MAX_FPS = 60.0  # frames per second the model may sample; a video's own rate bounds it further when read
+MAX_WINDOW = 4096  # frames per window
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +154,24 @@ class Config:
             (d.shuffle_buffer >= 1, "data.shuffle_buffer", "must be at least 1"),
             (0 <= d.temporal_crop <= 1, "data.temporal_crop", "is a probability in [0, 1]"),
             (0 < d.scale_jitter[0] <= d.scale_jitter[1] <= 1, "data.scale_jitter", "needs 0 < min <= max <= 1"),
+            # Sizes first: the multiples below divide by them.
+            *((getattr(m, k) >= 1, f"model.{k}", "must be at least 1") for k in POSITIVE_MODEL_SIZES),
+            (m.patch_size <= m.image_size, "model.patch_size", "must be at most model.image_size"),
+            (d.sampling.window <= MAX_WINDOW, "data.sampling.window", f"must be at most {MAX_WINDOW} frames"),
+            (d.sampling.fps <= MAX_FPS, "data.sampling.fps", f"must be at most {MAX_FPS:g} frames/s"),
+            (d.sampling.size <= 1024, "data.sampling.size", "must be at most 1024 pixels"),
+            (d.max_text_len <= 512, "data.max_text_len", "must be at most 512 tokens"),
+            *((getattr(m, k) >= 0, f"model.{k}", "must be >= 0") for k in NON_NEGATIVE_MODEL_VALUES),
+            (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "is a share in [0, 1]"),
+            (t.max_grad_norm >= 0 and t.weight_decay >= 0 and t.backbone_lr_mult >= 0, "train.max_grad_norm",
+             "and train.weight_decay, train.backbone_lr_mult must be >= 0"),
+            (t.figure_queries >= 0, "train.figure_queries", "must be >= 0"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise UserError(f"{key} {why}, got {_get(self, key)!r}")
+        # Only now that every size is at least 1:
+        checks = [
             (m.image_size % m.patch_size == 0, "model.image_size", "must be a multiple of model.patch_size"),
             (m.hidden_dim % m.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads"),
             (m.vision_width % m.vision_heads == 0, "model.vision_width", "must be a multiple of vision_heads"),
@@ -283,10 +310,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     cfg = Config()
     if path is not None:
         path = Path(path)
+        from vmr.io import read_text
+
+        if not path.exists():
+            raise UserError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"{path}: config file not found") from None
+            values = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as error:
             raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
         if not isinstance(values, dict):

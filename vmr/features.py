@@ -43,7 +43,7 @@ from pathlib import Path
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.manifest import MANIFEST, claim, extractor_of, shard_entry
 from vmr.data.shards import FEATURES, TEXT, TIMES, VIEW_TIMES, VIEWS, _sha256, _ShardWriter, sanitise_key
-from vmr.errors import UserError
+from vmr.errors import UserError, out_of_space
 from vmr.io import FolderLock, confined, field, first_line, read_json, read_npz, write_text_atomic
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
@@ -197,6 +197,9 @@ def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataC
     name and renamed when complete. Returns its manifest entry and the frames encoded."""
     import webdataset as wds
 
+    from vmr.data.stream import bounded_downloads
+
+    bounded_downloads()
     name = Path(url).name
     tmp = out / f".{name}.tmp-{os.getpid()}"
     entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
@@ -219,9 +222,13 @@ def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataC
             writer.close()
         entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
         os.replace(tmp, out / name)
-    except BaseException:
+    except (UserError, KeyboardInterrupt, SystemExit):
         tmp.unlink(missing_ok=True)
         raise
+    except Exception as error:  # the shard itself: a stalled download, a damaged tar, a full disk
+        tmp.unlink(missing_ok=True)
+        full = out_of_space(error, tmp) if isinstance(error, OSError) else None
+        raise (full or UserError(f"{url}: cannot read this shard ({first_line(error)})")) from None
     return entry, frames
 
 

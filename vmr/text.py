@@ -52,3 +52,17 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
         raise UserError(f"cannot load tokenizer {name!r} ({str(error).splitlines()[0][:200]})") from None
+
+
+def check_query(tokenizer, query: str) -> str:
+    """``query``, refused with one line when it tokenizes to nothing but the start, end and padding
+    tokens: spaces, emoji or zero-width characters that a tokenizer drops would otherwise score as
+    an empty query does (moments of nothing). An unknown word is still a token."""
+    if not isinstance(query, str) or not query.strip():
+        raise UserError("the query is empty")
+    ids = tokenizer(query, add_special_tokens=False)["input_ids"]
+    framing = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    if not any(i not in framing for i in ids):
+        raise UserError(f"the query {query[:80]!r} tokenizes to nothing (only spaces, symbols or characters "
+                        "the model's tokenizer drops)")
+    return query

@@ -108,19 +108,28 @@ def open_url(url: str, mode: str = "rb", bufsize: int = 8192):
     return Pipe([*CURL, url], mode=mode, bufsize=bufsize, ignore_status=[141, 23], timeout=300.0)
 
 
+def bounded_downloads() -> None:
+    """Every webdataset read of an http(s) URL in this process (and the workers it forks) goes
+    through ``open_url``: a server that accepts and never sends stops the read within a minute
+    instead of hanging it. Called by every reader of shard URLs (the loader, feature extraction)."""
+    from webdataset.gopen import gopen_schemes
+
+    gopen_schemes["http"] = gopen_schemes["https"] = open_url
+
+
 def count_samples(urls: list[str]) -> int | None:
     """Videos in these shards according to the manifests beside them; None when unknown."""
-    total, manifests = 0, {}
+    from vmr.data.manifest import MANIFEST, read_manifest
+
+    total, folders = 0, {}
     for url in urls:
         path = Path(url)
-        if not path.is_file():
+        if not path.is_file() or not (path.parent / MANIFEST).is_file():
             return None
-        if path.parent not in manifests:
-            file = path.parent / "manifest.json"
-            manifests[path.parent] = json.loads(file.read_text()) if file.is_file() else None
-        manifest = manifests[path.parent]
-        entry = None if manifest is None else next(
-            (s for split in manifest["splits"].values() for s in split["shards"] if s["path"] == path.name), None)
+        if path.parent not in folders:  # each folder's manifest read once
+            splits = read_manifest(path.parent)["splits"].values()
+            folders[path.parent] = {s["path"]: s for info in splits for s in info["shards"]}
+        entry = folders[path.parent].get(path.name)
         if entry is None:
             return None
         total += entry["samples"]
@@ -618,9 +627,7 @@ def make_loader(shards: str | list[str], data: DataConfig, tokenizer, batch_size
     """A DataLoader of batches for this rank (see ShardStream). ``loader.skipped`` is the number
     of samples skipped as undecodable so far; ``loader.dataset.set_epoch(e)`` reseeds."""
     urls = expand_shards(shards, data.allow_pipe)
-    from webdataset.gopen import gopen_schemes
-
-    gopen_schemes["http"] = gopen_schemes["https"] = open_url  # inherited by the forked workers
+    bounded_downloads()  # inherited by the forked workers
     if rank is None or world is None:
         rank, world = distributed_rank()
     workers = data.num_workers if num_workers is None else num_workers

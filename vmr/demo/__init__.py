@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     limit = upload_limit_mb(args.max_upload_mb)
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be in 1-65535, got {args.port}")
+    # An empty address makes the server listen on every interface: that must be asked for by name.
+    if not args.host.strip() or any(c.isspace() for c in args.host):
+        raise UserError(f"--host must be an address or host name (127.0.0.1, or 0.0.0.0 for every interface), "
+                        f"got {args.host!r}")
     # Streamlit enforces its own upload cap (whole MB); the app checks the exact limit.
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
                "--server.address", args.host, "--server.maxUploadSize", str(max(1, math.ceil(limit))),

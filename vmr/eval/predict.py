@@ -14,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import BadInput, evaluate, evaluate_groups, leaderboard, load_jsonl
 from vmr.io import write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
+from vmr.text import check_query
 
 TOP_K = 10  # windows kept per query: mAP reads the top 10
 
@@ -235,16 +237,17 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
     from vmr.data.video import inference_windows, probe
     from vmr.model import rank_moments
 
-    if not query.strip():
-        raise UserError("the query is empty")
     check_reads_videos(model)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
+    check_query(model.tokenizer, query)
     try:
         info = probe(path)
     except ValueError as error:
         raise UserError(f"{path}: cannot decode this video ({error})") from None
+    if clip_fps is not None and clip_fps > info.fps + 1e-6:  # frames that do not exist: the same ones again
+        raise UserError(f"--clip-fps {clip_fps:g} is above the video's own {info.fps:g} frames/s ({path})")
     spec = dataclasses.replace(model.sampling, fps=clip_fps or model.sampling.fps, window=window or model.sampling.window)
     windows = inference_windows(info.duration, spec)
     scores = model.score_windows(video_windows(path, windows, spec.size, info.start), [query], info.duration)[0]
@@ -309,6 +312,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     if args.checkpoint:
         if args.predictions or not args.shards:
             raise UserError("with --checkpoint, give --shards (and not --predictions)")
+        if not 1 <= args.batch_size <= 4096:
+            raise UserError(f"--batch-size must be between 1 and 4096 videos, got {args.batch_size}")
         predictions, truth, name = _predict_for_eval(args)
         if predictions is None:  # not the main process
             return 0
@@ -383,8 +388,8 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.clip_fps is not None and not (math.isfinite(args.clip_fps) and args.clip_fps > 0):
         raise UserError(f"--clip-fps must be a positive number, got {args.clip_fps}")
-    if args.window is not None and args.window < 1:
-        raise UserError(f"--window must be at least 1, got {args.window}")
+    if args.window is not None and not 1 <= args.window <= MAX_WINDOW:
+        raise UserError(f"--window must be between 1 and {MAX_WINDOW} frames, got {args.window}")
     model, cfg = load_model(args.checkpoint)
     start = time.perf_counter()
     result = predict_video(model, cfg, args.video, args.query, args.top_k, clip_fps=args.clip_fps, window=args.window)

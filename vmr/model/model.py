@@ -21,6 +21,7 @@ from torch import nn
 
 from vmr.config import Config, ModelConfig, SamplingConfig, load_config
 from vmr.errors import UserError
+from vmr.io import first_line, read_json
 from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
 from vmr.spans import frame_edges, frame_windows, nms
@@ -278,10 +279,15 @@ class VideoMomentRetrievalModel(nn.Module):
                 raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
         full = load_config(directory / CONFIG)
         cfg = full.model
-        clip_config = CLIPConfig.from_dict(json.loads((directory / CLIP_CONFIG).read_text()))
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory),
-                    sampling=full.data.sampling)
+        try:
+            clip_config = CLIPConfig.from_dict(read_json(directory / CLIP_CONFIG))
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory),
+                        sampling=full.data.sampling)
+        except UserError:
+            raise
+        except Exception as error:  # a config, tokenizer or processor file transformers cannot use
+            raise UserError(f"{directory}: not a usable inference bundle ({first_line(error, 160)})") from None
         try:
             weights = load_file(directory / WEIGHTS, device=str(map_location))
         except Exception as error:  # a truncated or foreign file: safetensors' own error types
@@ -291,9 +297,14 @@ class VideoMomentRetrievalModel(nn.Module):
         if missing or unexpected:
             raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
                             f"{sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. {sorted(unexpected)[:1]})")
+        state = model.state_dict()
+        wrong = [k for k in sorted(weights) if weights[k].shape != state[k].shape]
+        if wrong:
+            raise UserError(f"{directory}: its weights do not fit its config.yaml ({wrong[0]} is "
+                            f"{tuple(weights[wrong[0]].shape)} in {WEIGHTS}, {tuple(state[wrong[0]].shape)} by the config)")
         model.load_state_dict(weights)
         if (directory / FEATURES).is_file():
-            model.features = json.loads((directory / FEATURES).read_text())
+            model.features = read_json(directory / FEATURES)
         return model.to(map_location).eval()
 
 
