@@ -14,10 +14,12 @@ beside --out (PYTHONFAULTHANDLER=1: an aborting process prints the Python stack 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -81,15 +83,28 @@ def launch(args: list[str], run: Path, timeout: int) -> tuple[int, str]:
     command = [str(BIN / "accelerate"), "launch", "--num_processes", "2", "--main_process_port", str(free_port()),
                *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
     try:
-        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        return -999, f"timed out after {timeout} s\n{expired.stderr or ''}"
-    return result.returncode, result.stdout + result.stderr
+        out, _ = process.communicate(timeout=timeout)
+        return process.returncode, out
+    except subprocess.TimeoutExpired:
+        # A hang: SIGABRT to every rank makes each print the Python stack of all its threads
+        # (PYTHONFAULTHANDLER), which says where it waited; then the whole launch is killed.
+        import psutil
+
+        for child in psutil.Process(process.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signal.SIGABRT)
+        time.sleep(5)
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        return -999, f"timed out after {timeout} s (hung; stacks below)\n{out}"
 
 
 def aborted(log: str) -> bool:
-    return "SIGABRT" in log or "exitcode  : -6" in log or "terminate called" in log
+    return not log.startswith("timed out") and ("SIGABRT" in log or "exitcode  : -6" in log
+                                                 or "terminate called" in log)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20, help="launches of each entry point (default 20)")
     parser.add_argument("--only", nargs="+", help="entry points to launch (default: all)")
     parser.add_argument("--no-load", action="store_true", help="no busy loop beside the launches")
-    parser.add_argument("--timeout", type=int, default=300, help="seconds per launch before it counts as hung")
+    parser.add_argument("--timeout", type=int, default=180, help="seconds per launch before it counts as hung")
     parser.add_argument("--out", type=Path, required=True, help="JSON report; failed launches' logs beside it")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         names = args.only or list(commands)
         if not args.no_load:  # one core kept busy
             busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        counts = {name: {"launches": 0, "failed": 0, "aborted": 0, "seconds": 0.0} for name in names}
+        counts = {name: {"launches": 0, "failed": 0, "aborted": 0, "hung": 0, "seconds": 0.0} for name in names}
         logs = args.out.with_suffix("")
         started = time.perf_counter()
         for round_ in range(args.rounds):
@@ -127,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 if code != 0:
                     entry["failed"] += 1
                     entry["aborted"] += aborted(log)
+                    entry["hung"] += code == -999
                     logs.mkdir(parents=True, exist_ok=True)
                     (logs / f"{name}-{round_}.log").write_text(log)
                     print(f"round {round_} {name}: exit {code}{' (abort)' if aborted(log) else ''}", file=sys.stderr)
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "launches": sum(c["launches"] for c in counts.values()),
         "failed": sum(c["failed"] for c in counts.values()),
         "aborted": sum(c["aborted"] for c in counts.values()),
+        "hung": sum(c["hung"] for c in counts.values()),
         "seconds": round(time.perf_counter() - started, 1),
         "entry_points": {k: {**v, "seconds": round(v["seconds"], 1)} for k, v in counts.items()},
     }

@@ -42,7 +42,17 @@ from pathlib import Path
 
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.manifest import MANIFEST, claim, extractor_of, shard_entry
-from vmr.data.shards import FEATURES, TEXT, TIMES, VIEW_TIMES, VIEWS, _sha256, _ShardWriter, sanitise_key
+from vmr.data.shards import (
+    FEATURES,
+    TAR_MTIME,
+    TEXT,
+    TIMES,
+    VIEW_TIMES,
+    VIEWS,
+    _sha256,
+    _ShardWriter,
+    sanitise_key,
+)
 from vmr.errors import UserError, out_of_space
 from vmr.io import FolderLock, confined, field, first_line, read_json, read_npz, write_text_atomic
 
@@ -207,7 +217,7 @@ def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataC
     frames = 0
     try:
         with open(tmp, "wb") as file:
-            writer = wds.TarWriter(file)
+            writer = wds.TarWriter(file, mtime=TAR_MTIME)  # the same inputs give the same bytes
             # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
             for sample in wds.tarfile_to_samples()([{"url": url}]):
                 try:

@@ -303,6 +303,9 @@ def check_inputs(model, cfg: Config) -> dict | None:
         elif cfg.model.feature_dim or cfg.model.text_feature_dim:
             raise UserError(f"{key}: video shards, but model.feature_dim / text_feature_dim say the model reads "
                             "imported features; give feature shards (vmr features import)")
+        if found is not None and cache is not None and found.get("vision_sha256") != cache.get("vision_sha256"):
+            raise UserError(f"{key}: these features were made by another vision tower than data.train_shards' "
+                            f"({found.get('model')} vs {cache.get('model')}); extract both with the same one")
         if (found is None) != (cache is None):
             raise UserError(f"{key}: {'feature' if found else 'video'} shards, but data.train_shards are "
                             f"{'feature' if cache else 'video'} shards; give both of one kind")

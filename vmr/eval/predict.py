@@ -186,8 +186,24 @@ def check_shards(model, shards, allow_pipe: bool = False) -> None:
     cache = cache_of(expand_shards(shards, allow_pipe))
     if cache is not None:
         check_cache(cache, model, model.sampling, "--shards")
+        check_tower(cache, model, "--shards")
     else:
         check_reads_videos(model)
+
+
+def check_tower(cache: dict, model, where: str) -> None:
+    """Features of CLIP's tower are only valid for the model whose layers learned on that tower: the
+    tower that made the model's training cache, else the model's own (its weights as trained)."""
+    if cache.get("kind") != "clip":
+        return
+    from vmr.features import vision_fingerprint
+
+    trained_on = model.features if (model.features or {}).get("kind") == "clip" else None
+    expected = trained_on["vision_sha256"] if trained_on else vision_fingerprint(model)
+    if cache.get("vision_sha256") != expected:
+        raise UserError(f"{where}: these features were made by another vision tower ({cache.get('model')}) than the "
+                        f"one this model {'was trained on' if trained_on else 'has'}; extract them with this model "
+                        "(vmr features extract --checkpoint ...)")
 
 
 def check_reads_videos(model) -> None:
@@ -345,11 +361,15 @@ def _predict_for_eval(args):
     share of the shards and the main process gathers them."""
     from accelerate.utils import gather_object
 
+    from vmr.data.stream import expand_shards
+    from vmr.features import cache_of
     from vmr.runtime import process_group_scope, process_state
 
     state = process_state()
     with process_group_scope():
-        model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None)
+        # bf16 weights on CUDA only for videos: a cache's tower is checked against the fp32 weights.
+        cached = cache_of(expand_shards(args.shards, allow_pipe=True)) is not None  # (read: check_shards)
+        model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None, fast=not cached)
         check_shards(model, args.shards, cfg.data.allow_pipe)
         start = time.perf_counter()
         predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
