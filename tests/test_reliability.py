@@ -317,3 +317,26 @@ print("clean")
     result = subprocess.run([sys.executable, "-c", script], env={**__import__("os").environ, "PORT": str(free_port())},
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0 and "clean" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_cached_sample_with_non_finite_tokens_is_refused_by_the_loader():
+    """Feature shards made elsewhere may hold NaN: the loader's decode refuses the sample (the
+    stream then counts and skips it, as it does an undecodable video)."""
+    import io
+
+    from vmr.config import DataConfig
+    from vmr.data.stream import decode_features
+
+    def npy(array) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    tokens = np.zeros((4, 1, 8), dtype=np.float16)
+    meta = {"video_id": "v", "duration": 4.0, "queries": [{"qid": 1, "query": "q", "windows": [[0.0, 2.0]]}]}
+    sample = {"__key__": "v", "json": json.dumps(meta).encode(), "tokens.npy": npy(tokens),
+              "times.npy": npy(np.arange(4) + 0.5)}
+    assert len(list(decode_features(sample, DataConfig(), None, train=False))) >= 1
+    tokens[2, 0, 3] = np.nan
+    with pytest.raises(ValueError, match="tokens.npy holds NaN or infinite values"):
+        list(decode_features({**sample, "tokens.npy": npy(tokens)}, DataConfig(), None, train=False))

@@ -11,6 +11,8 @@ value, evaluated when the module is imported. Imported after the group exists (t
 them with CLIP), ten function defaults keep the destroyed group, and its threads, alive until the
 interpreter ends. ``prepare_process_group`` imports them while no group exists, so their defaults
 hold None, and ``release_process_group`` then really ends the threads, in order, before exit.
+The destruction itself must wait for gloo's workers to let go of their last work
+(``settle_process_group``), or the destructor and a worker wait for each other.
 """
 
 from __future__ import annotations
@@ -71,6 +73,32 @@ def gloo_threads() -> list[str]:
     return sorted(names)
 
 
+SETTLE_S = 0.2  # seconds, GIL released, for gloo's workers to let go of their finished work
+
+
+def settle_process_group(barrier: bool = True) -> None:
+    """Let gloo's worker threads finish with the last collectives before the group can be destroyed.
+    A worker drops a finished work (and the Python tensors it holds, which needs the GIL) only after
+    the caller's wait returned; if the group's destructor runs first, it holds the GIL while it joins
+    that worker, which waits for the GIL: a deadlock (seen once in 70 launches: a DDP rank stuck in
+    ``~ProcessGroupGloo`` joining a worker in ``~AsyncAllgatherWork``), or at interpreter exit an
+    abort. So: a barrier (every rank done, ``barrier`` False on error paths), then a short sleep that
+    releases the GIL to the workers."""
+    import time
+
+    import torch
+
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier and dist.get_world_size() > 1:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=TEARDOWN_TIMEOUT_S))
+        else:
+            dist.barrier()
+    time.sleep(SETTLE_S)
+
+
 def release_process_group(barrier: bool = True) -> None:
     """Tear every process group down while the interpreter is still whole (see the module docstring).
     ``barrier``: wait, at most TEARDOWN_TIMEOUT_S, for the other ranks to finish first (on gloo a
@@ -85,11 +113,7 @@ def release_process_group(barrier: bool = True) -> None:
     if not dist.is_available() or not (dist.is_initialized() or gloo_threads()):
         return  # no group was made here (a single process): nothing to release
     try:
-        if barrier and dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() == "gloo":
-                dist.monitored_barrier(timeout=timedelta(seconds=TEARDOWN_TIMEOUT_S))
-            else:
-                dist.barrier()
+        settle_process_group(barrier)
     finally:
         if dist.is_initialized():  # accelerate's end_training may have destroyed it already
             dist.destroy_process_group()

@@ -21,7 +21,13 @@ from pathlib import Path
 from vmr.config import Config, load_config, save_config
 from vmr.errors import UserError
 from vmr.eval.metrics import BRIEF_KEYS
-from vmr.runtime import compute_threads, make_accelerator, memory_mb, process_group_scope
+from vmr.runtime import (
+    compute_threads,
+    make_accelerator,
+    memory_mb,
+    process_group_scope,
+    settle_process_group,
+)
 
 
 class LoopState:
@@ -276,6 +282,7 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
         from accelerate.utils import gather_object
 
         bad = sum(gather_object([bad]))
+    settle_process_group()  # before end_training destroys the group (vmr/runtime.py)
     accelerator.end_training()
     if main_process:
         if bad:

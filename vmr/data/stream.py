@@ -377,9 +377,13 @@ def _array(data: bytes, name: str):
     import numpy as np
 
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        loaded = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError) as error:
         raise ValueError(f"{name} is not a numpy array file ({error})") from None
+    # A NaN or inf in a cache would train silently on garbage: the sample is skipped and counted.
+    if isinstance(loaded, np.ndarray) and loaded.dtype.kind == "f" and not np.isfinite(loaded).all():
+        raise ValueError(f"{name} holds NaN or infinite values")
+    return loaded
 
 
 def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, train: bool):
