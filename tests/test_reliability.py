@@ -340,3 +340,14 @@ def test_a_cached_sample_with_non_finite_tokens_is_refused_by_the_loader():
     tokens[2, 0, 3] = np.nan
     with pytest.raises(ValueError, match="tokens.npy holds NaN or infinite values"):
         list(decode_features({**sample, "tokens.npy": npy(tokens)}, DataConfig(), None, train=False))
+
+
+def test_a_shard_rate_is_bounded_and_never_above_the_video_s_own(synth_dir, tmp_path, capsys):
+    args = ["shards", "build", "--videos", str(synth_dir / "videos"), "--annotations", str(synth_dir / "val.jsonl"),
+            "--out", str(tmp_path / "out")]
+    one_line_error(capsys, main([*args, "--fps", "1e9"]), "--fps must be in (0, 240]")
+    assert main([*args, "--fps", "200"]) == 0  # the synthetic videos run at 5 frames/s: kept at 5
+    from vmr.data.shards import iter_shard
+
+    rates = {meta["fps"] for tar in (tmp_path / "out").glob("*.tar") for _, _, meta in iter_shard(tar)}
+    assert rates == {5.0}

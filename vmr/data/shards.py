@@ -48,6 +48,7 @@ from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
 # Members of a feature shard's sample beside its json, in place of the video (vmr/features.py).
 FEATURES, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
 VIEWS, VIEW_TIMES = "views.npy", "view_times.npy"  # a cache's augmented training views
+MAX_REENCODE_FPS = 240.0  # the fastest common cameras; re-encoding never goes above a video's own rate
 TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
 
 
@@ -241,8 +242,9 @@ def build_shards(
         raise UserError(f"--videos: {videos} is not a folder")
     if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
         raise UserError(f"--split: {split!r} must be letters, digits, '_' or '-'")
-    if fps is not None and fps <= 0:
-        raise UserError(f"--fps must be positive, got {fps:g}")
+    if fps is not None and not 0 < fps <= MAX_REENCODE_FPS:
+        raise UserError(f"--fps must be in (0, {MAX_REENCODE_FPS:g}] frames/s, got {fps:g} (a video's own rate "
+                        "caps it further)")
     if size is not None and (size < 16 or size % 2):
         raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
     if keyframe_interval is not None and keyframe_interval < 0:

@@ -108,6 +108,8 @@ def reencode(src: Path, dst: Path, fps: float | None, size: int | None, keyframe
     torchcodec decodes (``VideoInfo.stream``), so that the shard holds what prediction would read
     from the same file. Raises ValueError on failure."""
     filters = ["setpts=PTS-STARTPTS"]
+    if fps and source_fps and math.isfinite(source_fps) and fps > source_fps:
+        fps = source_fps  # never above the source's rate: duplicated frames only cost (the json has the rate kept)
     if fps:
         filters.append(f"fps={fps:g}")
     if size:
