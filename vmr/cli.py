@@ -169,20 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The installed ``vmr`` command (and ``python -m vmr.cli``): ``main``, then a clean exit."""
-    import traceback
+    from vmr.runtime import run_entry
 
-    from vmr.runtime import exit_process
-
-    try:
-        code = main()
-    except SystemExit as done:  # argparse's --help and usage errors
-        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
-        if isinstance(done.code, str):
-            print(done.code, file=sys.stderr)
-    except Exception:  # a bug in vmr: its traceback, then the same clean exit
-        traceback.print_exc()
-        code = 1
-    exit_process(code)
+    run_entry(main)
 
 
 if __name__ == "__main__":

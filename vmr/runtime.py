@@ -140,6 +140,23 @@ def exit_process(code: int):
     sys.exit(code)
 
 
+def run_entry(main) -> None:
+    """A command-line entry point: ``main()``, then ``exit_process`` with its code, also when it
+    raised (a bug: its traceback is printed first) or asked to exit (argparse's --help, usage)."""
+    import traceback
+
+    try:
+        code = main()
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 0 if done.code is None else 1
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    exit_process(code)
+
+
 def _drop_captured_groups() -> None:
     """The second line of defence: function defaults that still hold a (destroyed) process group,
     from a module imported after the group was made that ``prepare_process_group`` does not know,

@@ -383,6 +383,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from vmr.runtime import exit_process
+    from vmr.runtime import run_entry
 
-    exit_process(main())
+    run_entry(main)
