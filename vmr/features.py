@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.manifest import MANIFEST, claim, extractor_of, shard_entry
+from vmr.data.manifest import MANIFEST, check_split, claim, extractor_of, shard_entry
 from vmr.data.shards import (
     FEATURES,
     TAR_MTIME,
@@ -358,10 +358,7 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
                     progress: bool = True, overwrite: bool = False) -> dict:
     """``_import_features`` with the folder claimed (feature shards only; an existing split, or
     other features, only with ``overwrite``) and locked for the run."""
-    import re
-
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
-        raise UserError(f"--split: {split!r} must be letters, digits, '_' or '-'")
+    check_split(split)
     claim(out, "features", split, overwrite)
     with FolderLock(out, f"vmr features import --split {split}"):
         sweep_temporaries(out)

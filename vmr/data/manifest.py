@@ -11,6 +11,7 @@ one kind; a writer of the other kind, or of a split that exists, is refused unle
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from vmr.errors import UserError
@@ -18,6 +19,13 @@ from vmr.io import confined, field, read_json
 
 MANIFEST = "manifest.json"
 KINDS = {"videos": "video shards", "features": "feature shards"}
+
+
+def check_split(split: str, where: str = "--split") -> str:
+    """A split name: the prefix of its shards' file names, so letters, digits, '_' and '-' only."""
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise UserError(f"{where}: {split!r} must be letters, digits, '_' or '-'")
+    return split
 
 
 def empty_manifest(kind: str) -> dict:

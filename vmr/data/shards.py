@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
-from vmr.data.manifest import MANIFEST, claim, read_manifest
+from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
 from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError, out_of_space
 from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
@@ -240,8 +240,7 @@ def build_shards(
     """Build one split; returns its manifest entry plus the skips. See the module docstring."""
     if not videos.is_dir():
         raise UserError(f"--videos: {videos} is not a folder")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", split):
-        raise UserError(f"--split: {split!r} must be letters, digits, '_' or '-'")
+    check_split(split)
     if fps is not None and not 0 < fps <= MAX_REENCODE_FPS:
         raise UserError(f"--fps must be in (0, {MAX_REENCODE_FPS:g}] frames/s, got {fps:g} (a video's own rate "
                         "caps it further)")
@@ -382,8 +381,8 @@ def _read_journal(path: Path, out: Path) -> dict:
     journal is a file like any other, and ``_commit`` deletes and moves what it names."""
     journal = read_json(path)
     where = str(path)
-    split = field(journal, "split", str, where)
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", split) or path.name != f".vmr-commit-{split}.json":
+    split = check_split(field(journal, "split", str, where), f"{where}: 'split'")
+    if path.name != f".vmr-commit-{split}.json":
         raise UserError(f"{where}: 'split' {split!r} does not match the journal's name")
     entry = field(journal, "entry", dict, where)
     shards = field(entry, "shards", list, f"{where}: entry")

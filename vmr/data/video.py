@@ -24,6 +24,7 @@ from pathlib import Path
 from vmr.config import SamplingConfig
 from vmr.data.annotations import VIDEO_EXTENSIONS
 from vmr.errors import UserError
+from vmr.io import first_line
 from vmr.spans import frame_windows
 
 
@@ -68,7 +69,7 @@ def probe(source: str | Path | bytes, check_decode: bool = True) -> VideoInfo:
         if check_decode:
             decoder.get_frames_at([0, n - 1])
     except (RuntimeError, ValueError, IndexError) as error:
-        raise ValueError(_first_line(error)) from None
+        raise ValueError(first_line(error, 300)) from None
     start = float(meta.begin_stream_seconds or 0.0)
     end = float(meta.end_stream_seconds) if meta.end_stream_seconds is not None else None
     fps = float(meta.average_fps) if meta.average_fps else n / (end - start)
@@ -86,10 +87,6 @@ def open_video(source: str | Path | bytes):
 
     return VideoDecoder(str(source) if isinstance(source, Path) else source, seek_mode="exact", num_ffmpeg_threads=1)
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
 
 
 def require_ffmpeg() -> str:

@@ -177,13 +177,11 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
     return [p for p, _ in pairs], [t for _, t in pairs], skipped(loader), loader.skip_counter.last_reason
 
 
-def check_shards(model, shards, allow_pipe: bool = False) -> None:
-    """Feature shards must fit the model (vmr features ``check_cache``); a model of imported
-    features cannot read videos."""
-    from vmr.data.stream import expand_shards
-    from vmr.features import cache_of, check_cache
+def check_shards(model, cache: dict | None) -> None:
+    """Feature shards (``cache``: their extractor, ``vmr.features.cache_of``) must fit the model
+    (``check_cache``, ``check_tower``); video shards (None) need a model that reads videos."""
+    from vmr.features import check_cache
 
-    cache = cache_of(expand_shards(shards, allow_pipe))
     if cache is not None:
         check_cache(cache, model, model.sampling, "--shards")
         check_tower(cache, model, "--shards")
@@ -367,10 +365,13 @@ def _predict_for_eval(args):
 
     state = process_state()
     with process_group_scope():
-        # bf16 weights on CUDA only for videos: a cache's tower is checked against the fp32 weights.
-        cached = cache_of(expand_shards(args.shards, allow_pipe=True)) is not None  # (read: check_shards)
-        model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None, fast=not cached)
-        check_shards(model, args.shards, cfg.data.allow_pipe)
+        # Read from the manifests beside local shards only (pipe: URLs are refused by the loader
+        # unless the bundle's data.allow_pipe says otherwise). bf16 weights on CUDA only for videos:
+        # a cache's tower is checked against the fp32 weights.
+        cache = cache_of(expand_shards(args.shards, allow_pipe=True))
+        model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None,
+                                fast=cache is None)
+        check_shards(model, cache)
         start = time.perf_counter()
         predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
                                                          rank=state.process_index, world=state.num_processes,
