@@ -16,7 +16,7 @@ import torch
 
 from vmr.cli import main
 from vmr.config import load_config
-from vmr.data.shards import FEATURES, TIMES, iter_shard
+from vmr.data.tars import TIMES, TOKENS, iter_shard
 from vmr.data.video import open_video, sample_frames, sample_times
 
 from .conftest import free_port
@@ -77,7 +77,7 @@ def test_extraction_caches_every_frame_once_as_the_model_encodes_it(shard_dir, f
     for key, (video, meta) in videos.items():
         sample = cached[key]
         assert json.loads(sample["json"]) == meta  # the same json as the video shard
-        tokens, times = array(sample[FEATURES]), array(sample[TIMES])
+        tokens, times = array(sample[TOKENS]), array(sample[TIMES])
         grid = sample_times(meta["duration"], "uniform", 2.0, 1 << 30)
         frames, pts = sample_frames(open_video(video), grid, 16)
         assert tokens.dtype == np.float16 and tokens.shape == (len(grid), 17, 64)
@@ -99,15 +99,15 @@ def test_train_and_eval_on_feature_shards(features, tmp_path, capsys):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["brief"]["MR-full-R1@0.5"] <= 100
     # The bundle's frozen tower is the one that made the cache (same seed), so it reads videos too ...
-    from vmr.features import vision_fingerprint
+    from vmr.cache import vision_fingerprint
     from vmr.model import VideoMomentRetrievalModel
 
     model = VideoMomentRetrievalModel.from_pretrained(bundle)
     assert vision_fingerprint(model) == cache["vision_sha256"]
     # ... and a model whose tower differs from the cache's reads only the cache.
     torch.nn.init.zeros_(model.towers.vision.post_layernorm.weight)
+    from vmr.cache import check_reads_videos
     from vmr.errors import UserError
-    from vmr.eval.predict import check_reads_videos
 
     with pytest.raises(UserError, match="trained on features of another vision tower"):
         check_reads_videos(model)
@@ -119,7 +119,7 @@ def test_train_and_eval_on_feature_shards(features, tmp_path, capsys):
 
 def test_pooled_only_cache_trains(shard_dir, tmp_path):
     assert extract(shard_dir, tmp_path / "pooled", "--pooled-only") == 0
-    tokens = array(next(iter(samples(tmp_path / "pooled").values()))[FEATURES])
+    tokens = array(next(iter(samples(tmp_path / "pooled").values()))[TOKENS])
     assert tokens.shape[1:] == (1, 64)
     assert main(train_args(tmp_path / "pooled", tmp_path / "run")) == 0
 
@@ -127,8 +127,8 @@ def test_pooled_only_cache_trains(shard_dir, tmp_path):
 def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, features, tmp_path, capsys):
     import random
 
-    from vmr.data.shards import VIEW_TIMES, VIEWS
-    from vmr.data.stream import decode_features
+    from vmr.data.decode import decode_features
+    from vmr.data.tars import VIEW_TIMES, VIEWS
 
     out = tmp_path / "views"
     assert extract(shard_dir, out, "--views", "3") == 0
@@ -141,9 +141,9 @@ def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, 
     assert val and val < set(cached)
     augmented = []
     for key, sample in cached.items():
-        tokens, times = array(sample[FEATURES]), array(sample[TIMES])
+        tokens, times = array(sample[TOKENS]), array(sample[TIMES])
         # The plain view is exactly the cache of one view: evaluation sees the same either way.
-        assert np.array_equal(tokens, array(plain[key][FEATURES])) and np.array_equal(times, array(plain[key][TIMES]))
+        assert np.array_equal(tokens, array(plain[key][TOKENS])) and np.array_equal(times, array(plain[key][TIMES]))
         if key in val:
             assert VIEWS not in sample  # evaluation reads only the plain view
             continue
@@ -184,7 +184,7 @@ def test_augmented_views_are_stored_for_training_and_drawn_at_random(shard_dir, 
 
 
 def test_an_interrupted_extraction_resumes_without_redoing_finished_shards(shard_dir, tmp_path, capsys):
-    from vmr.data.stream import expand_shards
+    from vmr.data.sources import expand_shards
     from vmr.features import extract_features
     from vmr.model import VideoMomentRetrievalModel
 
@@ -271,7 +271,7 @@ def test_released_features_import_train_and_eval(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["extractor"]["width"] == 20 and manifest["extractor"]["text_width"] == 6
     sample = next(s for s in samples(out).values() if json.loads(s["json"])["video_id"] == "vidC")
-    tokens = array(sample[FEATURES]).astype(np.float32)
+    tokens = array(sample[TOKENS]).astype(np.float32)
     assert tokens.shape == (12, 1, 20)  # truncated to the shorter folder, concatenated
     assert np.linalg.norm(tokens[:, 0, :8], axis=1) == pytest.approx(1.0, abs=1e-2)  # each part L2-normalised
     assert array(sample[TIMES]).tolist() == pytest.approx([2 * i + 1 for i in range(12)])

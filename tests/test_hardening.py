@@ -262,7 +262,7 @@ def write_tar(path: Path, samples: list[tuple[str, bytes, dict]]) -> Path:
 
 
 def shard_samples(shard_dir: Path, split: str = "train") -> list[tuple[str, bytes, dict]]:
-    from vmr.data.shards import iter_shard
+    from vmr.data.tars import iter_shard
 
     return [s for tar in sorted(shard_dir.glob(f"{split}-*.tar")) for s in iter_shard(tar)]
 

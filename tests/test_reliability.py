@@ -325,7 +325,7 @@ def test_a_cached_sample_with_non_finite_tokens_is_refused_by_the_loader():
     import io
 
     from vmr.config import DataConfig
-    from vmr.data.stream import decode_features
+    from vmr.data.decode import decode_features
 
     def npy(array) -> bytes:
         buffer = io.BytesIO()
@@ -347,7 +347,7 @@ def test_a_shard_rate_is_bounded_and_never_above_the_video_s_own(synth_dir, tmp_
             "--out", str(tmp_path / "out")]
     one_line_error(capsys, main([*args, "--fps", "1e9"]), "--fps must be in (0, 240]")
     assert main([*args, "--fps", "200"]) == 0  # the synthetic videos run at 5 frames/s: kept at 5
-    from vmr.data.shards import iter_shard
+    from vmr.data.tars import iter_shard
 
     rates = {meta["fps"] for tar in (tmp_path / "out").glob("*.tar") for _, _, meta in iter_shard(tar)}
     assert rates == {5.0}

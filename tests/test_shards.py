@@ -6,7 +6,8 @@ import pytest
 import webdataset as wds
 
 from vmr.cli import main
-from vmr.data.shards import _ShardWriter, build_shards, iter_shard, read_manifest
+from vmr.data.shards import build_shards, read_manifest
+from vmr.data.tars import ShardWriter, iter_shard
 from vmr.data.video import keyframe_times
 
 
@@ -152,7 +153,7 @@ def test_existing_split_needs_overwrite_and_splits_accumulate(synth_dir, tmp_pat
 
 
 def test_an_interrupted_shard_never_gets_its_final_name(synth_dir, tmp_path):
-    writer = _ShardWriter(tmp_path, "train", max_bytes=1 << 30, max_videos=None)
+    writer = ShardWriter(tmp_path, "train", max_bytes=1 << 30, max_videos=None)
     meta = {"video_id": "v", "queries": [{"qid": 1}]}
     writer.write("v", {"mp4": (synth_dir / "videos" / "synth_0000.mp4").read_bytes()}, meta)
     writer.abort()

@@ -9,15 +9,11 @@ from hypothesis import strategies as st
 from torchcodec.decoders import VideoDecoder
 
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.shards import iter_shard
-from vmr.data.stream import (
-    Collator,
-    VideoMomentDataset,
-    _swap_left_right,
-    expand_shards,
-    make_loader,
-    skipped,
-)
+from vmr.data.collate import Collator
+from vmr.data.decode import _swap_left_right
+from vmr.data.sources import expand_shards
+from vmr.data.stream import VideoMomentDataset, make_loader, skipped
+from vmr.data.tars import iter_shard
 from vmr.data.video import inference_windows, sample_times
 from vmr.errors import UserError
 from vmr.spans import clip_targets
@@ -243,7 +239,7 @@ def test_expand_shards(shard_dir):
 def test_device_batches_are_the_loaders_batches(shard_dir):
     """The training loop's input path (``device_batches``: each batch copied to the device while
     the step before it computes; a side stream on CUDA) yields exactly the loader's batches."""
-    from vmr.data.stream import device_batches
+    from vmr.data.prefetch import device_batches
 
     def loader():
         return make_loader(str(shard_dir), _data(num_workers=1), TOKENIZER, batch_size=2, train=True,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from vmr.data.shards import iter_shard
+from vmr.data.tars import iter_shard
 
 from .conftest import free_port
 

@@ -90,8 +90,9 @@ def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> di
     import torch
 
     from vmr.config import DataConfig
-    from vmr.data.shards import iter_shard
-    from vmr.data.stream import expand_shards, make_loader
+    from vmr.data.sources import expand_shards
+    from vmr.data.stream import make_loader
+    from vmr.data.tars import iter_shard
     from vmr.data.video import inference_windows, open_video, sample_frames
     from vmr.text import load_tokenizer
 
@@ -163,8 +164,8 @@ def bench_decode(shards: str, videos_dir: Path | None, quick: bool, repeats: int
     import torch
     from torchcodec.decoders import VideoDecoder
 
-    from vmr.data.shards import iter_shard
-    from vmr.data.stream import expand_shards
+    from vmr.data.sources import expand_shards
+    from vmr.data.tars import iter_shard
     from vmr.data.video import find_video, fit_frames, open_video, sample_frames, sample_times
 
     torch.set_num_threads(1)
@@ -243,7 +244,7 @@ def training_flops(model, batch: dict, device) -> float:
     """FLOPs of one forward and backward pass on ``batch`` (torch's FLOP counter)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vmr.data.stream import to_device
+    from vmr.data.prefetch import to_device
     from vmr.model import batch_forward, moment_losses
 
     batch = to_device(batch, device)
@@ -266,7 +267,7 @@ def model_alone_steps(cfg, batch: dict, device, steps: int) -> tuple[list[float]
     sync debug mode; none is the goal)."""
     import torch
 
-    from vmr.data.stream import to_device
+    from vmr.data.prefetch import to_device
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
     from vmr.runtime import compute_threads, memory_mb, precision_for
 
@@ -422,8 +423,8 @@ def bench_features(shards: str, device: str, quick: bool, workdir: Path) -> dict
     (same model, same batch size, the real loop) from the video shards and from the feature shards."""
     import torch
 
-    from vmr.data.shards import iter_shard
-    from vmr.data.stream import expand_shards
+    from vmr.data.sources import expand_shards
+    from vmr.data.tars import iter_shard
     from vmr.data.video import open_video, sample_frames, sample_times
     from vmr.features import extract_features, write_manifest
     from vmr.model import VideoMomentRetrievalModel

@@ -19,6 +19,8 @@ from pathlib import Path
 from vmr.errors import UserError, out_of_space
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
+# The run directory's layout (the one place that names it).
+EXPORT, EXPORT_BEST = "export", "export_best"  # inference bundles: the final weights, the best on validation
 
 
 def checkpoints(output_dir: Path) -> list[Path]:

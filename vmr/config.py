@@ -17,6 +17,7 @@ from typing import Literal
 import yaml
 
 from vmr.errors import UserError
+from vmr.io import first_line
 
 
 @dataclass
@@ -317,7 +318,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             values = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as error:
-            raise UserError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+            raise UserError(f"{path}: not valid YAML ({first_line(error)})") from None
         if not isinstance(values, dict):
             raise UserError(f"{path}: a config file must be a mapping of sections")
         _apply(cfg, _renamed(values))

@@ -32,61 +32,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import io
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
+from vmr.cache import cache_of, vision_fingerprint
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.manifest import MANIFEST, check_split, claim, extractor_of, shard_entry
-from vmr.data.shards import (
-    FEATURES,
-    TAR_MTIME,
-    TEXT,
-    TIMES,
-    VIEW_TIMES,
-    VIEWS,
-    _sha256,
-    _ShardWriter,
-    sanitise_key,
-)
+from vmr.data.manifest import MANIFEST, claim, shard_entry
+from vmr.data.sources import bounded_downloads
+from vmr.data.tars import TIMES, TOKENS, VIEW_TIMES, VIEWS, TarShard, npy_bytes, sha256_of, sweep_temporaries
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, confined, field, first_line, read_json, read_npz, write_text_atomic
+from vmr.io import FolderLock, confined, field, first_line, read_json, write_text_atomic
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
 CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
 
 
-def _npy(array) -> bytes:
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def _npz(arrays: dict) -> bytes:
-    import numpy as np
-
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-# ----- what a cache holds, and whether it fits a model ----------------------------------------------
-
-
-def vision_fingerprint(model) -> str:
-    """sha256 of the vision tower's weights: a cache is only valid for the tower that made it."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.towers.vision.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+# ----- extraction -------------------------------------------------------------------------------
 
 
 def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
@@ -100,49 +64,6 @@ def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, 
         extractor["views"] = views
         extractor["augmentation"] = {"temporal_jitter": data.temporal_jitter, "scale_jitter": list(data.scale_jitter)}
     return extractor
-
-
-def cache_of(urls: list[str]) -> dict | None:
-    """The extractor of feature shards, or None for video shards (or shards without a manifest)."""
-    return extractor_of(urls)
-
-
-def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> None:
-    """A one-line UserError when the cache cannot feed this model: another width, token count or
-    frame rate. (The vision tower itself is checked where it matters: a model trained on a cache
-    reads videos only through the tower that made the cache, ``check_reads_videos``.)"""
-    width = model.config.feature_dim or model.towers.width
-    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
-    problems = []
-    if extractor["width"] != width:
-        problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d"
-                        + (" (set model.feature_dim)" if extractor["kind"] == "imported" else ""))
-    if extractor["kind"] == "clip" and extractor["tokens"] not in (1, 1 + grid):
-        problems.append(f"it has {extractor['tokens']} tokens per frame, the model's CLIP makes {1 + grid}")
-    fps = extractor["sampling"]["fps"]
-    if abs(fps - spec.fps) > 1e-9:
-        problems.append(f"it holds {fps:g} frames/s, the model samples {spec.fps:g} (data.sampling.fps)")
-    if extractor.get("text") and not model.config.text_feature_dim:
-        problems.append("it holds query features, the model has no model.text_feature_dim")
-    if extractor.get("text") and model.config.text_feature_dim and extractor.get("text_width") != model.config.text_feature_dim:
-        problems.append(f"its query features are {extractor.get('text_width')}-d, model.text_feature_dim is "
-                        f"{model.config.text_feature_dim}")
-    if problems:
-        raise UserError(f"{where}: this feature cache does not fit the model: {'; '.join(problems)}")
-
-
-def use_cache(model, extractor: dict) -> None:
-    """Train the layers above a cache: its towers get no input (frozen, so that every rank agrees on
-    which parameters have gradients), and the bundle records the cache."""
-    model.towers.vision.requires_grad_(False)
-    model.towers.visual_projection.requires_grad_(False)
-    if extractor.get("text"):
-        model.towers.text.requires_grad_(False)
-        model.towers.text_projection.requires_grad_(False)
-    model.features = extractor
-
-
-# ----- extraction -------------------------------------------------------------------------------
 
 
 def _split_of(url: str) -> str:
@@ -187,7 +108,7 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
     duration, start = float(meta["duration"]), float(meta.get("start", 0.0))
     tokens, times = _encode(model, decoder, sample_times(duration, "uniform", spec.fps, 1 << 30), spec, start,
                             pooled_only, device)
-    members = {FEATURES: _npy(tokens), TIMES: _npy(times)}
+    members = {TOKENS: npy_bytes(tokens), TIMES: npy_bytes(times)}
     if views > 1:
         # Seeded by the video: the same views whichever process makes them, and again on a resume.
         rng = random.Random(f"views:{sample.get('__key__', '')}")
@@ -196,50 +117,40 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
                                                       jitter=data.temporal_jitter),
                          spec, start, pooled_only, device, crop=(rng.random(), tuple(data.scale_jitter)))
                  for _ in range(views - 1)]
-        members[VIEWS] = _npy(np.stack([view for view, _ in drawn]))
-        members[VIEW_TIMES] = _npy(np.stack([at for _, at in drawn]))
+        members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]))
+        members[VIEW_TIMES] = npy_bytes(np.stack([at for _, at in drawn]))
     return meta, members, len(times) * views
 
 
 def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataConfig, views: int,
                    pooled_only: bool, device) -> tuple[dict, int]:
-    """One video shard -> the feature shard of the same name in ``out``, written under a temporary
-    name and renamed when complete. Returns its manifest entry and the frames encoded."""
+    """One video shard -> the feature shard of the same name in ``out`` (a ``TarShard``: renamed
+    when complete). Returns its manifest entry and the frames encoded."""
     import webdataset as wds
 
-    from vmr.data.stream import bounded_downloads
-
     bounded_downloads()
-    name = Path(url).name
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    entry = {"path": name, "split": _split_of(url), "samples": 0, "queries": 0, "skipped": []}
-    shard_views = 1 if entry["split"] in EVALUATION_SPLITS else views
-    frames = 0
+    split = _split_of(url)
+    shard_views = 1 if split in EVALUATION_SPLITS else views
+    shard, skipped, frames = TarShard(out, Path(url).name), [], 0
     try:
-        with open(tmp, "wb") as file:
-            writer = wds.TarWriter(file, mtime=TAR_MTIME)  # the same inputs give the same bytes
-            # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
-            for sample in wds.tarfile_to_samples()([{"url": url}]):
-                try:
-                    meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
-                except Exception as error:  # a corrupt video: listed, the others go on
-                    entry["skipped"].append({"key": sample.get("__key__"), "reason": first_line(error)})
-                    continue
-                writer.write({"__key__": sample["__key__"], "json": json.dumps(meta).encode(), **members})
-                entry["samples"] += 1
-                entry["queries"] += len(meta["queries"])
-                frames += encoded
-            writer.close()
-        entry["sha256"], entry["bytes"] = _sha256(tmp), tmp.stat().st_size
-        os.replace(tmp, out / name)
+        # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
+        for sample in wds.tarfile_to_samples()([{"url": url}]):
+            try:
+                meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
+            except Exception as error:  # a corrupt video: listed, the others go on
+                skipped.append({"key": sample.get("__key__"), "reason": first_line(error)})
+                continue
+            shard.write(sample["__key__"], members, meta)
+            frames += encoded
+        entry = shard.close()
     except (UserError, KeyboardInterrupt, SystemExit):
-        tmp.unlink(missing_ok=True)
+        shard.abort()
         raise
     except Exception as error:  # the shard itself: a stalled download, a damaged tar, a full disk
-        tmp.unlink(missing_ok=True)
-        full = out_of_space(error, tmp) if isinstance(error, OSError) else None
+        shard.abort()
+        full = out_of_space(error, shard.tmp) if isinstance(error, OSError) else None
         raise (full or UserError(f"{url}: cannot read this shard ({first_line(error)})")) from None
-    return entry, frames
+    return {**entry, "split": split, "skipped": skipped}, frames
 
 
 def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
@@ -304,21 +215,10 @@ def _finished(record: Path, out: Path) -> dict | None:
     None when it must be redone (a shard that changed, or is gone)."""
     entry = _read_record(record, out)
     shard = out / entry["path"]
-    if shard.is_file() and shard.stat().st_size == entry["bytes"] and _sha256(shard) == entry["sha256"]:
+    if shard.is_file() and shard.stat().st_size == entry["bytes"] and sha256_of(shard) == entry["sha256"]:
         return entry
     print(f"{shard}: missing or changed since its record was written; extracting it again", file=sys.stderr)
     return None
-
-
-def sweep_temporaries(out: Path) -> int:
-    """Remove the temporary shards and records a killed run left in ``out`` (call with the folder's
-    lock held, before this run writes): returns how many."""
-    swept = 0
-    for path in [*out.glob(".*.tmp*"), *(out / DONE).glob(".*.tmp*")]:
-        if path.is_file():
-            path.unlink(missing_ok=True)
-            swept += 1
-    return swept
 
 
 def write_manifest(out: Path, extractor: dict) -> dict:
@@ -350,123 +250,6 @@ def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
                         " remove the folder (or that shard and its .done record) and extract again")
 
 
-# ----- the field's released features --------------------------------------------------------------
-
-
-def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path,
-                    split: str = "train", clip_seconds: float = 2.0, max_videos_per_shard: int = 500,
-                    progress: bool = True, overwrite: bool = False) -> dict:
-    """``_import_features`` with the folder claimed (feature shards only; an existing split, or
-    other features, only with ``overwrite``) and locked for the run."""
-    check_split(split)
-    claim(out, "features", split, overwrite)
-    with FolderLock(out, f"vmr features import --split {split}"):
-        sweep_temporaries(out)
-        previous = claim(out, "features", split, overwrite)  # again: another run may have written meanwhile
-        return _import_features(video_dirs, text_dir, annotations, out, split, clip_seconds, max_videos_per_shard,
-                                progress, previous, overwrite)
-
-
-def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path, split: str,
-                     clip_seconds: float, max_videos_per_shard: int, progress: bool, previous: dict,
-                     overwrite: bool) -> dict:
-    """Feature shards from the Moment-DETR / Lighthouse / UniVTG release layout: ``<vid>.npz`` with
-    ``features`` (clips, dim) at ``clip_seconds`` per clip in each of ``video_dirs`` (L2-normalised
-    each, concatenated along the feature axis, truncated to the shortest), and ``qid<qid>.npz`` with
-    ``last_hidden_state`` (tokens, dim) or ``pooler_output`` (dim) in ``text_dir``. Queries come from
-    a QVHighlights-style annotation file; a video or query without its files is skipped and listed."""
-    import numpy as np
-    from tqdm import tqdm
-
-    from vmr.data.annotations import read_annotations
-    from vmr.data.shards import _query_json
-
-    records, skips = read_annotations(annotations)
-    skipped = [{"video_id": s.video_id, "qid": s.qid, "reason": s.reason} for s in skips]
-    by_video: dict[str, list] = {}
-    seen: set = set()
-    for record in records:
-        if record.qid in seen:
-            skipped.append({"video_id": record.video_id, "qid": record.qid,
-                            "reason": f"{record.source}: duplicate qid {record.qid!r}"})
-            continue
-        seen.add(record.qid)
-        by_video.setdefault(record.video_id, []).append(record)
-    # Shards are written by the video shards' writer: temporary name, renamed when complete.
-    writer = _ShardWriter(out, split, 1 << 62, max_videos_per_shard)
-    width, text_width = None, None
-    try:
-        for video_id, queries in tqdm(by_video.items(), desc="import", unit="video", disable=not progress, file=sys.stderr):
-            parts = []
-            for folder in video_dirs:
-                path = confined(folder, f"{video_id}.npz", f"{annotations}: video id")
-                if not path.is_file():
-                    break
-                array = read_npz(path, ("features",))
-                if array.ndim != 2 or len(array) == 0:
-                    raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
-                parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
-            if len(parts) < len(video_dirs):
-                skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
-                continue
-            n = min(len(p) for p in parts)
-            features = np.concatenate([p[:n] for p in parts], axis=1)
-            if width not in (None, features.shape[1]):
-                raise UserError(f"{video_id}: its features are {features.shape[1]}-d, earlier videos' {width}-d")
-            width = features.shape[1]
-            texts, kept = {}, []
-            for record in queries:
-                if text_dir is not None:
-                    path = confined(text_dir, f"qid{record.qid}.npz", f"{annotations}: qid")
-                    if not path.is_file():
-                        skipped.append({"video_id": video_id, "qid": record.qid, "reason": f"{path} is missing"})
-                        continue
-                    array = read_npz(path, ("last_hidden_state", "pooler_output"))
-                    if array.ndim > 2 and not all(n == 1 for n in array.shape[:-2]):
-                        raise UserError(f"{path}: expected (tokens, dim) or (dim,), got {array.shape}")
-                    if text_width not in (None, array.shape[-1]):
-                        raise UserError(f"{path}: {array.shape[-1]}-d, earlier queries' features are {text_width}-d")
-                    texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
-                    text_width = array.shape[-1]
-                kept.append(_query_json(record, record.seconds(1.0 / clip_seconds)))
-            if not kept:
-                continue
-            # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
-            duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
-            meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
-            members = {FEATURES: _npy(features[:, None].astype(np.float16)),
-                       TIMES: _npy((np.arange(n) + 0.5) * clip_seconds)}
-            if texts:
-                members[TEXT] = _npz(texts)
-            writer.write(sanitise_key(video_id), members, meta)
-        shards = writer.close()
-    except BaseException:  # a bad file half way: no half-written shard left behind
-        writer.abort()
-        raise
-    if not shards:
-        raise UserError(f"{annotations}: no video had its features in {', '.join(map(str, video_dirs))}")
-    fps = 1.0 / clip_seconds
-    extractor = {"kind": "imported", "model": " + ".join(str(d) for d in video_dirs), "dtype": "float16",
-                 "tokens": 1, "width": width, "text": text_dir is not None, "text_width": text_width,
-                 "sampling": dataclasses.asdict(SamplingConfig(fps=fps, window=1, size=0))}
-    manifest = {"kind": "features", "extractor": extractor,
-                "splits": {split: {"shards": shards, "samples": sum(s["samples"] for s in shards),
-                                   "queries": sum(s["queries"] for s in shards)}}, "skipped": skipped}
-    others = {k: v for k, v in previous["splits"].items() if k != split} if previous["kind"] == "features" else {}
-    if others:  # other splits imported before into the same folder: kept when they fit together
-        theirs = previous["extractor"]
-        differ = [k for k in ("width", "text", "text_width", "sampling") if theirs.get(k) != extractor.get(k)]
-        if differ and not overwrite:
-            raise UserError(f"{out}: its splits {', '.join(sorted(others))} hold features that differ in "
-                            f"{', '.join(differ)}; import into another folder, or pass --overwrite to drop them")
-        if not differ:
-            manifest["splits"] = {**others, **manifest["splits"]}
-            manifest["skipped"] = [s for s in previous.get("skipped", []) if s.get("split") != split] + [
-                {**s, "split": split} for s in skipped]
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
 # ----- commands -----------------------------------------------------------------------------------
 
 
@@ -489,7 +272,7 @@ def add_extract_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_extract(args: argparse.Namespace) -> int:
-    from vmr.data.stream import expand_shards
+    from vmr.data.sources import expand_shards
     from vmr.runtime import process_group_scope, process_state
 
     # Overrides written right after --shards land in its list: take them back.
@@ -519,7 +302,7 @@ def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[s
     from vmr.model import VideoMomentRetrievalModel
 
     if args.checkpoint:
-        from vmr.eval.predict import load_model
+        from vmr.bundle import load_model
 
         model, cfg = load_model(args.checkpoint, state.device, fast=False)  # the tower's own fp32 weights
         source = str(args.checkpoint)
@@ -533,7 +316,7 @@ def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[s
     # The main process holds the folder's lock for the whole run; every rank checks the folder's kind.
     claim(args.out, "features", None, args.overwrite)
     with FolderLock(args.out, "vmr features extract") if state.is_main_process else contextlib.nullcontext():
-        if state.is_main_process and sweep_temporaries(args.out):
+        if state.is_main_process and sweep_temporaries(args.out, args.out / DONE):
             print(f"removed temporary files a killed run left in {args.out}", file=sys.stderr)
         state.wait_for_everyone()
         totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
@@ -571,6 +354,8 @@ def run_import(args: argparse.Namespace) -> int:
         raise UserError(f"{args.annotations}: file not found")
     if not args.clip_seconds > 0:
         raise UserError(f"--clip-seconds must be positive, got {args.clip_seconds}")
+    from vmr.data.released import import_features
+
     manifest = import_features(args.video_features, args.text_features, args.annotations, args.out, args.split,
                                args.clip_seconds, overwrite=args.overwrite)
     info = manifest["splits"][args.split]

@@ -35,15 +35,7 @@ from tqdm import tqdm
 
 from vmr.errors import UserError
 from vmr.spans import clip_relevance, frames_to_seconds
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (230, 40, 40),
-    "green": (40, 200, 60),
-    "blue": (50, 90, 240),
-    "yellow": (240, 220, 40),
-}
-SHAPES = ("circle", "square", "triangle")
-ACTIONS = ("moves left", "moves right", "moves up", "moves down", "grows", "shrinks", "blinks")
+from vmr.vocab import ACTIONS, COLOURS, SHAPES
 
 # Sizes are fractions of the frame side so the task looks the same at any --size.
 RADIUS = 0.10  # half-size of an object

@@ -8,18 +8,11 @@ sentence embedding is read at the end-of-text token as with a real CLIP text tow
 from __future__ import annotations
 
 from vmr.errors import UserError
+from vmr.io import first_line
+from vmr.vocab import synthetic_vocabulary
 
 SYNTHETIC = "synthetic"
 BOS, EOS, PAD, UNK = "<|startoftext|>", "<|endoftext|>", "<pad>", "<unk>"
-
-
-def synthetic_vocabulary() -> list[str]:
-    from vmr.synth import ACTIONS, COLOURS, SHAPES
-
-    words = ["a", "an", "the", "person", "object", *COLOURS, *SHAPES]
-    for action in ACTIONS:
-        words += action.split()
-    return list(dict.fromkeys(words))  # unique, in a fixed order
 
 
 def build_word_tokenizer(words: list[str]):
@@ -51,7 +44,7 @@ def load_tokenizer(name: str):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot load tokenizer {name!r} ({str(error).splitlines()[0][:200]})") from None
+        raise UserError(f"cannot load tokenizer {name!r} ({first_line(error)})") from None
 
 
 def check_query(tokenizer, query: str) -> str:

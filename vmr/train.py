@@ -21,6 +21,7 @@ from pathlib import Path
 from vmr.config import Config, load_config, save_config
 from vmr.errors import UserError
 from vmr.eval.metrics import BRIEF_KEYS
+from vmr.io import first_line
 from vmr.runtime import (
     compute_threads,
     make_accelerator,
@@ -122,8 +123,10 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
     from accelerate.utils import broadcast_object_list, set_seed
     from tqdm import tqdm
 
-    from vmr.checkpoint import export_bundle, find_checkpoint, save_checkpoint
-    from vmr.data.stream import device_batches, make_loader, skipped
+    from vmr.cache import check_training_shards, use_cache
+    from vmr.checkpoint import EXPORT, EXPORT_BEST, export_bundle, find_checkpoint, save_checkpoint
+    from vmr.data.prefetch import device_batches
+    from vmr.data.stream import make_loader, skipped
     from vmr.model import VideoMomentRetrievalModel, batch_forward, moment_losses
 
     t = cfg.train
@@ -134,10 +137,8 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
     # ----- model, optimizer, schedule, data
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling)
     tokenizer = model.tokenizer
-    cache = check_inputs(model, cfg)
+    cache = check_training_shards(model, cfg)
     if cache is not None:  # feature shards: the layers above the cache train, its towers get no input
-        from vmr.features import use_cache
-
         use_cache(model, cache)
     # DeepSpeed wraps the optimizer and steps it inside backward; elsewhere the fused AdamW (one
     # kernel per step instead of several per tensor) also skips a non-finite step on the device.
@@ -162,7 +163,7 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
             accelerator.load_state(str(checkpoint))
         except (OSError, RuntimeError, ValueError, KeyError) as error:
             raise UserError(f"--resume: cannot load {checkpoint} as a checkpoint of this run "
-                            f"({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})") from None
+                            f"({first_line(error)})") from None
         accelerator.print(f"resumed from {checkpoint} at step {loop.step}")
     start = loop.step
     if main_process:
@@ -195,7 +196,7 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
                 score = broadcast_object_list([score])[0]
                 if score is not None and (loop.best is None or score > loop.best):
                     loop.best = score
-                    export_bundle(accelerator, model, cfg, out / "export_best")
+                    export_bundle(accelerator, model, cfg, out / EXPORT_BEST)
             if (last and step > start) or (t.save_every and step % t.save_every == 0 and step > start):
                 verdicts.settle(keep=0)  # the saved counters are exact
                 save_checkpoint(accelerator, out, step, t.keep_checkpoints, cfg)
@@ -274,7 +275,7 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
     finally:  # the bar's last redraw must not land after an error's one line
         bar.close()
         batches.close()  # the loader's workers stop now, not at interpreter exit
-    export_bundle(accelerator, model, cfg, out / "export")
+    export_bundle(accelerator, model, cfg, out / EXPORT)
     # A DeepSpeed engine is destroyed here (ZeRO-3 hooks and threads), while the group it needs is alive.
     accelerator.free_memory()
     bad = skipped(loader)
@@ -288,35 +289,10 @@ def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
         if bad:
             print(f"{bad} unreadable shard or sample read(s) were skipped (each read counts once; last reason on "
                   f"this process: {loader.skip_counter.last_reason or 'none here'})", file=sys.stderr)
-        print(f"done: {loop.step} steps. Inference bundle: {out / 'export'}"
-              + (f" (best {t.best_metric} = {loop.best:.2f}: {out / 'export_best'})" if loop.best is not None else ""))
+        print(f"done: {loop.step} steps. Inference bundle: {out / EXPORT}"
+              + (f" (best {t.best_metric} = {loop.best:.2f}: {out / EXPORT_BEST})" if loop.best is not None else ""))
         print(f"TensorBoard: tensorboard --logdir {out / 'tensorboard'}")
     return metrics
-
-
-def check_inputs(model, cfg: Config) -> dict | None:
-    """The feature cache that data.train_shards are (None for video shards), checked against the
-    model; validation shards must be of the same kind. One-line UserErrors otherwise."""
-    from vmr.data.stream import expand_shards
-    from vmr.features import cache_of, check_cache
-
-    cache = cache_of(expand_shards(cfg.data.train_shards, cfg.data.allow_pipe))
-    for key, urls in (("data.train_shards", cfg.data.train_shards), ("data.val_shards", cfg.data.val_shards)):
-        if not urls:
-            continue
-        found = cache_of(expand_shards(urls, cfg.data.allow_pipe))
-        if found is not None:
-            check_cache(found, model, cfg.data.sampling, key)
-        elif cfg.model.feature_dim or cfg.model.text_feature_dim:
-            raise UserError(f"{key}: video shards, but model.feature_dim / text_feature_dim say the model reads "
-                            "imported features; give feature shards (vmr features import)")
-        if found is not None and cache is not None and found.get("vision_sha256") != cache.get("vision_sha256"):
-            raise UserError(f"{key}: these features were made by another vision tower than data.train_shards' "
-                            f"({found.get('model')} vs {cache.get('model')}); extract both with the same one")
-        if (found is None) != (cache is None):
-            raise UserError(f"{key}: {'feature' if found else 'video'} shards, but data.train_shards are "
-                            f"{'feature' if cache else 'video'} shards; give both of one kind")
-    return cache
 
 
 def validate(accelerator, model, cfg: Config, tokenizer, step: int, tracker, zero3: bool) -> dict | None:

@@ -26,12 +26,9 @@ next build clears the staging folder); one killed during the switch is finished 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -41,15 +38,12 @@ from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
 from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
+from vmr.data.tars import ShardWriter, iter_shard, sanitise_key, sha256_of
 from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
+from vmr.io import FolderLock, confined, field, first_line, read_json, write_text_atomic
 
-# Members of a feature shard's sample beside its json, in place of the video (vmr/features.py).
-FEATURES, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
-VIEWS, VIEW_TIMES = "views.npy", "view_times.npy"  # a cache's augmented training views
 MAX_REENCODE_FPS = 240.0  # the fastest common cameras; re-encoding never goes above a video's own rate
-TAR_MTIME = 0.0  # fixed tar header times: the same inputs give byte-identical shards
 
 
 @dataclass
@@ -79,12 +73,7 @@ class EncodeParams:
         return any(v is not None for v in (self.fps, self.size, self.keyframe_interval))
 
 
-def sanitise_key(video_id: str) -> str:
-    """A webdataset key: no dots (the first dot starts the extension) and no path characters."""
-    return re.sub(r"[^A-Za-z0-9_-]", "_", video_id) or "video"
-
-
-def _query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict:
+def query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict:
     row = {"qid": record.qid, "query": record.query.strip(),
            "windows": [[round(s, 6), round(e, 6)] for s, e in windows]}
     if record.saliency is not None:
@@ -139,7 +128,7 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
             skips.append(Skip(task.video_id, f"{record.source}: window starts at or after the end of the video",
                               qid=record.qid))
             continue
-        queries.append(_query_json(record, windows))
+        queries.append(query_json(record, windows))
     if not queries:
         if temporary:
             stored_path.unlink(missing_ok=True)
@@ -152,73 +141,6 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
 
 def _prepare_star(args: tuple) -> PreparedVideo | Skip:
     return prepare_video(*args)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-class _ShardWriter:
-    """Writes ``<split>-NNNNNN.tar`` under a temporary name, renamed only once complete, so an
-    interrupted build never leaves a truncated shard under a final name. A new shard starts when
-    the next video would pass ``max_bytes`` or the shard holds ``max_videos``. A sample is its
-    ``json`` plus ``members`` (extension -> bytes: ``mp4`` in video shards, arrays in feature shards)."""
-
-    def __init__(self, out: Path, split: str, max_bytes: int, max_videos: int | None):
-        self.out, self.split, self.max_bytes, self.max_videos = out, split, max_bytes, max_videos
-        self.shards: list[dict] = []
-        self._tar = None
-        self._file = None
-
-    def write(self, key: str, members: dict[str, bytes], meta: dict) -> None:
-        import webdataset as wds
-
-        size = sum(len(data) for data in members.values()) + 2048
-        current = self.shards[-1] if self._tar is not None else None
-        if current is not None and current["samples"] > 0 and (
-            current["bytes"] + size > self.max_bytes
-            or (self.max_videos is not None and current["samples"] >= self.max_videos)
-        ):
-            self._close()
-        if self._tar is None:
-            name = f"{self.split}-{len(self.shards):06d}.tar"
-            self._file = open(self.out / f".{name}.tmp", "wb")
-            self._tar = wds.TarWriter(self._file, mtime=TAR_MTIME)
-            self.shards.append({"path": name, "samples": 0, "queries": 0, "bytes": 0})
-        json_bytes = json.dumps(meta).encode()
-        self._tar.write({"__key__": key, **members, "json": json_bytes})
-        shard = self.shards[-1]
-        shard["samples"] += 1
-        shard["queries"] += len(meta["queries"])
-        shard["bytes"] += size
-
-    def _close(self) -> None:
-        self._tar.close()
-        self._tar = None
-        name = self.shards[-1]["path"]
-        tmp = self.out / f".{name}.tmp"
-        self.shards[-1]["bytes"] = tmp.stat().st_size
-        self.shards[-1]["sha256"] = _sha256(tmp)
-        os.replace(tmp, self.out / name)
-
-    def close(self) -> list[dict]:
-        if self._tar is not None:
-            self._close()
-        return self.shards
-
-    def abort(self) -> None:
-        if self._tar is not None:
-            try:
-                self._tar.close()
-            except OSError:  # the disk that failed the write fails the flush too (the file closes anyway)
-                with contextlib.suppress(OSError):
-                    self._file.close()
-            (self.out / f".{self.shards[-1]['path']}.tmp").unlink(missing_ok=True)
-            self._tar = None
 
 
 def build_shards(
@@ -234,52 +156,16 @@ def build_shards(
     max_videos_per_shard: int | None = None,
     workers: int = 1,
     overwrite: bool = False,
-    strict: bool = False,
     progress: bool = True,
 ) -> dict:
     """Build one split; returns its manifest entry plus the skips. See the module docstring."""
     if not videos.is_dir():
         raise UserError(f"--videos: {videos} is not a folder")
     check_split(split)
-    if fps is not None and not 0 < fps <= MAX_REENCODE_FPS:
-        raise UserError(f"--fps must be in (0, {MAX_REENCODE_FPS:g}] frames/s, got {fps:g} (a video's own rate "
-                        "caps it further)")
-    if size is not None and (size < 16 or size % 2):
-        raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
-    if keyframe_interval is not None and keyframe_interval < 0:
-        raise UserError(f"--keyframe-interval must be >= 0 seconds, got {keyframe_interval:g}")
-    if max_shard_mb <= 0:
-        raise UserError(f"--max-shard-mb must be positive, got {max_shard_mb:g}")
-    if max_videos_per_shard is not None and max_videos_per_shard < 1:
-        raise UserError(f"--max-videos-per-shard must be at least 1, got {max_videos_per_shard}")
-    if workers < 1:
-        raise UserError(f"--workers must be at least 1, got {workers}")
+    _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers)
     params = EncodeParams(fps, size, keyframe_interval)
-
-    # Read every annotation file and group the good queries by video, in file order.
-    skips: list[Skip] = []
-    tasks: dict[str, VideoTask] = {}
-    seen_qids: dict = {}
-    for path in annotations:
-        records, bad = read_annotations(path, fmt)
-        skips.extend(bad)
-        for record in records:
-            reason = check_query(record)
-            if reason is None and record.qid in seen_qids:
-                reason = f"{record.source}: duplicate qid {record.qid!r} (first at {seen_qids[record.qid]})"
-            if reason is not None:
-                skips.append(Skip(record.video_id, reason, qid=record.qid))
-                continue
-            seen_qids[record.qid] = record.source
-            task = tasks.setdefault(record.video_id, VideoTask(record.video_id, record.video_file, []))
-            task.queries.append(record)
-
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} is a file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"--out: cannot create {out} ({error.strerror or error})") from None
+    tasks, skips = _tasks(annotations, fmt)
+    _make_folder(out)
     # One build of a folder at a time: two would share its staging folders and manifest.
     with FolderLock(out, f"vmr shards build --split {split}"):
         finish_commits(out)
@@ -296,47 +182,8 @@ def build_shards(
         if not tasks:
             raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
                             + (f": {skips[0].reason}" if skips else ""))
-
-        encode_dir = staging / "encode"
-        encode_dir.mkdir(parents=True)
-        writer = _ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
-        keys: set[str] = set()
-        jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
-        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-        try:
-            # imap keeps the annotation order, so the shards do not depend on the number of workers.
-            results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
-            for result in tqdm(results, total=len(jobs), desc=f"shards {split}", unit="video",
-                               disable=not progress, file=sys.stderr):
-                if isinstance(result, Skip):
-                    skips.append(result)
-                    continue
-                skips.extend(result.skips)
-                if not result.meta:
-                    continue
-                key = sanitise_key(result.video_id)
-                while key in keys:  # two ids that differ only in punctuation
-                    key += "_"
-                keys.add(key)
-                writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
-                if result.temporary:
-                    result.path.unlink()
-            shards = writer.close()
-            if not shards:
-                raise UserError(f"split {split!r}: no video could be packed; {len(skips)} skipped, the first: "
-                                f"{skips[0].reason if skips else '?'}")
-        except BaseException as error:
-            writer.abort()
-            # Asked before the staging folder gives its space back, so the disk still reads as full.
-            full = out_of_space(error, staging) if isinstance(error, OSError) else None
-            shutil.rmtree(staging, ignore_errors=True)
-            if full is None:
-                raise
-            raise UserError(f"{full}; nothing in {out} was changed") from None
-        finally:
-            if pool:
-                pool.terminate()
-
+        writer = ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+        shards = _pack(tasks, videos, params, staging, writer, workers, skips, progress)
         params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
                        "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
                        "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
@@ -351,6 +198,98 @@ def build_shards(
             raise
         _commit(out, journal)
         return {**entry, "skipped": skips}
+
+
+def _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers) -> None:
+    if fps is not None and not 0 < fps <= MAX_REENCODE_FPS:
+        raise UserError(f"--fps must be in (0, {MAX_REENCODE_FPS:g}] frames/s, got {fps:g} (a video's own rate "
+                        "caps it further)")
+    if size is not None and (size < 16 or size % 2):
+        raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
+    if keyframe_interval is not None and keyframe_interval < 0:
+        raise UserError(f"--keyframe-interval must be >= 0 seconds, got {keyframe_interval:g}")
+    if max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {max_shard_mb:g}")
+    if max_videos_per_shard is not None and max_videos_per_shard < 1:
+        raise UserError(f"--max-videos-per-shard must be at least 1, got {max_videos_per_shard}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
+def _tasks(annotations: list[Path], fmt: str) -> tuple[dict[str, VideoTask], list[Skip]]:
+    """Every annotation file read, the good queries grouped by video in file order; the skips."""
+    skips: list[Skip] = []
+    tasks: dict[str, VideoTask] = {}
+    seen_qids: dict = {}
+    for path in annotations:
+        records, bad = read_annotations(path, fmt)
+        skips.extend(bad)
+        for record in records:
+            reason = check_query(record)
+            if reason is None and record.qid in seen_qids:
+                reason = f"{record.source}: duplicate qid {record.qid!r} (first at {seen_qids[record.qid]})"
+            if reason is not None:
+                skips.append(Skip(record.video_id, reason, qid=record.qid))
+                continue
+            seen_qids[record.qid] = record.source
+            task = tasks.setdefault(record.video_id, VideoTask(record.video_id, record.video_file, []))
+            task.queries.append(record)
+    return tasks, skips
+
+
+def _make_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out: cannot create {out} ({error.strerror or error})") from None
+
+
+def _pack(tasks: dict[str, VideoTask], videos: Path, params: EncodeParams, staging: Path, writer: ShardWriter,
+          workers: int, skips: list[Skip], progress: bool) -> list[dict]:
+    """Prepare every video (``workers`` processes) and write them, in annotation order, into
+    ``staging``; returns the shards. Skips are added to ``skips``. On any failure the staging
+    folder is removed (a full disk becomes one line saying nothing in the output folder changed)."""
+    encode_dir = staging / "encode"
+    encode_dir.mkdir(parents=True)
+    keys: set[str] = set()
+    jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        # imap keeps the annotation order, so the shards do not depend on the number of workers.
+        results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
+        for result in tqdm(results, total=len(jobs), desc=f"shards {writer.split}", unit="video",
+                           disable=not progress, file=sys.stderr):
+            if isinstance(result, Skip):
+                skips.append(result)
+                continue
+            skips.extend(result.skips)
+            if not result.meta:
+                continue
+            key = sanitise_key(result.video_id)
+            while key in keys:  # two ids that differ only in punctuation
+                key += "_"
+            keys.add(key)
+            writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
+            if result.temporary:
+                result.path.unlink()
+        shards = writer.close()
+        if not shards:
+            raise UserError(f"split {writer.split!r}: no video could be packed; {len(skips)} skipped, the first: "
+                            f"{skips[0].reason if skips else '?'}")
+        return shards
+    except BaseException as error:
+        writer.abort()
+        # Asked before the staging folder gives its space back, so the disk still reads as full.
+        full = out_of_space(error, staging) if isinstance(error, OSError) else None
+        shutil.rmtree(staging, ignore_errors=True)
+        if full is None:
+            raise
+        raise UserError(f"{full}; nothing in {staging.parent} was changed") from None
+    finally:
+        if pool:
+            pool.terminate()
 
 
 def _commit(out: Path, journal: dict) -> None:
@@ -404,14 +343,6 @@ def finish_commits(out: Path) -> None:
         _commit(out, journal)
 
 
-def iter_shard(path: Path):
-    """(key, video bytes (None in a feature shard), metadata) for each sample of one shard, in order."""
-    import webdataset as wds
-
-    for sample in wds.WebDataset(str(path), shardshuffle=False, empty_check=False):
-        yield sample["__key__"], sample.get("mp4"), json.loads(sample["json"])
-
-
 def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
     """Check every shard of the manifest: present, sha256, sample and query counts, and frames
     decodable (first, middle and last of every video). Returns totals and a list of problems."""
@@ -428,7 +359,7 @@ def verify_shards(out: Path, progress: bool = True) -> tuple[dict, list[str]]:
             problems.append(f"{path}: shard listed in the manifest is missing")
             continue
         totals["shards"] += 1
-        if _sha256(path) != shard.get("sha256"):
+        if sha256_of(path) != shard.get("sha256"):
             problems.append(f"{path}: sha256 differs from the manifest (the file changed or is corrupt)")
         samples = queries = 0
         try:
@@ -462,7 +393,7 @@ def _check_sample(video: bytes, meta: dict) -> str | None:
         times = sorted({0.0, *(duration * (i + 0.5) / VERIFY_POINTS for i in range(VERIFY_POINTS)), duration})
         sample_frames(decoder, times, 8, start)
     except Exception as error:
-        return f"cannot decode the video ({str(error).strip().splitlines()[0][:200] if str(error).strip() else error!r})"
+        return f"cannot decode the video ({first_line(error)})"
     if n != meta.get("num_frames"):
         return f"decodes to {n} frames, its metadata says {meta.get('num_frames')}"
     return None
@@ -499,7 +430,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
         size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,
         max_videos_per_shard=args.max_videos_per_shard, workers=args.workers,
-        overwrite=args.overwrite, strict=args.strict,
+        overwrite=args.overwrite,
     )
     skips = result["skipped"]
     for skip in skips:

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
                "--server.address", args.host, "--server.maxUploadSize", str(max(1, math.ceil(limit))),
                "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     if args.checkpoint:
-        from vmr.eval.predict import resolve_bundle
+        from vmr.bundle import resolve_bundle
 
         command += ["--", "--checkpoint", str(resolve_bundle(args.checkpoint))]
     os.environ["VMR_DEMO_MAX_MB"] = f"{limit:g}"

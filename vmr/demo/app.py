@@ -37,7 +37,7 @@ def checkpoint_argument() -> tuple[Path | None, bool]:
 
 @st.cache_resource(show_spinner="Loading the model ...")
 def load_model(checkpoint: str):
-    from vmr.eval.predict import load_model as load
+    from vmr.bundle import load_model as load
 
     return load(checkpoint)
 

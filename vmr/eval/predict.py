@@ -14,10 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from vmr.bundle import load_model, resolve_bundle
 from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import BadInput, evaluate, evaluate_groups, leaderboard, load_jsonl
-from vmr.io import write_text_atomic
+from vmr.io import first_line, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
 
@@ -36,42 +37,6 @@ def clip_saliency(times: list[float], scores: list[float], duration: float) -> l
             inside = [min(zip(times, scores, strict=True), key=lambda ts: abs(ts[0] - centre))[1]]
         out.append(round(sum(inside) / len(inside), 4))
     return out
-
-
-def resolve_bundle(path: str | Path) -> Path:
-    """An inference bundle, or a run directory (its best export, else its final one)."""
-    path = Path(path)
-    for candidate in (path, path / "export_best", path / "export"):
-        if (candidate / "model.safetensors").is_file():
-            return candidate
-    raise UserError(f"{path}: no inference bundle here (expected model.safetensors, or a run directory "
-                    "with export_best/ or export/)")
-
-
-def load_model(path: str | Path, device=None, fast: bool = True):
-    """The bundle's model on ``device`` (default: the best one) in eval mode, and its config. On
-    CUDA, with ``fast``, its weights in bf16 (inference speed), except for a model trained on a
-    feature cache: its reads of videos are checked against the cache's fp32 tower weights."""
-    import torch
-
-    from vmr.config import load_config
-    from vmr.model import VideoMomentRetrievalModel
-
-    bundle = resolve_bundle(path)
-    model = VideoMomentRetrievalModel.from_pretrained(bundle).to(device or best_device()).eval()
-    if fast and model.features is None and model.frame_in.weight.device.type == "cuda" and torch.cuda.is_bf16_supported():
-        model = model.to(torch.bfloat16)  # bf16 weights: faster than fp32 weights under autocast
-    return model, load_config(bundle / "config.yaml")
-
-
-def best_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def prediction_row(qid, query: str, vid: str, frames: dict, duration: float, nms_iou: float,
@@ -100,7 +65,7 @@ class WindowMerger:
         ``model`` may be wrapped (DDP, DeepSpeed): only its forward is used."""
         import torch
 
-        from vmr.data.stream import to_device
+        from vmr.data.prefetch import to_device
         from vmr.model import batch_forward, frame_outputs
 
         index = batch["video_index"]
@@ -177,48 +142,6 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
     return [p for p, _ in pairs], [t for _, t in pairs], skipped(loader), loader.skip_counter.last_reason
 
 
-def check_shards(model, cache: dict | None) -> None:
-    """Feature shards (``cache``: their extractor, ``vmr.features.cache_of``) must fit the model
-    (``check_cache``, ``check_tower``); video shards (None) need a model that reads videos."""
-    from vmr.features import check_cache
-
-    if cache is not None:
-        check_cache(cache, model, model.sampling, "--shards")
-        check_tower(cache, model, "--shards")
-    else:
-        check_reads_videos(model)
-
-
-def check_tower(cache: dict, model, where: str) -> None:
-    """Features of CLIP's tower are only valid for the model whose layers learned on that tower: the
-    tower that made the model's training cache, else the model's own (its weights as trained)."""
-    if cache.get("kind") != "clip":
-        return
-    from vmr.features import vision_fingerprint
-
-    trained_on = model.features if (model.features or {}).get("kind") == "clip" else None
-    expected = trained_on["vision_sha256"] if trained_on else vision_fingerprint(model)
-    if cache.get("vision_sha256") != expected:
-        raise UserError(f"{where}: these features were made by another vision tower ({cache.get('model')}) than the "
-                        f"one this model {'was trained on' if trained_on else 'has'}; extract them with this model "
-                        "(vmr features extract --checkpoint ...)")
-
-
-def check_reads_videos(model) -> None:
-    """A model of imported features cannot read videos; one trained on a cache of CLIP features reads
-    them only through the very tower that made the cache."""
-    if model.config.feature_dim or model.config.text_feature_dim:
-        raise UserError(f"this model reads imported {model.config.feature_dim or ''}-d features, not videos "
-                        "(give feature shards made by 'vmr features import')")
-    cache = model.features or {}
-    if cache.get("kind") == "clip":
-        from vmr.features import vision_fingerprint
-
-        if vision_fingerprint(model) != cache.get("vision_sha256"):
-            raise UserError(f"this model was trained on features of another vision tower ({cache.get('model')}) "
-                            "than its own: it reads only those feature shards, not videos")
-
-
 def nothing_read(shards, bad: int, reason: str) -> UserError:
     where = shards if isinstance(shards, str) else " ".join(map(str, shards))
     return UserError(f"no video of {where} could be read ({bad} unreadable shard(s) or sample(s); last: "
@@ -237,7 +160,7 @@ def video_windows(path: Path, windows: list, size: int, start: float):
             frames, pts = sample_frames(decoder, window.times, size, start)
         except (ValueError, RuntimeError, IndexError) as error:
             raise UserError(f"{path}: cannot decode this video at {window.start:.1f}-{window.end:.1f} s "
-                            f"({str(error).splitlines()[0][:200]})") from None
+                            f"({first_line(error)})") from None
         yield frames, pts, window.start, window.end, window.own
 
 
@@ -248,6 +171,7 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
     window), one score per sampled frame. ``nms_iou`` defaults to the model's config."""
     import dataclasses
 
+    from vmr.cache import check_reads_videos
     from vmr.data.video import inference_windows, probe
     from vmr.model import rank_moments
 
@@ -359,8 +283,8 @@ def _predict_for_eval(args):
     share of the shards and the main process gathers them."""
     from accelerate.utils import gather_object
 
-    from vmr.data.stream import expand_shards
-    from vmr.features import cache_of
+    from vmr.cache import cache_of, check_shards
+    from vmr.data.sources import expand_shards
     from vmr.runtime import process_group_scope, process_state
 
     state = process_state()

@@ -14,6 +14,7 @@ from torch import nn
 
 from vmr.config import ModelConfig
 from vmr.errors import UserError
+from vmr.io import first_line
 
 # OpenAI CLIP's pixel statistics; a pretrained checkpoint's own processor overrides them.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,7 +50,7 @@ def load_clip(cfg: ModelConfig, tokenizer, clip_config=None):
     try:
         return CLIPModel.from_pretrained(cfg.name)
     except (OSError, ValueError) as error:
-        raise UserError(f"model.name: cannot load CLIP {cfg.name!r} ({str(error).splitlines()[0][:200]})") from None
+        raise UserError(f"model.name: cannot load CLIP {cfg.name!r} ({first_line(error)})") from None
 
 
 def load_processor(cfg: ModelConfig, clip_config, source: str | None = None):

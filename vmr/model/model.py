@@ -292,7 +292,7 @@ class VideoMomentRetrievalModel(nn.Module):
             weights = load_file(directory / WEIGHTS, device=str(map_location))
         except Exception as error:  # a truncated or foreign file: safetensors' own error types
             raise UserError(f"{directory / WEIGHTS}: not readable as safetensors weights "
-                            f"({str(error).splitlines()[0][:160]})") from None
+                            f"({first_line(error, 160)})") from None
         missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
         if missing or unexpected:
             raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
