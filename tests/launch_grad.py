@@ -33,8 +33,8 @@ def make_batch(model, videos: int = 4, frames: int = 6) -> dict:
         "duration": torch.full((videos,), float(frames)),
         "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
         "video_index": torch.arange(videos).repeat_interleave(2),
-        "relevance": relevance, "windows": torch.tensor([[[1.0, 3.0]]] * q),
-        "window_mask": torch.ones(q, 1, dtype=torch.bool), "clip_windows": torch.tensor([[[1, 2]]] * q),
+        "relevance": relevance, "moments": torch.tensor([[[1.0, 3.0]]] * q),
+        "moment_mask": torch.ones(q, 1, dtype=torch.bool), "moment_frames": torch.tensor([[[1, 2]]] * q),
         "saliency": relevance * 0.5, "has_saliency": torch.ones(q, dtype=torch.bool),
     }
 

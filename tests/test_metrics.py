@@ -16,10 +16,9 @@ from vmr.eval.metrics import (
     compute_comprehensive_metrics,
     detection_ap,
     evaluate,
-    evaluate_groups,
-    leaderboard,
     ranking_ap,
 )
+from vmr.eval.report import evaluate_groups, leaderboard
 from vmr.spans import iou, nms
 
 THRESHOLDS = ["0.5", "0.55", "0.6", "0.65", "0.7", "0.75", "0.8", "0.85", "0.9", "0.95"]

@@ -74,8 +74,8 @@ def test_different_queries_give_different_outputs():
 def _targets(q: int, t: int) -> dict:
     relevance = torch.zeros(q, t)
     relevance[:, 1:3] = 1
-    return {"relevance": relevance, "windows": torch.tensor([[[1.0, 3.0]]] * q),
-            "window_mask": torch.ones(q, 1, dtype=torch.bool), "clip_windows": torch.tensor([[[1, 2]]] * q),
+    return {"relevance": relevance, "moments": torch.tensor([[[1.0, 3.0]]] * q),
+            "moment_mask": torch.ones(q, 1, dtype=torch.bool), "moment_frames": torch.tensor([[[1, 2]]] * q),
             "saliency": relevance * 0.75, "has_saliency": torch.tensor([True] + [False] * (q - 1))}
 
 
@@ -110,8 +110,8 @@ def test_decoding_hand_built_outputs():
     result = decode_moments(outputs, top_k=5, nms_iou=0.5)[0]
     moments = [(round(s, 4), round(e, 4), round(p, 4)) for s, e, p in result["moments"]]
     assert moments == [(1.0, 2.5, 0.9), (2.0, 4.0, 0.5)]  # (1.0, 2.6, 0.8) has IoU 0.94 with the first
-    assert result["clip_times"] == [1.0, 2.0, 3.0]
-    assert [round(p, 4) for p in result["clip_scores"]] == [0.8, 0.9, 0.5]
+    assert result["frame_times"] == [1.0, 2.0, 3.0]
+    assert [round(p, 4) for p in result["frame_scores"]] == [0.8, 0.9, 0.5]
     assert decode_moments(outputs, top_k=1, nms_iou=0.5)[0]["moments"][0][:2] == pytest.approx((1.0, 2.5))
 
 
@@ -330,7 +330,7 @@ def test_padding_queries_and_frames_change_no_loss(shard_dir):
     cut = dict(batch)
     for key in ("videos", "frame_mask", "frame_times"):
         cut[key] = batch[key][:, :t]
-    for key in ("text_ids", "text_mask", "windows", "window_mask", "clip_windows", "has_saliency", "video_index"):
+    for key in ("text_ids", "text_mask", "moments", "moment_mask", "moment_frames", "has_saliency", "video_index"):
         cut[key] = batch[key][:q]
     for key in ("relevance", "saliency"):
         cut[key] = batch[key][:q, :t]

@@ -304,7 +304,12 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"], RANK=
 from vmr.runtime import gloo_threads, prepare_process_group, release_process_group
 import torch.distributed as dist
 prepare_process_group(training=True)
+import time
 dist.init_process_group("gloo")
+for _ in range(100):  # the group's threads start and name themselves asynchronously: up to 10 s
+    if gloo_threads():
+        break
+    time.sleep(0.1)
 assert gloo_threads(), "a gloo group has threads"
 import transformers.models.clip.modeling_clip  # noqa: F401
 release_process_group()

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from vmr.cli import main
 from vmr.config import DataConfig, SamplingConfig, load_config
-from vmr.data.shards import build_shards, iter_shard, verify_shards
+from vmr.data.shards import build_shards
 from vmr.data.stream import make_loader, skipped
+from vmr.data.tars import iter_shard
+from vmr.data.verify import verify_shards
 from vmr.data.video import probe, sample_times, training_span
 from vmr.model import VideoMomentRetrievalModel
 from vmr.spans import frame_windows
@@ -121,19 +123,19 @@ def test_predict_on_odd_videos_scores_the_whole_video_at_the_trained_rate(odd_di
         result = json.loads(capsys.readouterr().out)
         duration = probe(path).duration
         assert result["duration"] == pytest.approx(duration, abs=1e-3) and duration == pytest.approx(6.0, abs=0.25)
-        assert result["clip_times"] == pytest.approx(grid(duration), abs=0.26), name
+        assert result["frame_times"] == pytest.approx(grid(duration), abs=0.26), name
         assert result["sampling"] == {"fps": 2.0, "window": 6, "windows": 3, "frames": len(grid(duration))}
         assert all(0 <= m["start"] < m["end"] <= duration + 1e-3 for m in result["moments"])
     # Overrides of the rate and the window.
     path = odd_dir / "videos" / "vfr.mp4"
-    assert main(["predict", "--checkpoint", str(bundle), "--video", str(path), "--query", "x", "--clip-fps", "4",
+    assert main(["predict", "--checkpoint", str(bundle), "--video", str(path), "--query", "x", "--fps", "4",
                  "--window", "100"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert result["sampling"]["windows"] == 1 and len(result["clip_times"]) == len(grid(result["duration"], 4.0))
+    assert result["sampling"]["windows"] == 1 and len(result["frame_times"]) == len(grid(result["duration"], 4.0))
     assert "(4 frames/s), in 1 window(s)" in captured.err
-    assert main(["predict", "--checkpoint", str(bundle), "--video", str(path), "--query", "x", "--clip-fps", "0"]) == 2
-    assert "--clip-fps must be a positive number" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(bundle), "--video", str(path), "--query", "x", "--fps", "0"]) == 2
+    assert "--fps must be a positive number" in capsys.readouterr().err
 
 
 def test_a_vfr_upload_in_the_demo(odd_dir, bundle, monkeypatch):
@@ -166,7 +168,7 @@ def test_a_ten_minute_video_is_scored_at_the_trained_rate_in_bounded_memory(tmp_
                                     capture_output=True, text=True, check=True).stdout)
     assert run["rc"] == 0, run["err"]
     result = json.loads(run["out"])
-    times = result["clip_times"]
+    times = result["frame_times"]
     # One frame per 0.5-s bin to the end: each bin's frame, at its real presentation time.
     assert len(set(times)) == 1200 and times == pytest.approx(grid(600.0), abs=0.26)
     assert result["sampling"]["windows"] == len(frame_windows(1200, SPEC.window, SPEC.overlap)) == 300
@@ -214,8 +216,8 @@ def test_long_videos_train_on_windows_at_the_trained_rate(tmp_path):
         assert torch.allclose(times[1:] - times[:-1], torch.full((15,), 0.5, dtype=torch.float64), atol=0.26)
         assert 0 <= times.min() and times.max() <= 8.0
         # The two moments are 88 s apart: one window holds one query, and holds its moment whole.
-        assert len(batch["qid"]) == 1 and batch["window_mask"][0].sum() == 1
-        start, end = batch["windows"][0, 0].tolist()
+        assert len(batch["qid"]) == 1 and batch["moment_mask"][0].sum() == 1
+        start, end = batch["moments"][0, 0].tolist()
         assert end - start == pytest.approx(4.0 if batch["qid"][0] == 1 else 2.0, abs=1e-4)
     # Evaluation sees the whole video: 240 frames in overlapping 16-frame windows.
     evaluation = make_loader(str(tmp_path / "shards"), data, load_tokenizer("synthetic"), batch_size=4,

@@ -69,11 +69,11 @@ def test_batch_layout_and_targets(shard_dir):
     for batch in batches:
         assert batch["videos"].shape[:2] == (3, data.sampling.window)
         assert batch["text_ids"].shape == (3 * data.queries_per_video, data.max_text_len)
-        assert batch["windows"].shape[1] == 4 and batch["query_mask"].shape == (3 * data.queries_per_video,)
+        assert batch["moments"].shape[1] == 4 and batch["query_mask"].shape == (3 * data.queries_per_video,)
     b = batches[0]
     n_videos, n_queries = b["videos"].shape[0], int(b["query_mask"].sum())
     assert len(b["qid"]) == len(b["ground_truth"]) == n_queries and b["query_mask"][:n_queries].all()
-    assert not b["window_mask"][n_queries:].any() and not b["relevance"][n_queries:].any()
+    assert not b["moment_mask"][n_queries:].any() and not b["relevance"][n_queries:].any()
     assert b["videos"].dtype == torch.uint8 and b["videos"].shape[2:] == (3, 16, 16)
     assert b["frame_mask"].shape == b["frame_times"].shape == (n_videos, b["videos"].shape[1])
     assert b["relevance"].shape == b["saliency"].shape == (b["text_ids"].shape[0], b["videos"].shape[1])
@@ -86,10 +86,10 @@ def test_batch_layout_and_targets(shard_dir):
         v = b["video_index"][q]
         times = b["frame_times"][v][b["frame_mask"][v]]
         inside = torch.zeros_like(times, dtype=torch.bool)
-        for k in range(int(b["window_mask"][q].sum())):
-            s, e = b["windows"][q, k]
+        for k in range(int(b["moment_mask"][q].sum())):
+            s, e = b["moments"][q, k]
             assert 0 <= s < e <= b["duration"][v] + 1e-5
-            first, last_ = b["clip_windows"][q, k]
+            first, last_ = b["moment_frames"][q, k]
             assert first <= last_
             inside |= (times >= s) & (times < e)
         # Positive frames are exactly those inside a window (or the nearest one to a tiny window).

@@ -92,11 +92,11 @@ def test_predict_and_eval_with_the_trained_bundle(shard_dir, synth_dir, tmp_path
                  "--top-k", "3"]) == 0
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert set(result) == {"video", "duration", "query", "sampling", "moments", "clip_times", "clip_scores"}
-    assert 1 <= len(result["moments"]) <= 3 and len(result["clip_times"]) == len(result["clip_scores"])
+    assert set(result) == {"video", "duration", "query", "sampling", "moments", "frame_times", "frame_scores"}
+    assert 1 <= len(result["moments"]) <= 3 and len(result["frame_times"]) == len(result["frame_scores"])
     # The whole video at the trained rate (the bundle's spec: 2 frames/s), said on stderr.
-    assert result["sampling"]["fps"] == 2.0 and len(result["clip_times"]) == int(result["duration"] * 2)
-    assert f"scored {len(result['clip_times'])} frames" in captured.err and "(2 frames/s)" in captured.err
+    assert result["sampling"]["fps"] == 2.0 and len(result["frame_times"]) == int(result["duration"] * 2)
+    assert f"scored {len(result['frame_times'])} frames" in captured.err and "(2 frames/s)" in captured.err
     assert all(0 <= m["start"] < m["end"] <= result["duration"] for m in result["moments"])
     metrics = tmp_path / "eval" / "metrics.json"
     assert main(["eval", "--checkpoint", str(out / "export"), "--shards", f"{shard_dir}/val-*.tar",

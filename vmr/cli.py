@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from vmr import synth
-    from vmr.data import shards
+    from vmr.data import shards, verify
 
     add_command(
         commands, synth.add_arguments, synth.run,
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                "--out data/shards --split train --fps 2 --size 112 --keyframe-interval 1",
     )
     add_command(
-        shard_commands, shards.add_verify_arguments, shards.run_verify,
+        shard_commands, verify.add_verify_arguments, verify.run_verify,
         "verify", help="check shards against their manifest",
         description="Re-read every shard: sha256 and counts against manifest.json, and decode "
                     "frames of every video. Exits non-zero naming the shard and key of any problem.",

@@ -306,15 +306,35 @@ def parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+PRESETS = Path(__file__).parent / "configs"  # shipped inside the package; configs/ in the repository
+
+
+def presets() -> list[str]:
+    """The names of the presets that come with vmr (tiny, small, default, qvhighlights, ...)."""
+    return sorted(p.stem for p in PRESETS.glob("*.yaml"))
+
+
+def preset(name: str | Path) -> Path:
+    """A config file: ``name`` itself when it exists, else the shipped preset it names (``tiny``,
+    ``tiny.yaml`` or ``configs/tiny.yaml``), so that presets work from any directory and from an
+    installed package."""
+    path = Path(name)
+    if path.exists():  # a folder or an unreadable file is the reader's to refuse, with its reason
+        return path
+    shipped = PRESETS / (path.name if path.suffix in (".yaml", ".yml") else f"{path.name}.yaml")
+    if path.parent in (Path(), Path("configs")) and shipped.is_file():
+        return shipped
+    raise UserError(f"{path}: config file not found (presets that come with vmr: {', '.join(presets())})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A preset YAML (or the defaults) plus overrides, type-checked and validated."""
+    """A preset YAML (a file, or a shipped preset's name: ``preset``) or the defaults, plus
+    overrides, type-checked and validated."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
         from vmr.io import read_text
 
-        if not path.exists():
-            raise UserError(f"{path}: config file not found")
+        path = preset(path)
         try:
             values = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as error:

@@ -44,6 +44,7 @@ from vmr.data.sources import bounded_downloads
 from vmr.data.tars import TIMES, TOKENS, VIEW_TIMES, VIEWS, TarShard, npy_bytes, sha256_of, sweep_temporaries
 from vmr.errors import UserError, out_of_space
 from vmr.io import FolderLock, confined, field, first_line, read_json, write_text_atomic
+from vmr.spans import QVH_CLIP_SECONDS
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
@@ -341,7 +342,7 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--annotations", type=Path, required=True, help="QVHighlights-style JSONL of the split")
     p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
     p.add_argument("--split", default="train", help="split name (default train)")
-    p.add_argument("--clip-seconds", type=float, default=2.0, help="seconds per feature row (default 2, QVHighlights)")
+    p.add_argument("--clip-seconds", type=float, default=QVH_CLIP_SECONDS, help="seconds per feature row (default 2, QVHighlights)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing split, or a folder of video shards or of features of another width")
 

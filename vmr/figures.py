@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vmr.spans import QVH_CLIP_SECONDS
+
 WIDTH, ROW, MARGIN = 640, 90, 8
 GT, SCORE, TOP1, TEXT = (120, 200, 120), (40, 90, 200), (220, 60, 60), (30, 30, 30)
 
@@ -22,14 +24,14 @@ def scores_figure(predictions: list[dict], truth: list[dict]) -> np.ndarray:
         top = i * ROW
         plot_top, plot_bottom = top + 16, top + ROW - 12
         scores = pred.get("pred_saliency_scores") or []
-        duration = float(gt.get("duration") or 2.0 * max(1, len(scores)))
+        duration = float(gt.get("duration") or QVH_CLIP_SECONDS * max(1, len(scores)))
 
         def x(seconds: float, duration=duration) -> float:
             return MARGIN + (WIDTH - 2 * MARGIN) * min(max(seconds / duration, 0.0), 1.0)
 
         for start, end in gt.get("relevant_windows", []):
             draw.rectangle([x(start), plot_top, x(end), plot_bottom], fill=GT)
-        points = [(x(2.0 * c + 1.0), plot_bottom - (plot_bottom - plot_top) * float(s)) for c, s in enumerate(scores)]
+        points = [(x(QVH_CLIP_SECONDS * (c + 0.5)), plot_bottom - (plot_bottom - plot_top) * float(s)) for c, s in enumerate(scores)]
         if len(points) > 1:
             draw.line(points, fill=SCORE, width=2)
         if pred.get("pred_relevant_windows"):

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmr.errors import UserError
-from vmr.spans import frames_to_seconds
+from vmr.spans import QVH_CLIP_SECONDS, frames_to_seconds
 
 FORMATS = ("seed", "qvhighlights", "charades")
 VIDEO_EXTENSIONS = ("mp4", "mkv", "avi", "mov", "webm")
@@ -126,7 +126,7 @@ def _saliency(row: dict) -> dict | None:
                                               and 0 <= v <= 4 for v in s) for s in scores):
         raise TypeError(f"saliency_scores must be one list of scores 0-4 per relevant clip "
                         f"({len(ids)} clips), got {scores!r}"[:200])
-    return {"clip_seconds": 2.0, "clip_ids": list(ids), "scores": [list(s) for s in scores]}
+    return {"clip_seconds": QVH_CLIP_SECONDS, "clip_ids": list(ids), "scores": [list(s) for s in scores]}
 
 
 def _read_text(path: Path) -> str:

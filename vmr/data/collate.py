@@ -69,10 +69,10 @@ class Collator:
         shape = self.shape
         b, t = len(items), max(len(item["times"]) for item in items)
         queries = [(i, q) for i, item in enumerate(items) for q in item["queries"]]
-        n_windows = max([len(q["windows"]) for _, q in queries] + [1])
+        n_moments = max([len(q["moments"]) for _, q in queries] + [1])
         n_queries = len(queries)
         if shape is not None:
-            t, n_queries, n_windows = max(t, shape.frames), max(n_queries, shape.queries), _bucket(n_windows)
+            t, n_queries, n_moments = max(t, shape.frames), max(n_queries, shape.queries), _bucket(n_moments)
         # In a loader worker the batch is built in shared memory (_empty): sending it to the main
         # process then costs no copy (what DataLoader's own collation does). Only padding is zeroed.
         first = items[0]["frames"]
@@ -87,9 +87,9 @@ class Collator:
         # Targets are built as Python lists and become tensors once: many small tensor writes
         # cost more than the numbers they hold.
         frame_mask, frame_times = [[False] * t for _ in items], [[0.0] * t for _ in items]
-        windows = [[[0.0, 0.0]] * n_windows for _ in range(n_queries)]
-        clip_windows = [[[0, 0]] * n_windows for _ in range(n_queries)]
-        window_mask = [[False] * n_windows for _ in range(n_queries)]
+        moments = [[[0.0, 0.0]] * n_moments for _ in range(n_queries)]
+        moment_frames = [[[0, 0]] * n_moments for _ in range(n_queries)]
+        moment_mask = [[False] * n_moments for _ in range(n_queries)]
         relevance, saliency = [[0.0] * t for _ in range(n_queries)], [[0.0] * t for _ in range(n_queries)]
         has_saliency = [False] * n_queries
         for i, item in enumerate(items):
@@ -98,17 +98,17 @@ class Collator:
             videos[i, n:] = 0
             frame_mask[i][:n], frame_times[i][:n] = [True] * n, item["times"]
         for j, (i, q) in enumerate(queries):
-            rel, clips = clip_targets(q["windows"], items[i]["times"])
+            rel, spans = clip_targets(q["moments"], items[i]["times"])
             relevance[j][: len(rel)] = rel
-            for k, (window, clip) in enumerate(zip(q["windows"], clips, strict=True)):
-                windows[j][k], clip_windows[j][k], window_mask[j][k] = list(window), list(clip), True
+            for k, (moment, span) in enumerate(zip(q["moments"], spans, strict=True)):
+                moments[j][k], moment_frames[j][k], moment_mask[j][k] = list(moment), list(span), True
             if q["saliency"] is not None:
                 scores = list(q["saliency"][:t])
                 saliency[j][: len(scores)] = scores
                 has_saliency[j] = True
         frame_mask, frame_times = torch.tensor(frame_mask, dtype=torch.bool), torch.tensor(frame_times)
-        windows, clip_windows = torch.tensor(windows), torch.tensor(clip_windows, dtype=torch.long)
-        window_mask = torch.tensor(window_mask, dtype=torch.bool)
+        moments, moment_frames = torch.tensor(moments), torch.tensor(moment_frames, dtype=torch.long)
+        moment_mask = torch.tensor(moment_mask, dtype=torch.bool)
         relevance, saliency = torch.tensor(relevance), torch.tensor(saliency)
         has_saliency = torch.tensor(has_saliency, dtype=torch.bool)
         query_mask = torch.arange(n_queries) < len(queries)
@@ -132,7 +132,7 @@ class Collator:
             "video_duration": torch.tensor([item["video_duration"] for item in items], dtype=torch.float64),
             "key": [item["key"] for item in items],
             "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
-            "windows": windows, "window_mask": window_mask, "clip_windows": clip_windows,
+            "moments": moments, "moment_mask": moment_mask, "moment_frames": moment_frames,
             "relevance": relevance, "saliency": saliency, "has_saliency": has_saliency,
             "video_index": torch.tensor([i for i, _ in queries] + [0] * (n_queries - len(queries)), dtype=torch.long),
             "query_mask": query_mask,
@@ -155,7 +155,7 @@ def _empty(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
 def ground_truth_row(item: dict, query: dict) -> dict:
     """A query's ground truth in the QVHighlights JSONL layout, for scoring predictions on shards."""
     row = {**query.get("tags", {}), "qid": query["qid"], "query": query["query"], "vid": item["video_id"],
-           "duration": item["video_duration"], "relevant_windows": [list(w) for w in query["video_windows"]]}
+           "duration": item["video_duration"], "relevant_windows": [list(m) for m in query["video_moments"]]}
     saliency = query.get("clip_saliency")
     if saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
         row["relevant_clip_ids"], row["saliency_scores"] = list(saliency["clip_ids"]), list(saliency["scores"])

@@ -83,12 +83,12 @@ def window_item(meta: dict, key: str, frames, pts: list[float], span: tuple[floa
     offset, length = span[0], span[1] - span[0]
     items = []
     for q in queries:
-        windows = [(max(0.0, s - offset), min(length, e - offset)) for s, e in q["windows"]]
+        moments = [(max(0.0, s - offset), min(length, e - offset)) for s, e in q["windows"]]
         items.append({**({"text_features": q["text_features"]} if "text_features" in q else {}),
             "qid": q["qid"],
             "query": _swap_left_right(q["query"]) if flip else q["query"],
-            "windows": [(s, e) for s, e in windows if e > s],  # none left: the query is a negative here
-            "video_windows": [tuple(w) for w in q["windows"]],
+            "moments": [(s, e) for s, e in moments if e > s],  # none left: the query is a negative here
+            "video_moments": [tuple(m) for m in q["windows"]],
             "saliency": _qvh_saliency(q.get("saliency"), pts),
             "clip_saliency": q.get("saliency"),
             "tags": q.get("tags", {}),

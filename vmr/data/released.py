@@ -30,10 +30,11 @@ from vmr.data.tars import (
 )
 from vmr.errors import UserError
 from vmr.io import FolderLock, confined, read_npz, write_text_atomic
+from vmr.spans import QVH_CLIP_SECONDS
 
 
 def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path,
-                    split: str = "train", clip_seconds: float = 2.0, max_videos_per_shard: int = 500,
+                    split: str = "train", clip_seconds: float = QVH_CLIP_SECONDS, max_videos_per_shard: int = 500,
                     progress: bool = True, overwrite: bool = False) -> dict:
     """``_import_features`` with the folder claimed (feature shards only; an existing split, or
     other features, only with ``overwrite``) and locked for the run."""

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import streamlit as st
 
-VIDEO_TYPES = ["mp4", "avi", "mov", "mkv", "webm"]
+from vmr.data.annotations import VIDEO_EXTENSIONS
+
+VIDEO_TYPES = list(VIDEO_EXTENSIONS)  # what the uploader takes: the containers a video id may name
 QUICKSTART = (Path("runs/quickstart/export_best"), Path("runs/quickstart/export"))
 
 
@@ -80,7 +82,7 @@ def scores_chart(result: dict, truth: list | None):
     import altair as alt
     import pandas as pd
 
-    scores = pd.DataFrame({"time (s)": result["clip_times"], "score": result["clip_scores"]})
+    scores = pd.DataFrame({"time (s)": result["frame_times"], "score": result["frame_scores"]})
     moments = pd.DataFrame([{"start": m["start"], "end": m["end"], "what": f"moment {i + 1}"}
                             for i, m in enumerate(result["moments"])])
     layers = []

@@ -12,8 +12,7 @@ Imports nothing from the model or data code, so it can score any predictions fil
   and the official key names and layout.
 - Charades-STA / ActivityNet Captions: R@1 and R@5 at IoU 0.3, 0.5, 0.7 and mean IoU of the first
   window, in percent.
-- ``evaluate_groups``: any of the above on the subsets of queries that share the value of an
-  annotation field (``vmr eval --group-by FIELD``), numbers optionally bucketed (``FIELD:10,30``).
+- (vmr/eval/report.py: the same metrics by group of queries, and the leaderboard table.)
 - ``compute_comprehensive_metrics``: clip-level ranking metrics (Recall@K, mAP, temporal
   consistency, temporal IoU) on per-clip scores.
 
@@ -141,7 +140,7 @@ def _check_window(window, qid, key: str, with_score: bool) -> list[float]:
     return values
 
 
-def check_inputs(predictions: list[dict], ground_truth: list[dict], allow_missing: bool = False):
+def match_predictions(predictions: list[dict], ground_truth: list[dict], allow_missing: bool = False):
     """Validated copies keyed by qid, in ground-truth order, and the number of missing predictions.
 
     Duplicate or unknown qids and malformed windows are errors naming the qid. A ground-truth qid
@@ -401,7 +400,7 @@ def evaluate(predictions: list[dict], ground_truth: list[dict], protocol: str = 
              allow_missing: bool = False) -> tuple[OrderedDict, int]:
     """The protocol's metrics JSON (plus ``clip_level`` when per-clip scores exist) and the number of
     ground-truth queries without a prediction (non-zero only with ``allow_missing``)."""
-    gt, preds, missing = check_inputs(predictions, ground_truth, allow_missing)
+    gt, preds, missing = match_predictions(predictions, ground_truth, allow_missing)
     if protocol == "qvhighlights":
         metrics = qvhighlights(gt, preds)
     elif protocol == "charades":
@@ -412,84 +411,3 @@ def evaluate(predictions: list[dict], ground_truth: list[dict], protocol: str = 
     if clips is not None:
         metrics["clip_level"] = {k: percent(v) for k, v in clips.items()}
     return metrics, missing
-
-
-def parse_group_by(spec: str) -> tuple[str, list[float] | None]:
-    """``FIELD`` or ``FIELD:E1,E2,...`` (ascending bucket edges for a numeric field)."""
-    name, _, edges = spec.partition(":")
-    if not name:
-        raise BadInput(f"--group-by {spec!r}: give a field name, e.g. --group-by told_apart_by")
-    if not edges:
-        return name, None
-    try:
-        values = [float(e) for e in edges.split(",")]
-    except ValueError:
-        raise BadInput(f"--group-by {spec!r}: bucket edges must be numbers, e.g. {name}:10,30") from None
-    if values != sorted(set(values)):
-        raise BadInput(f"--group-by {spec!r}: bucket edges must be strictly increasing")
-    return name, values
-
-
-def _group_labels(value, edges: list[float] | None, field: str, qid) -> list[str]:
-    """The group(s) of one query: a list value puts the query in each of its elements' groups."""
-    if value is None:
-        return ["(missing)"]
-    if isinstance(value, list):
-        return sorted({label for v in value for label in _group_labels(v, edges, field, qid)}) or ["(empty)"]
-    if edges is None:
-        return [json.dumps(value) if isinstance(value, dict) else str(value).lower() if isinstance(value, bool)
-                else str(value)]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BadInput(f"qid {qid}: {field} is {value!r}, not a number to bucket")
-    above = [e for e in edges if e <= value]
-    below = [e for e in edges if e > value]
-    if not above:
-        return [f"<{below[0]:g}"]
-    if not below:
-        return [f">={above[-1]:g}"]
-    return [f"{above[-1]:g}-{below[0]:g}"]
-
-
-def evaluate_groups(predictions: list[dict], ground_truth: list[dict], group_by: str,
-                    protocol: str = "qvhighlights", allow_missing: bool = False) -> OrderedDict:
-    """``{"field", "groups": {value: {"queries": n, **metrics}}}``: the protocol's metrics on each
-    subset of the ground truth that shares the value of ``group_by`` (see ``parse_group_by``),
-    largest group first. A query without the field falls in ``(missing)``."""
-    name, edges = parse_group_by(group_by)
-    if not any(name in row for row in ground_truth):
-        known = sorted({k for row in ground_truth for k in row} - {"relevant_windows", "saliency_scores",
-                                                                     "relevant_clip_ids"})
-        raise BadInput(f"--group-by: no ground-truth query has a field {name!r} (fields: {', '.join(known)})")
-    members: dict[str, list[dict]] = {}
-    for row in ground_truth:
-        for label in _group_labels(row.get(name), edges, name, row.get("qid")):
-            members.setdefault(label, []).append(row)
-    by_qid = {row.get("qid"): row for row in predictions}
-    out = OrderedDict(field=group_by, groups=OrderedDict())
-    for label, rows in sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        subset = [by_qid[r["qid"]] for r in rows if r["qid"] in by_qid]
-        metrics, _ = evaluate(subset, rows, protocol, allow_missing)
-        out["groups"][label] = OrderedDict(queries=len(rows), **metrics)
-    return out
-
-
-LEADERBOARD_COLUMNS = [
-    ("R1@0.5", ("brief", "MR-full-R1@0.5")), ("R1@0.7", ("brief", "MR-full-R1@0.7")),
-    ("mAP@0.5", ("brief", "MR-full-mAP@0.5")), ("MR-mAP", ("brief", "MR-full-mAP")),
-    ("R1@0.3", ("brief", "R1@0.3")), ("R5@0.5", ("brief", "R5@0.5")), ("mIoU", ("brief", "mIoU")),
-    ("HL-mAP", ("brief", "HL-min-VeryGood-mAP")), ("HIT@1", ("brief", "HL-min-VeryGood-Hit1")),
-    ("r@1", ("clip_level", "r@1")), ("r@5", ("clip_level", "r@5")), ("r@10", ("clip_level", "r@10")),
-    ("mAP", ("clip_level", "mAP")), ("temporal_consistency", ("clip_level", "temporal_consistency")),
-]
-
-
-def leaderboard(results: dict[str, dict], first_column: str = "Model") -> str:
-    """A markdown table, one row per model (or group); columns no row has are left out."""
-    columns = [(name, path) for name, path in LEADERBOARD_COLUMNS
-               if any(path[1] in m.get(path[0], {}) for m in results.values())]
-    lines = [f"| {first_column} | " + " | ".join(name for name, _ in columns) + " |",
-             "|---|" + "---:|" * len(columns)]
-    for model, metrics in results.items():
-        cells = [metrics.get(section, {}).get(key) for _, (section, key) in columns]
-        lines.append(f"| {model} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
-    return "\n".join(lines)

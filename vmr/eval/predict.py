@@ -17,7 +17,8 @@ from pathlib import Path
 from vmr.bundle import load_model, resolve_bundle
 from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
-from vmr.eval.metrics import BadInput, evaluate, evaluate_groups, leaderboard, load_jsonl
+from vmr.eval.metrics import BadInput, evaluate, load_jsonl
+from vmr.eval.report import evaluate_groups, leaderboard
 from vmr.io import first_line, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
@@ -142,6 +143,16 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
     return [p for p, _ in pairs], [t for _, t in pairs], skipped(loader), loader.skip_counter.last_reason
 
 
+def gathered(predictions: list, truth: list, bad: int, reason: str, processes: int) -> tuple[list, list, int, str]:
+    """``predict_shards``' results of every rank, on every rank (collective under several processes)."""
+    if processes <= 1:
+        return predictions, truth, bad, reason
+    from accelerate.utils import gather_object
+
+    return (gather_object(predictions), gather_object(truth), sum(gather_object([bad])),
+            next((r for r in gather_object([reason]) if r), ""))
+
+
 def nothing_read(shards, bad: int, reason: str) -> UserError:
     where = shards if isinstance(shards, str) else " ".join(map(str, shards))
     return UserError(f"no video of {where} could be read ({bad} unreadable shard(s) or sample(s); last: "
@@ -165,9 +176,9 @@ def video_windows(path: Path, windows: list, size: int, start: float):
 
 
 def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_iou: float | None = None,
-                  clip_fps: float | None = None, window: int | None = None) -> dict:
+                  fps: float | None = None, window: int | None = None) -> dict:
     """The ``vmr predict`` JSON for one video and one query (also what the demo shows): the whole
-    video at the model's sampling spec (``clip_fps`` and ``window`` override its rate and frames per
+    video at the model's sampling spec (``fps`` and ``window`` override its rate and frames per
     window), one score per sampled frame. ``nms_iou`` defaults to the model's config."""
     import dataclasses
 
@@ -184,17 +195,17 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
         info = probe(path)
     except ValueError as error:
         raise UserError(f"{path}: cannot decode this video ({error})") from None
-    if clip_fps is not None and clip_fps > info.fps + 1e-6:  # frames that do not exist: the same ones again
-        raise UserError(f"--clip-fps {clip_fps:g} is above the video's own {info.fps:g} frames/s ({path})")
-    spec = dataclasses.replace(model.sampling, fps=clip_fps or model.sampling.fps, window=window or model.sampling.window)
+    if fps is not None and fps > info.fps + 1e-6:  # frames that do not exist: the same ones again
+        raise UserError(f"--fps {fps:g} is above the video's own {info.fps:g} frames/s ({path})")
+    spec = dataclasses.replace(model.sampling, fps=fps or model.sampling.fps, window=window or model.sampling.window)
     windows = inference_windows(info.duration, spec)
     scores = model.score_windows(video_windows(path, windows, spec.size, info.start), [query], info.duration)[0]
     moments = rank_moments(scores, top_k, model.config.nms_iou if nms_iou is None else nms_iou)
     return {"video": str(path), "duration": round(info.duration, 4), "query": query,
             "sampling": {"fps": spec.fps, "window": spec.window, "windows": len(windows), "frames": len(scores["times"])},
             "moments": [{"start": round(s, 4), "end": round(e, 4), "score": round(p, 4)} for s, e, p in moments],
-            "clip_times": [round(t, 4) for t in scores["times"]],
-            "clip_scores": [round(s, 4) for s in scores["relevance"]]}
+            "frame_times": [round(t, 4) for t in scores["times"]],
+            "frame_scores": [round(s, 4) for s in scores["relevance"]]}
 
 
 # ----- commands -----------------------------------------------------------------------------------
@@ -281,8 +292,6 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _predict_for_eval(args):
     """Batched inference on the best device; under ``accelerate launch`` every process predicts its
     share of the shards and the main process gathers them."""
-    from accelerate.utils import gather_object
-
     from vmr.cache import cache_of, check_shards
     from vmr.data.sources import expand_shards
     from vmr.runtime import process_group_scope, process_state
@@ -300,10 +309,7 @@ def _predict_for_eval(args):
         predictions, truth, bad, reason = predict_shards(model, args.shards, cfg, model.tokenizer, args.batch_size,
                                                          rank=state.process_index, world=state.num_processes,
                                                          progress=state.is_main_process)
-        if state.num_processes > 1:
-            predictions, truth = gather_object(predictions), gather_object(truth)
-            bad = sum(gather_object([bad]))
-            reason = next((r for r in gather_object([reason]) if r), "")
+        predictions, truth, bad, reason = gathered(predictions, truth, bad, reason, state.num_processes)
     if not predictions:  # every rank raises alike: no metrics of nothing
         raise nothing_read(args.shards, bad, reason)
     if not state.is_main_process:
@@ -317,13 +323,28 @@ def _predict_for_eval(args):
     return predictions, truth, resolve_bundle(args.checkpoint).parent.name
 
 
+class Deprecated(argparse.Action):
+    """An option renamed with its ``old`` spelling still accepted; the old one prints a note."""
+
+    def __init__(self, option_strings, dest, old: str, **kwargs):
+        self.old = old
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string == self.old:
+            print(f"note: {self.old} is now called {self.option_strings[0]}; the old name still works for now",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="an inference bundle, or a run directory (uses export_best/)")
     p.add_argument("--video", required=True, help="any file FFmpeg reads: MP4, AVI, MOV, MKV, WebM, ...")
     p.add_argument("--query", required=True, help="the sentence to find")
     p.add_argument("--top-k", type=int, default=5, help="moments to return (default 5)")
-    p.add_argument("--clip-fps", type=float, default=None,
-                   help="frames per second to score (default: the rate the model was trained at, from the bundle)")
+    p.add_argument("--fps", "--clip-fps", type=float, default=None, action=Deprecated, old="--clip-fps",
+                   help="frames per second to score (default: the rate the model was trained at, from the bundle); "
+                        "--clip-fps is its old name")
     p.add_argument("--window", type=int, default=None,
                    help="frames the model sees at once (default: the trained window, from the bundle)")
 
@@ -331,13 +352,13 @@ def add_predict_arguments(p: argparse.ArgumentParser) -> None:
 def run_predict(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
-    if args.clip_fps is not None and not (math.isfinite(args.clip_fps) and args.clip_fps > 0):
-        raise UserError(f"--clip-fps must be a positive number, got {args.clip_fps}")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise UserError(f"--fps must be a positive number, got {args.fps}")
     if args.window is not None and not 1 <= args.window <= MAX_WINDOW:
         raise UserError(f"--window must be between 1 and {MAX_WINDOW} frames, got {args.window}")
     model, cfg = load_model(args.checkpoint)
     start = time.perf_counter()
-    result = predict_video(model, cfg, args.video, args.query, args.top_k, clip_fps=args.clip_fps, window=args.window)
+    result = predict_video(model, cfg, args.video, args.query, args.top_k, fps=args.fps, window=args.window)
     s = result["sampling"]
     print(f"scored {s['frames']} frames of {result['duration']:.1f} s, one every {1 / s['fps']:.2f} s "
           f"({s['fps']:g} frames/s), in {s['windows']} window(s) of up to {s['window']} frames, "

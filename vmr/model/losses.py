@@ -1,6 +1,6 @@
-"""Training losses on the model's per-clip outputs.
+"""Training losses on the model's per-frame outputs.
 
-Legend: q queries, t frames, w windows per query. Boundaries are distances from a frame to the
+Legend: q queries, t frames, m moments per query. Boundaries are distances from a frame to the
 start and end of its moment, divided by the video's duration, so that one L1 weight suits a
 10-second clip and a 10-minute video alike.
 """
@@ -24,7 +24,7 @@ def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float, alpha:
 
 
 def giou_1d(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Generalised IoU of (..., 2) [start, end] windows; 1 when equal, towards -1 when far apart."""
+    """Generalised IoU of (..., 2) [start, end] spans; 1 when equal, towards -1 when far apart."""
     inter = (torch.minimum(pred[..., 1], target[..., 1]) - torch.maximum(pred[..., 0], target[..., 0])).clamp(min=0)
     union = (pred[..., 1] - pred[..., 0]) + (target[..., 1] - target[..., 0]) - inter
     hull = torch.maximum(pred[..., 1], target[..., 1]) - torch.minimum(pred[..., 0], target[..., 0])
@@ -33,16 +33,16 @@ def giou_1d(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def boundary_targets(batch: dict, frame_times: torch.Tensor, duration: torch.Tensor):
-    """Per frame: is it inside one of its query's windows, and its distances to that window's
-    start and end (over duration). ``clip_windows`` decides membership, so the nearest-centre frame
-    of a window too short to hold a frame counts too."""
-    first, last = batch["clip_windows"].unbind(-1)  # (q, w) each
+    """Per frame: is it inside one of its query's moments, and its distances to that moment's
+    start and end (over duration). ``moment_frames`` decides membership, so the nearest-centre frame
+    of a moment too short to hold a frame counts too."""
+    first, last = batch["moment_frames"].unbind(-1)  # (q, m) each
     index = torch.arange(frame_times.shape[1], device=frame_times.device)
-    inside = (rearrange(first, "q w -> q w 1") <= index) & (index <= rearrange(last, "q w -> q w 1"))
-    inside &= rearrange(batch["window_mask"], "q w -> q w 1")  # (q, w, t)
-    which = inside.float().argmax(dim=1)  # the first window holding each frame, (q, t)
-    window = batch["windows"].to(frame_times.dtype).gather(1, repeat(which, "q t -> q t two", two=2))
-    distances = torch.stack([frame_times - window[..., 0], window[..., 1] - frame_times], dim=-1)
+    inside = (rearrange(first, "q m -> q m 1") <= index) & (index <= rearrange(last, "q m -> q m 1"))
+    inside &= rearrange(batch["moment_mask"], "q m -> q m 1")  # (q, m, t)
+    which = inside.float().argmax(dim=1)  # the first moment holding each frame, (q, t)
+    moment = batch["moments"].to(frame_times.dtype).gather(1, repeat(which, "q t -> q t two", two=2))
+    distances = torch.stack([frame_times - moment[..., 0], moment[..., 1] - frame_times], dim=-1)
     return inside.any(dim=1), distances / rearrange(duration, "q -> q 1 1")
 
 

@@ -362,6 +362,6 @@ def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, 
 
 def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
     """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
-    ``clip_scores`` (relevance), ``saliency`` and ``clip_times`` of the valid frames."""
-    return [{"moments": rank_moments(f, top_k, nms_iou), "clip_scores": f["relevance"], "saliency": f["saliency"],
-             "clip_times": f["times"]} for f in frame_outputs(outputs)]
+    ``frame_scores`` (relevance), ``saliency`` and ``frame_times`` of the valid frames."""
+    return [{"moments": rank_moments(f, top_k, nms_iou), "frame_scores": f["relevance"], "saliency": f["saliency"],
+             "frame_times": f["times"]} for f in frame_outputs(outputs)]

@@ -1,0 +1,103 @@
+"""``manifest.json``: the one reader of a shard folder's manifest, and who may write the folder.
+
+Layout (video shards and feature shards alike)::
+
+  {"kind": "videos" | "features", "splits": {<split>: {"shards": [{"path", "samples", "queries",
+   "bytes", "sha256"}], "samples", "queries", ...}}, "skipped": [...], "extractor"?: {...}}
+
+A manifest without ``kind`` (written before kinds were recorded) holds video shards. A folder holds
+one kind; a writer of the other kind, or of a split that exists, is refused unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from vmr.errors import UserError
+from vmr.io import confined, field, read_json
+
+MANIFEST = "manifest.json"
+KINDS = {"videos": "video shards", "features": "feature shards"}
+
+
+def check_split(split: str, where: str = "--split") -> str:
+    """A split name: the prefix of its shards' file names, so letters, digits, '_' and '-' only."""
+    if not isinstance(split, str) or not re.fullmatch(r"[A-Za-z0-9_-]+", split):
+        raise UserError(f"{where}: {split!r} must be letters, digits, '_' or '-'")
+    return split
+
+
+def empty_manifest(kind: str) -> dict:
+    return {"kind": kind, "splits": {}, "skipped": [], "params": {}}
+
+
+def read_manifest(folder: Path, kind: str | None = None) -> dict:
+    """The folder's manifest, every field a reader uses checked (one line naming the file and key
+    otherwise); an empty one of ``kind`` when there is none. Shard names stay inside the folder."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.exists():
+        return empty_manifest(kind or "videos")
+    manifest = read_json(path)
+    where = str(path)
+    found = field(manifest, "kind", str, where, default="videos")
+    if found not in KINDS:
+        raise UserError(f"{where}: 'kind' is {found!r}, not one of {', '.join(KINDS)}")
+    manifest["kind"] = found
+    for split, info in field(manifest, "splits", dict, where).items():
+        at = f"{where}: splits.{split}"
+        if not isinstance(info, dict):
+            raise UserError(f"{at} must be an object")
+        shards = field(info, "shards", list, at)
+        for number, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise UserError(f"{at}.shards[{number}] must be an object")
+            spot = f"{at}.shards[{number}]"
+            confined(folder, field(shard, "path", str, spot), f"{spot}.path")
+            for key in ("samples", "queries"):
+                if field(shard, key, int, spot) < 0:
+                    raise UserError(f"{spot}: '{key}' must be >= 0")
+            field(shard, "sha256", str, spot, default=None)
+            field(shard, "bytes", int, spot, default=None)
+    field(manifest, "skipped", list, where, default=[])
+    if found == "features":
+        field(manifest, "extractor", dict, where)
+    return manifest
+
+
+def claim(folder: Path, kind: str, split: str | None, overwrite: bool) -> dict:
+    """The manifest of ``folder`` for a writer of ``kind`` (and ``split``): a folder of the other
+    kind, or an existing split, is refused unless ``overwrite``."""
+    manifest = read_manifest(folder, kind)
+    if manifest["kind"] != kind and manifest["splits"]:
+        if not overwrite:
+            raise UserError(f"{folder}: holds {KINDS[manifest['kind']]}, not {KINDS[kind]}; write to another "
+                            "folder, or pass --overwrite to replace them")
+        manifest = empty_manifest(kind)
+    if split is not None and split in manifest["splits"] and not overwrite:
+        raise UserError(f"{folder}: split {split!r} already exists; pass --overwrite to replace it")
+    return manifest
+
+
+def shard_entry(url: str) -> tuple[str, dict] | None:
+    """(split, manifest entry) of a local shard from the manifest beside it; None without one."""
+    path = Path(url)
+    if not path.is_file() or not (path.parent / MANIFEST).is_file():
+        return None
+    for split, info in read_manifest(path.parent)["splits"].items():
+        for shard in info["shards"]:
+            if shard["path"] == path.name:
+                return split, shard
+    return None
+
+
+def extractor_of(urls: list[str]) -> dict | None:
+    """The extractor of feature shards (from the manifest beside the first local one), None for
+    video shards or shards without a manifest."""
+    for url in urls:
+        path = Path(url)
+        if path.is_file() and (path.parent / MANIFEST).is_file():
+            manifest = read_manifest(path.parent)
+            return manifest["extractor"] if manifest["kind"] == "features" else None
+    return None

@@ -1,0 +1,387 @@
+"""WebDataset shards: ``vmr shards build`` and ``vmr shards verify``.
+
+One sample per video, holding all of its queries, so that training decodes a video once for
+several queries:
+
+  <key>.mp4    the video bytes (the source file unchanged, or re-encoded)
+  <key>.json   {"video_id", "duration", "fps", "num_frames", "width", "height", "start",
+                "source_file", "queries": [{"qid", "query", "windows": [[s, e], ...],
+                "saliency"?: {"clip_seconds", "clip_ids", "scores"}, "tags"?: {...}}]}
+
+Keys are sanitised ids: webdataset splits a file name at its first dot, and real ids have dots
+(QVHighlights ``j7rJstUseKg_360.0_510.0``); the real id lives in the JSON.
+
+``OUT/manifest.json``: {"splits": {<split>: {"shards": [{"path", "samples", "queries", "bytes",
+"sha256"}], "samples", "queries", "params"}}, "skipped": [{"split", "video_id", "qid"?, "reason"}],
+"params": <the last build's parameters>}. Building another split into the same folder adds to it.
+
+A build is a transaction: shards are written into a hidden staging folder ``OUT/.vmr-build-<split>/``
+and nothing in OUT changes until the whole split is complete. The switch is then recorded in a
+journal (``OUT/.vmr-commit-<split>.json``) and carried out: old shards of the split removed, new
+ones moved in, the manifest rewritten. A build killed before the switch leaves OUT as it was (the
+next build clears the staging folder); one killed during the switch is finished by the next
+``build`` or ``verify``. A full disk stops the build with one line naming the disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
+from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
+from vmr.data.tars import ShardWriter, sanitise_key
+from vmr.data.video import find_video, probe, reencode, window_tolerance
+from vmr.errors import UserError, out_of_space
+from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
+
+MAX_REENCODE_FPS = 240.0  # the fastest common cameras; re-encoding never goes above a video's own rate
+
+
+@dataclass
+class VideoTask:
+    video_id: str
+    file_name: str | None
+    queries: list[QueryRecord]
+
+
+@dataclass
+class PreparedVideo:
+    video_id: str
+    path: Path  # the bytes to store
+    temporary: bool  # a re-encoded file to delete once stored
+    meta: dict
+    skips: list[Skip]
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    fps: float | None
+    size: int | None
+    keyframe_interval: float | None
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.fps, self.size, self.keyframe_interval))
+
+
+def query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict:
+    row = {"qid": record.qid, "query": record.query.strip(),
+           "windows": [[round(s, 6), round(e, 6)] for s, e in windows]}
+    if record.saliency is not None:
+        row["saliency"] = record.saliency
+    if record.tags:
+        row["tags"] = record.tags
+    return row
+
+
+def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_dir: Path) -> PreparedVideo | Skip:
+    """Find, probe and optionally re-encode one video; convert and check its queries' windows.
+    Runs in a worker process; every failure becomes a Skip with its reason."""
+    try:
+        path = find_video(videos_dir, task.video_id, task.file_name)
+    except ValueError as error:
+        return Skip(task.video_id, what="video", reason=str(error))
+    if path is None:
+        return Skip(task.video_id, what="video", reason=f"video file not found in {videos_dir} "
+                                   f"(tried {task.file_name or task.video_id} and <id>.mp4/.mkv/.avi/.mov/.webm)")
+    try:
+        source = probe(path)
+    except ValueError as error:
+        return Skip(task.video_id, f"{path}: unreadable or corrupt video ({error})", what="video")
+
+    stored, stored_path, temporary = source, path, False
+    if params.active:
+        stored_path = tmp_dir / f"{sanitise_key(task.video_id)}.{os.getpid()}.mp4"
+        try:
+            reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps, source.stream)
+            stored = probe(stored_path)
+        except ValueError as error:
+            # A full disk is the build's problem, not the video's: stop, never skip a good video.
+            full = out_of_space(error, stored_path)
+            stored_path.unlink(missing_ok=True)
+            if full is not None:
+                raise full from None
+            return Skip(task.video_id, f"{path}: re-encode failed ({error})", what="video")
+        temporary = True
+
+    queries, skips = [], []
+    tolerance = window_tolerance(source.fps)
+    for record in task.queries:
+        windows = record.seconds(source.fps)
+        bad = next(((s, e) for s, e in windows if e > source.duration + tolerance), None)
+        if bad is not None:
+            skips.append(Skip(task.video_id, f"{record.source}: window [{bad[0]:g}, {bad[1]:g}] is outside "
+                                             f"the video (0 to {source.duration:.3f} s)", qid=record.qid))
+            continue
+        # Within tolerance of the end: clip to the stored video's real length.
+        windows = [(s, min(e, stored.duration)) for s, e in windows]
+        if any(e <= s for s, e in windows):
+            skips.append(Skip(task.video_id, f"{record.source}: window starts at or after the end of the video",
+                              qid=record.qid))
+            continue
+        queries.append(query_json(record, windows))
+    if not queries:
+        if temporary:
+            stored_path.unlink(missing_ok=True)
+        skips.append(Skip(task.video_id, f"{path}: no valid queries left for this video", what="video"))
+        return PreparedVideo(task.video_id, path, False, {}, skips)
+
+    meta = {"video_id": task.video_id, **stored.to_json(), "source_file": path.name, "queries": queries}
+    return PreparedVideo(task.video_id, stored_path, temporary, meta, skips)
+
+
+def _prepare_star(args: tuple) -> PreparedVideo | Skip:
+    return prepare_video(*args)
+
+
+def build_shards(
+    videos: Path,
+    annotations: list[Path],
+    out: Path,
+    split: str = "train",
+    fmt: str = "auto",
+    fps: float | None = None,
+    size: int | None = None,
+    keyframe_interval: float | None = None,
+    max_shard_mb: float = 256,
+    max_videos_per_shard: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build one split; returns its manifest entry plus the skips. See the module docstring."""
+    if not videos.is_dir():
+        raise UserError(f"--videos: {videos} is not a folder")
+    check_split(split)
+    _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers)
+    params = EncodeParams(fps, size, keyframe_interval)
+    tasks, skips = _tasks(annotations, fmt)
+    _make_folder(out)
+    # One build of a folder at a time: two would share its staging folders and manifest.
+    with FolderLock(out, f"vmr shards build --split {split}"):
+        finish_commits(out)
+        staging = out / f".vmr-build-{split}"
+        if staging.exists():
+            print(f"removing an unfinished build of split {split!r} left in {staging} (the build was interrupted; "
+                  "nothing in the output folder had changed)", file=sys.stderr)
+            shutil.rmtree(staging)
+        claim(out, "videos", split, overwrite)
+        old_files = sorted(out.glob(f"{split}-*.tar"))
+        if old_files and not overwrite:
+            raise UserError(f"{out}: {old_files[0].name} and other shards of split {split!r} exist but the manifest "
+                            "does not list them; pass --overwrite to replace them")
+        if not tasks:
+            raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
+                            + (f": {skips[0].reason}" if skips else ""))
+        writer = ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+        shards = _pack(tasks, videos, params, staging, writer, workers, skips, progress)
+        params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
+                       "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
+                       "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
+        entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
+                 "queries": sum(s["queries"] for s in shards), "params": params_json}
+        journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
+                   "skipped": [{"split": split, **s.to_json()} for s in skips]}
+        try:
+            write_text_atomic(out / f".vmr-commit-{split}.json", json.dumps(journal) + "\n")
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _commit(out, journal)
+        return {**entry, "skipped": skips}
+
+
+def _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers) -> None:
+    if fps is not None and not 0 < fps <= MAX_REENCODE_FPS:
+        raise UserError(f"--fps must be in (0, {MAX_REENCODE_FPS:g}] frames/s, got {fps:g} (a video's own rate "
+                        "caps it further)")
+    if size is not None and (size < 16 or size % 2):
+        raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
+    if keyframe_interval is not None and keyframe_interval < 0:
+        raise UserError(f"--keyframe-interval must be >= 0 seconds, got {keyframe_interval:g}")
+    if max_shard_mb <= 0:
+        raise UserError(f"--max-shard-mb must be positive, got {max_shard_mb:g}")
+    if max_videos_per_shard is not None and max_videos_per_shard < 1:
+        raise UserError(f"--max-videos-per-shard must be at least 1, got {max_videos_per_shard}")
+    if workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
+
+
+def _tasks(annotations: list[Path], fmt: str) -> tuple[dict[str, VideoTask], list[Skip]]:
+    """Every annotation file read, the good queries grouped by video in file order; the skips."""
+    skips: list[Skip] = []
+    tasks: dict[str, VideoTask] = {}
+    seen_qids: dict = {}
+    for path in annotations:
+        records, bad = read_annotations(path, fmt)
+        skips.extend(bad)
+        for record in records:
+            reason = check_query(record)
+            if reason is None and record.qid in seen_qids:
+                reason = f"{record.source}: duplicate qid {record.qid!r} (first at {seen_qids[record.qid]})"
+            if reason is not None:
+                skips.append(Skip(record.video_id, reason, qid=record.qid))
+                continue
+            seen_qids[record.qid] = record.source
+            task = tasks.setdefault(record.video_id, VideoTask(record.video_id, record.video_file, []))
+            task.queries.append(record)
+    return tasks, skips
+
+
+def _make_folder(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"--out: cannot create {out} ({error.strerror or error})") from None
+
+
+def _pack(tasks: dict[str, VideoTask], videos: Path, params: EncodeParams, staging: Path, writer: ShardWriter,
+          workers: int, skips: list[Skip], progress: bool) -> list[dict]:
+    """Prepare every video (``workers`` processes) and write them, in annotation order, into
+    ``staging``; returns the shards. Skips are added to ``skips``. On any failure the staging
+    folder is removed (a full disk becomes one line saying nothing in the output folder changed)."""
+    encode_dir = staging / "encode"
+    encode_dir.mkdir(parents=True)
+    keys: set[str] = set()
+    jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        # imap keeps the annotation order, so the shards do not depend on the number of workers.
+        results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
+        for result in tqdm(results, total=len(jobs), desc=f"shards {writer.split}", unit="video",
+                           disable=not progress, file=sys.stderr):
+            if isinstance(result, Skip):
+                skips.append(result)
+                continue
+            skips.extend(result.skips)
+            if not result.meta:
+                continue
+            key = sanitise_key(result.video_id)
+            while key in keys:  # two ids that differ only in punctuation
+                key += "_"
+            keys.add(key)
+            writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
+            if result.temporary:
+                result.path.unlink()
+        shards = writer.close()
+        if not shards:
+            raise UserError(f"split {writer.split!r}: no video could be packed; {len(skips)} skipped, the first: "
+                            f"{skips[0].reason if skips else '?'}")
+        return shards
+    except BaseException as error:
+        writer.abort()
+        # Asked before the staging folder gives its space back, so the disk still reads as full.
+        full = out_of_space(error, staging) if isinstance(error, OSError) else None
+        shutil.rmtree(staging, ignore_errors=True)
+        if full is None:
+            raise
+        raise UserError(f"{full}; nothing in {staging.parent} was changed") from None
+    finally:
+        if pool:
+            pool.terminate()
+
+
+def _commit(out: Path, journal: dict) -> None:
+    """Switch a split to its staged build. Idempotent, so that a switch interrupted half way is
+    finished by running it again (``finish_commits``)."""
+    split, entry = journal["split"], journal["entry"]
+    staging = out / f".vmr-build-{split}"
+    new = {s["path"] for s in entry["shards"]}
+    for name in journal["old"]:
+        if name not in new:
+            (out / name).unlink(missing_ok=True)
+    for name in sorted(new):
+        if (staging / name).exists():
+            os.replace(staging / name, out / name)
+    manifest = read_manifest(out)
+    if manifest["kind"] != "videos":  # --overwrite of a folder of feature shards
+        manifest = {"kind": "videos", "splits": {}, "skipped": []}
+    manifest["splits"][split] = entry
+    manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + journal["skipped"]
+    manifest["params"] = entry["params"]
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(staging, ignore_errors=True)
+    (out / f".vmr-commit-{split}.json").unlink(missing_ok=True)
+
+
+def _read_journal(path: Path, out: Path) -> dict:
+    """A commit journal, every name in it a plain file name of this split inside ``out``: a
+    journal is a file like any other, and ``_commit`` deletes and moves what it names."""
+    journal = read_json(path)
+    where = str(path)
+    split = check_split(field(journal, "split", str, where), f"{where}: 'split'")
+    if path.name != f".vmr-commit-{split}.json":
+        raise UserError(f"{where}: 'split' {split!r} does not match the journal's name")
+    entry = field(journal, "entry", dict, where)
+    shards = field(entry, "shards", list, f"{where}: entry")
+    names = [*field(journal, "old", list, where),
+             *(field(s, "path", str, f"{where}: entry.shards") if isinstance(s, dict) else s for s in shards)]
+    for name in names:
+        confined(out, name, f"{where}: shard name")
+        if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
+            raise UserError(f"{where}: {name!r} is not a shard of split {split!r}")
+    field(journal, "skipped", list, where)
+    return journal
+
+
+def finish_commits(out: Path) -> None:
+    """Finish any split switch that a killed build left half done."""
+    for path in sorted(out.glob(".vmr-commit-*.json")):  # written atomically: whole, or not there
+        journal = _read_journal(path, out)
+        print(f"finishing the interrupted switch of split {journal['split']!r} in {out}", file=sys.stderr)
+        _commit(out, journal)
+
+
+# ----- command line -------------------------------------------------------------------------
+
+
+def add_build_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--videos", required=True, type=Path, help="folder holding the video files")
+    p.add_argument("--annotations", required=True, type=Path, nargs="+", metavar="FILE",
+                   help="annotation files (seed JSON, QVHighlights JSONL, Charades-STA text)")
+    p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
+    p.add_argument("--split", default="train", help="split name, the shards' prefix (default: train)")
+    p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
+                   help="annotation format (default: auto, told from the content)")
+    p.add_argument("--fps", type=float, help="re-encode at this frame rate (default: keep the source's)")
+    p.add_argument("--size", type=int, help="re-encode with the shorter side at this many pixels")
+    p.add_argument("--keyframe-interval", type=float, metavar="SEC",
+                   help="re-encode with a keyframe every SEC seconds, 0 = every frame (default when "
+                        "re-encoding: 1)")
+    p.add_argument("--max-shard-mb", type=float, default=256, help="start a new shard past this size (default: 256)")
+    p.add_argument("--max-videos-per-shard", type=int, help="start a new shard after this many videos")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes over videos (default: 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    p.add_argument("--strict", action="store_true", help="exit non-zero when anything was skipped")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    result = build_shards(
+        args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
+        size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,
+        max_videos_per_shard=args.max_videos_per_shard, workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    skips = result["skipped"]
+    for skip in skips:
+        print(f"skipped {skip.video_id}{f' qid {skip.qid}' if skip.qid is not None else ''}: {skip.reason}",
+              file=sys.stderr)
+    size_mb = sum(s["bytes"] for s in result["shards"]) / 1e6
+    skipped_videos = sum(1 for s in skips if s.what == "video")
+    print(f"split {args.split!r}: {result['samples']} videos, {result['queries']} queries in "
+          f"{len(result['shards'])} shard(s), {size_mb:.1f} MB, in {args.out}; skipped "
+          f"{skipped_videos} video(s) and {len(skips) - skipped_videos} query(ies) (listed in {MANIFEST})")
+    if args.strict and skips:
+        raise UserError(f"--strict: {len(skips)} item(s) skipped (see above and {args.out / MANIFEST})")
+    return 0

@@ -1,0 +1,366 @@
+"""The frozen-feature cache: ``vmr features extract`` and ``vmr features import``.
+
+Most experiments keep CLIP's vision tower frozen; then what it computes for a frame never changes,
+and decoding and re-encoding every video at every epoch is repeated work. ``extract`` decodes each
+video once at the model's sampling spec (the whole video: one frame at the centre of each 1/fps
+bin) and runs the vision tower once per frame; ``import`` packs the field's released
+per-clip features. Both write **feature shards**: WebDataset tars with the same sample keys and
+``json`` as the video shards, where each sample holds instead of ``mp4``
+
+  tokens.npy   float16 (t, k, c)   per frame: CLIP's projected class token, then its patch grid
+                                   (k = 1 + patches), or the pooled vector only (k = 1)
+  times.npy    float64 (t,)        seconds from the video's start
+  text.npz     float16, per qid    imported query features (tokens, c) (optional)
+  views.npy    float16 (v, t, k, c) with ``--views 1+v``: augmented copies for training (optional)
+  view_times.npy float64 (v, t)    their frames' times
+
+The plain view (tokens.npy) is what evaluation and prediction see: each bin's centre, the whole
+frame. A cache of fixed frames cannot apply the video loader's training augmentation, so
+``--views N`` stores N - 1 more views of each training video, drawn as the video loader draws a
+training window: one random time in each bin (``data.sampling.frames``, ``data.temporal_jitter``)
+and one random square crop (``data.scale_jitter``) per view. Training picks one of the N views of
+a video at random each time it is drawn.
+
+and ``manifest.json`` (the video shards' layout plus ``kind: features`` and ``extractor``: model,
+sampling spec, dtype, token count, width). Training, evaluation and prediction read them through the
+same loader and model (vmr/data/stream.py ``decode_features``; the model takes float tokens in place
+of frames) and refuse a cache that does not fit the model (``check_cache``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import random
+import sys
+from pathlib import Path
+
+from vmr.cache import cache_of, vision_fingerprint
+from vmr.config import DataConfig, SamplingConfig
+from vmr.data.manifest import MANIFEST, claim, shard_entry
+from vmr.data.sources import bounded_downloads
+from vmr.data.tars import TIMES, TOKENS, VIEW_TIMES, VIEWS, TarShard, npy_bytes, sha256_of, sweep_temporaries
+from vmr.errors import UserError, out_of_space
+from vmr.io import FolderLock, confined, field, first_line, read_json, write_text_atomic
+from vmr.spans import QVH_CLIP_SECONDS
+
+EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
+DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
+CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
+
+
+# ----- extraction -------------------------------------------------------------------------------
+
+
+def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
+                   data: DataConfig | None = None) -> dict:
+    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
+    extractor = {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
+                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
+                 "width": model.towers.width, "text": False}
+    if views > 1:  # how many, and how they were drawn: part of what a resumed extraction must match
+        data = data or DataConfig()
+        extractor["views"] = views
+        extractor["augmentation"] = {"temporal_jitter": data.temporal_jitter, "scale_jitter": list(data.scale_jitter)}
+    return extractor
+
+
+def _split_of(url: str) -> str:
+    found = shard_entry(url)
+    if found is not None:
+        return found[0]
+    name = Path(url).name
+    return name.split("-")[0] if "-" in name else "train"
+
+
+def _encode(model, decoder, times: list[float], spec: SamplingConfig, start: float, pooled_only: bool, device,
+            crop: tuple[float, tuple[float, float]] | None = None):
+    """(tokens fp16 (t, k, c), times) of the frames shown at ``times``, CHUNK frames at a time.
+    ``crop`` (seed, scale): one random square crop of an area fraction in ``scale``, the same for
+    every frame (each chunk redraws it from the same seed)."""
+    import numpy as np
+    import torch
+
+    from vmr.data.video import sample_frames
+
+    tokens, pts = [], []
+    for first in range(0, len(times), CHUNK):
+        rng, scale = (random.Random(crop[0]), crop[1]) if crop else (None, (1.0, 1.0))
+        frames, at = sample_frames(decoder, times[first:first + CHUNK], spec.size, start, rng=rng, scale=scale)
+        with torch.no_grad():
+            out = model.towers.encode_frames(frames.to(device))
+        tokens.append((out[:, :1] if pooled_only else out).to(torch.float16).cpu())
+        pts += at
+    return torch.cat(tokens).numpy(), np.asarray(pts, dtype=np.float64)
+
+
+def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, views: int, pooled_only: bool,
+                   device) -> tuple[dict, dict, int]:
+    """A video shard's sample -> (its json, the feature sample's members, frames encoded): the whole
+    video at the spec's rate (the centres of its bins), and ``views - 1`` augmented views."""
+    import numpy as np
+
+    from vmr.data.video import open_video, sample_times
+
+    meta = json.loads(sample["json"])
+    decoder = open_video(sample["mp4"])
+    duration, start = float(meta["duration"]), float(meta.get("start", 0.0))
+    tokens, times = _encode(model, decoder, sample_times(duration, "uniform", spec.fps, 1 << 30), spec, start,
+                            pooled_only, device)
+    members = {TOKENS: npy_bytes(tokens), TIMES: npy_bytes(times)}
+    if views > 1:
+        # Seeded by the video: the same views whichever process makes them, and again on a resume.
+        rng = random.Random(f"views:{sample.get('__key__', '')}")
+        mode = "uniform" if spec.frames == "uniform" else "random"  # key frames: a random time per bin
+        drawn = [_encode(model, decoder, sample_times(duration, mode, spec.fps, 1 << 30, rng=rng,
+                                                      jitter=data.temporal_jitter),
+                         spec, start, pooled_only, device, crop=(rng.random(), tuple(data.scale_jitter)))
+                 for _ in range(views - 1)]
+        members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]))
+        members[VIEW_TIMES] = npy_bytes(np.stack([at for _, at in drawn]))
+    return meta, members, len(times) * views
+
+
+def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataConfig, views: int,
+                   pooled_only: bool, device) -> tuple[dict, int]:
+    """One video shard -> the feature shard of the same name in ``out`` (a ``TarShard``: renamed
+    when complete). Returns its manifest entry and the frames encoded."""
+    import webdataset as wds
+
+    bounded_downloads()
+    split = _split_of(url)
+    shard_views = 1 if split in EVALUATION_SPLITS else views
+    shard, skipped, frames = TarShard(out, Path(url).name), [], 0
+    try:
+        # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
+        for sample in wds.tarfile_to_samples()([{"url": url}]):
+            try:
+                meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
+            except Exception as error:  # a corrupt video: listed, the others go on
+                skipped.append({"key": sample.get("__key__"), "reason": first_line(error)})
+                continue
+            shard.write(sample["__key__"], members, meta)
+            frames += encoded
+        entry = shard.close()
+    except (UserError, KeyboardInterrupt, SystemExit):
+        shard.abort()
+        raise
+    except Exception as error:  # the shard itself: a stalled download, a damaged tar, a full disk
+        shard.abort()
+        full = out_of_space(error, shard.tmp) if isinstance(error, OSError) else None
+        raise (full or UserError(f"{url}: cannot read this shard ({first_line(error)})")) from None
+    return {**entry, "split": split, "skipped": skipped}, frames
+
+
+def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
+                     source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None,
+                     views: int = 1, data: DataConfig | None = None) -> dict:
+    """Feature shards for ``urls`` in ``out``: one output shard per input shard, of the same name;
+    this process (``rank`` of ``world``) takes shards rank, rank + world, ... Shards finished before
+    (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
+    renamed when complete. ``views`` > 1: that many views of each video outside the evaluation
+    splits, augmented as ``data`` says (module docstring). Returns this process's totals, and the
+    ``extractor`` record that ``write_manifest`` takes (hashing the tower's weights once is enough)."""
+    from tqdm import tqdm
+
+    device = device or next(model.parameters()).device
+    model.eval()
+    (out / DONE).mkdir(parents=True, exist_ok=True)
+    data = data or DataConfig()
+    extractor = clip_extractor(model, spec, pooled_only, source, views, data)
+    totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
+    mine = urls[rank::world]
+    bar = tqdm(total=len(mine), desc="features", unit="shard", disable=not progress, file=sys.stderr)
+    try:  # the bar ends its line before any error is printed
+        for url in mine:
+            name = Path(url).name
+            record = out / DONE / f"{name}.json"
+            done = _finished(record, out) if record.is_file() else None
+            if done is not None:
+                _same_extractor(done, extractor, out)
+                totals["resumed"] += 1
+            else:
+                entry, frames = _extract_shard(model, url, out, spec, data, views, pooled_only, device)
+                write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
+                totals["shards"] += 1
+                totals["samples"] += entry["samples"]
+                totals["frames"] += frames
+                totals["skipped"] += len(entry["skipped"])
+            bar.update(1)
+    finally:
+        bar.close()
+    return {**totals, "extractor": extractor}
+
+
+def _read_record(path: Path, out: Path) -> dict:
+    """A ``.done`` record, every field checked; its shard's name stays inside ``out``."""
+    entry, where = read_json(path), str(path)
+    name = field(entry, "path", str, where)
+    confined(out, name, f"{where}: 'path'")
+    if path.name != f"{name}.json":
+        raise UserError(f"{where}: records shard {name!r}, not {path.name.removesuffix('.json')!r}")
+    field(entry, "split", str, where)
+    for key in ("samples", "queries", "bytes"):
+        if field(entry, key, int, where) < 0:
+            raise UserError(f"{where}: '{key}' must be >= 0")
+    field(entry, "sha256", str, where)
+    field(entry, "skipped", list, where)
+    field(entry, "extractor", dict, where)
+    return entry
+
+
+def _finished(record: Path, out: Path) -> dict | None:
+    """The record of a shard finished before, if the shard still matches it (size and sha256);
+    None when it must be redone (a shard that changed, or is gone)."""
+    entry = _read_record(record, out)
+    shard = out / entry["path"]
+    if shard.is_file() and shard.stat().st_size == entry["bytes"] and sha256_of(shard) == entry["sha256"]:
+        return entry
+    print(f"{shard}: missing or changed since its record was written; extracting it again", file=sys.stderr)
+    return None
+
+
+def write_manifest(out: Path, extractor: dict) -> dict:
+    """manifest.json from the records of every finished shard (all processes'), video-shard layout."""
+    splits: dict[str, dict] = {}
+    skipped = []
+    for record in sorted((out / DONE).glob("*.json")):
+        entry = _read_record(record, out)
+        _same_extractor(entry, extractor, out)
+        split = splits.setdefault(entry["split"], {"shards": [], "samples": 0, "queries": 0})
+        split["shards"].append({k: entry[k] for k in ("path", "samples", "queries", "sha256", "bytes")})
+        split["samples"] += entry["samples"]
+        split["queries"] += entry["queries"]
+        skipped += [{**s, "shard": entry["path"]} for s in entry["skipped"]]
+    manifest = {"kind": "features", "extractor": extractor, "splits": splits, "skipped": skipped}
+    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
+    """A finished shard from an earlier run counts only if the same tower, spec and views made it
+    (the label ``model`` aside)."""
+    theirs, ours = entry.get("extractor", {}), extractor
+    differ = sorted(k for k in theirs.keys() | ours.keys() if k != "model" and theirs.get(k) != ours.get(k))
+    if differ:
+        words = {"vision_sha256": "vision tower", "sampling": "sampling spec", "tokens": "token count (--pooled-only)",
+                 "views": "number of views (--views)", "augmentation": "view augmentation"}
+        raise UserError(f"{out}: {entry['path']} was extracted with another {', '.join(words.get(k, k) for k in differ)};"
+                        " remove the folder (or that shard and its .done record) and extract again")
+
+
+# ----- commands -----------------------------------------------------------------------------------
+
+
+def add_extract_arguments(p: argparse.ArgumentParser) -> None:
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="an inference bundle or run directory: its CLIP and sampling spec")
+    source.add_argument("--config", help="a config preset: its CLIP (hub name, local directory, or random init) "
+                                         "and data.sampling")
+    p.add_argument("--shards", nargs="+", required=True, help="video shards (folder, glob, brace pattern)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
+    p.add_argument("--pooled-only", action="store_true", help="keep only each frame's pooled vector (no patch grid)")
+    p.add_argument("--views", type=int, default=1,
+                   help="views of each training video (default 1: the plain one); more are augmented copies, drawn "
+                        "as the video loader's training windows are (data.sampling.frames, data.temporal_jitter, "
+                        "data.scale_jitter), of which training picks one at random; the val and test splits get "
+                        "only the plain view")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a folder that holds video shards (replacing its manifest)")
+    p.add_argument("overrides", nargs="*", help="config overrides section.key=value (with --config)")
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from vmr.data.sources import expand_shards
+    from vmr.runtime import process_group_scope, process_state
+
+    # Overrides written right after --shards land in its list: take them back.
+    overrides = [*(a for a in args.shards if "=" in a and not Path(a).exists()), *args.overrides]
+    urls = expand_shards([a for a in args.shards if a not in overrides])
+    if overrides and args.checkpoint:
+        raise UserError(f"config overrides ({overrides[0]}) go with --config; a --checkpoint brings its own")
+    if cache_of(urls) is not None:
+        raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
+    inputs = {Path(u).resolve().parent for u in urls if Path(u).is_file()}
+    if args.out.resolve() in inputs:  # each feature shard takes its video shard's name: it would replace it
+        raise UserError(f"--out: {args.out} holds the video shards being read; write the features to another folder")
+    if not 1 <= args.views <= 64:
+        raise UserError(f"--views must be between 1 and 64, got {args.views}")
+    state = process_state()
+    with process_group_scope():
+        return _extract(args, state, urls, overrides)
+
+
+def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[str]) -> int:
+    """``vmr features extract`` on this rank, inside its process group's scope."""
+    import time
+
+    import torch
+
+    from vmr.config import load_config
+    from vmr.model import VideoMomentRetrievalModel
+
+    if args.checkpoint:
+        from vmr.bundle import load_model
+
+        model, cfg = load_model(args.checkpoint, state.device, fast=False)  # the tower's own fp32 weights
+        source = str(args.checkpoint)
+    else:
+        cfg = load_config(args.config, overrides)
+        torch.manual_seed(cfg.train.seed)  # a random-init CLIP is the same in every process
+        model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(state.device)
+        source = cfg.model.name if cfg.model.init == "pretrained" else f"random init ({args.config}, seed {cfg.train.seed})"
+    spec = model.sampling
+    start = time.perf_counter()
+    # The main process holds the folder's lock for the whole run; every rank checks the folder's kind.
+    claim(args.out, "features", None, args.overwrite)
+    with FolderLock(args.out, "vmr features extract") if state.is_main_process else contextlib.nullcontext():
+        if state.is_main_process and sweep_temporaries(args.out, args.out / DONE):
+            print(f"removed temporary files a killed run left in {args.out}", file=sys.stderr)
+        state.wait_for_everyone()
+        totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
+                                  state.num_processes, progress=state.is_main_process, views=args.views, data=cfg.data)
+        state.wait_for_everyone()
+        manifest = write_manifest(args.out, totals["extractor"]) if state.is_main_process else None
+    seconds = time.perf_counter() - start
+    if state.is_main_process:
+        videos = sum(s["samples"] for s in manifest["splits"].values())
+        print(f"{videos} videos in {sum(len(s['shards']) for s in manifest['splits'].values())} feature shard(s) in "
+              f"{args.out} ({totals['resumed']} shard(s) already done); this process: {totals['samples']} videos, "
+              f"{totals['frames']} frames in {seconds:.1f} s ({totals['frames'] / max(seconds, 1e-9):.0f} frames/s)"
+              + (f"; {len(manifest['skipped'])} unreadable video(s) skipped, listed in manifest.json"
+                 if manifest["skipped"] else ""))
+    return 0
+
+
+def add_import_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--video-features", nargs="+", type=Path, required=True,
+                   help="folders of <vid>.npz with 'features' (clips, dim); several are L2-normalised and concatenated")
+    p.add_argument("--text-features", type=Path, help="folder of qid<qid>.npz ('last_hidden_state' or 'pooler_output')")
+    p.add_argument("--annotations", type=Path, required=True, help="QVHighlights-style JSONL of the split")
+    p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
+    p.add_argument("--split", default="train", help="split name (default train)")
+    p.add_argument("--clip-seconds", type=float, default=QVH_CLIP_SECONDS, help="seconds per feature row (default 2, QVHighlights)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing split, or a folder of video shards or of features of another width")
+
+
+def run_import(args: argparse.Namespace) -> int:
+    for folder in [*args.video_features, *([args.text_features] if args.text_features else [])]:
+        if not folder.is_dir():
+            raise UserError(f"{folder}: no such folder")
+    if not args.annotations.is_file():
+        raise UserError(f"{args.annotations}: file not found")
+    if not args.clip_seconds > 0:
+        raise UserError(f"--clip-seconds must be positive, got {args.clip_seconds}")
+    from vmr.data.released import import_features
+
+    manifest = import_features(args.video_features, args.text_features, args.annotations, args.out, args.split,
+                               args.clip_seconds, overwrite=args.overwrite)
+    info = manifest["splits"][args.split]
+    print(f"split {args.split!r}: {info['samples']} videos, {info['queries']} queries, "
+          f"{manifest['extractor']['width']}-d features in {args.out}; skipped {len(manifest['skipped'])} "
+          "(listed in manifest.json)")
+    return 0

@@ -1,0 +1,199 @@
+"""Safe reading and writing of the files vmr is given and makes.
+
+Reading: one reader per kind of file (text, JSON, npz) that turns every decode, type and shape
+error into a one-line UserError naming the file and, where there is one, the key. Names read from
+files (video ids, journal and manifest entries) go through ``confined``: never outside their folder.
+
+Writing: ``write_text_atomic`` (a file appears complete or not at all), and ``FolderLock``: one
+writer of a folder at a time, the holder's pid and host in the lock file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from vmr.errors import UserError, out_of_space
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (its type when it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
+# ----- reading --------------------------------------------------------------------------------------
+
+
+def read_bytes(path: str | Path) -> bytes:
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a file")
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it ({error.strerror or error})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a binary file is refused by name."""
+    data = read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not a text file (byte {error.start} is not UTF-8)") from None
+
+
+def read_json(path: str | Path, expect: type = dict):
+    """A JSON file whose top level is an ``expect`` (dict or list)."""
+    try:
+        value = json.loads(read_text(path))
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise UserError(f"{path}: not valid JSON ({first_line(error, 120)})") from None
+    if not isinstance(value, expect):
+        raise UserError(f"{path}: expected a JSON {'object' if expect is dict else 'list'}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def field(mapping: dict, key: str, kind: type | tuple, where: str, default=...):
+    """``mapping[key]`` checked to be a ``kind`` (bool is not a number); ``where`` names the file."""
+    if key not in mapping:
+        if default is not ...:
+            return default
+        raise UserError(f"{where}: '{key}' is missing")
+    value = mapping[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+        names = " or ".join(k.__name__ for k in kinds)
+        raise UserError(f"{where}: '{key}' must be {names}, got {json.dumps(value)[:60] if _jsonable(value) else value!r}")
+    return value
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def read_npz(path: Path, keys: tuple[str, ...]):
+    """The first of ``keys`` in an .npz file, as finite float32; no pickles."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            key = next((k for k in keys if k in data.files), None)
+            if key is None:
+                raise UserError(f"{path}: holds {', '.join(data.files) or 'no array'}, expected {' or '.join(keys)}")
+            array = np.asarray(data[key])
+    except UserError:
+        raise
+    except Exception as error:  # zipfile, pickle refusal, truncated members: numpy's many types
+        raise UserError(f"{path}: not a readable .npz file ({first_line(error, 120)})") from None
+    if array.dtype.kind not in "fiu" or array.size == 0:
+        raise UserError(f"{path}: '{key}' must be a non-empty array of numbers, got {array.dtype} {array.shape}")
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        raise UserError(f"{path}: '{key}' holds NaN or infinite values")
+    return array
+
+
+def confined(folder: Path, name, where: str) -> Path:
+    """``folder / name`` for a plain file name read from a file (an id, a journal entry): anything
+    that would lead elsewhere (a path separator, '..', an absolute path) is refused."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"{where}: {json.dumps(name)[:80] if _jsonable(name) else name!r} is not a plain file name "
+                        f"inside {folder}")
+    return folder / name
+
+
+# ----- writing --------------------------------------------------------------------------------------
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a hidden temporary file beside ``path``, then rename: readers never see half a file.
+    A full disk or an unwritable place is a UserError naming it, and leaves no temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        full = out_of_space(error, path)
+        raise (full or UserError(f"{path}: cannot write it ({error.strerror or error})")) from None
+
+
+LOCK = ".vmr-lock"
+
+
+class FolderLock:
+    """One writer of ``folder`` at a time (shards, feature shards). The lock file holds the holder's
+    pid, host and command; a second writer waits up to ``wait_s`` for it, then stops with one line
+    naming the holder. A lock whose holder no longer runs on this host is taken over (a killed
+    run). The ranks of one launch share their main rank's lock."""
+
+    def __init__(self, folder: Path, what: str, wait_s: float = 10.0):
+        self.path, self.what, self.wait_s, self.held = Path(folder) / LOCK, what, wait_s, False
+
+    def __enter__(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + self.wait_s
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv[:3])[:200],
+              "what": self.what}
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:  # a stale lock: its process is gone
+                    with contextlib.suppress(FileNotFoundError):
+                        self.path.unlink()
+                    continue
+                if time.monotonic() >= deadline:
+                    raise UserError(f"{self.path.parent}: another run writes here ({holder.get('what', '?')} by pid "
+                                    f"{holder.get('pid')} on {holder.get('host')}, waited {self.wait_s:g} s); "
+                                    f"wait for it to finish, or remove {self.path} if it is gone") from None
+                time.sleep(0.2)
+                continue
+            except OSError as error:
+                raise UserError(f"{self.path.parent}: cannot write there ({error.strerror or error})") from None
+            with os.fdopen(fd, "w") as file:
+                json.dump(me, file)
+            self.held = True
+            return self
+
+    def _holder(self) -> dict | None:
+        """The holder's record, or None when it is stale (its pid is gone from this host)."""
+        try:
+            holder = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # being written right now, or garbage: give it a moment
+            return {"pid": "?", "host": "?"}
+        if not isinstance(holder, dict):
+            return {"pid": "?", "host": "?"}
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return None
+            except PermissionError:
+                pass
+        return holder
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False

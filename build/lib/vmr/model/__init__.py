@@ -1,0 +1,15 @@
+"""The moment retrieval model: CLIP towers (backbone.py), einops attention blocks (blocks.py),
+losses (losses.py) and VideoMomentRetrievalModel with decoding and inference bundles (model.py).
+Never imports vmr.data."""
+
+from vmr.model.losses import moment_losses
+from vmr.model.model import (
+           VideoMomentRetrievalModel,
+           batch_forward,
+           decode_moments,
+           frame_outputs,
+           rank_moments,
+)
+
+__all__ = ["VideoMomentRetrievalModel", "batch_forward", "decode_moments", "frame_outputs", "moment_losses",
+           "rank_moments"]

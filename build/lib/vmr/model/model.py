@@ -1,0 +1,367 @@
+"""VideoMomentRetrievalModel: CLIP towers -> query-conditioned frame features -> temporal and
+cross-attention blocks -> per-clip heads; decoding to ranked windows in seconds; inference bundles.
+
+Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c CLIP width,
+d model width. A batch may hold several queries per video: each video is encoded once and
+its features are copied to its queries by ``video_index`` (q,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vmr.config import Config, ModelConfig, SamplingConfig, load_config
+from vmr.errors import UserError
+from vmr.io import first_line, read_json
+from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
+from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
+from vmr.spans import frame_edges, frame_windows, nms
+from vmr.text import load_tokenizer
+
+WEIGHTS, CONFIG, CLIP_CONFIG, FEATURES = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
+
+
+class VideoMomentRetrievalModel(nn.Module):
+    """``VideoMomentRetrievalModel(model_name=..., temporal_modeling=True, freeze_clip=False,
+    **model_config_fields)``, or ``from_config(cfg.model, sampling=cfg.data.sampling)``, or
+    ``from_pretrained(bundle_dir)``. ``sampling`` is the spec the model is trained at (frames per
+    second, frames per window): ``retrieve_moments`` and ``score_windows`` read videos with it, and
+    bundles carry it."""
+
+    def __init__(self, model_name: str | None = None, temporal_modeling: bool = True,
+                 freeze_clip: bool = False, *, config: ModelConfig | None = None, tokenizer=None,
+                 clip_config=None, processor_source: str | None = None, sampling: SamplingConfig | None = None,
+                 **options):
+        super().__init__()
+        if isinstance(tokenizer, str):  # the config field (a name), not a tokenizer object
+            options["tokenizer"], tokenizer = tokenizer, None
+        if config is None:
+            config = ModelConfig(temporal_modeling=temporal_modeling, freeze_clip=freeze_clip, **options)
+            if model_name is not None:
+                config.name = model_name
+            Config(model=config).validate()
+        self.config = config
+        self.sampling = dataclasses.replace(sampling) if sampling is not None else SamplingConfig()
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.name)
+        self.tokenizer.padding_side = "right"  # the causal text tower reads its padding-free prefix (encode_text)
+        clip = load_clip(config, self.tokenizer, clip_config)
+        if processor_source is None and clip_config is None and config.init == "pretrained":
+            processor_source = config.name
+        self.processor = load_processor(config, clip.config, processor_source)
+        self.clip_config = clip.config
+        self.towers = ClipTowers(clip, self.processor, config)
+
+        c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
+        cv, ct = config.feature_dim or c, config.text_feature_dim or c
+        self.frame_in, self.patch_in = nn.Linear(cv, d), nn.Linear(cv, d)
+        self.word_in, self.sentence_in = nn.Linear(ct, d), nn.Linear(ct, d)
+        self.features: dict | None = None  # the feature cache trained on (vmr features), saved in bundles
+        self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
+        self.norm_in = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
+        self.norm_out = nn.LayerNorm(d)
+        self.relevance_head = nn.Linear(d, 1)
+        self.boundary_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
+        self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, **kwargs) -> VideoMomentRetrievalModel:
+        return cls(config=cfg, **kwargs)
+
+    # ----- forward ------------------------------------------------------------------------------
+
+    def forward(self, video_frames: torch.Tensor, text_inputs: dict, frame_mask: torch.Tensor | None = None,
+                video_index: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
+                duration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-clip outputs for every query.
+
+        video_frames uint8 (b, t, 3, s, s), or float (b, t, k, c) tokens from a feature cache (k = 1 +
+        patches: the class token then the patch grid; or k = 1, pooled only, which the query then
+        pools as its only slot); text_inputs {"input_ids", "attention_mask"} (q, l), or
+        {"features" (q, l, c), "attention_mask"} from imported text features (the sentence is the
+        last valid token, as CLIP's end-of-text);
+        frame_mask (b, t) False on padding; video_index (q,) the video of each query (default: one
+        query per video, or every query on a single video); frame_times (b, t) seconds (default one
+        frame per second) and duration (b,) seconds, carried through for losses and decoding.
+
+        Returns (q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances
+        from each frame to its moment's start and end, over the duration), and each query's
+        ``frame_mask``, ``frame_times`` and ``duration``. Values at padded frames mean nothing.
+        """
+        b, t = video_frames.shape[:2]
+        device = video_frames.device
+        word_mask = text_inputs["attention_mask"].bool()
+        q = len(word_mask)
+        if frame_mask is None:
+            frame_mask = torch.ones(b, t, dtype=torch.bool, device=device)
+        if frame_times is None:
+            frame_times = torch.arange(t, device=device, dtype=torch.float).expand(b, t)
+        if duration is None:
+            duration = frame_mask.sum(dim=1).float()
+        if video_index is None:
+            if b not in (1, q):
+                raise ValueError(f"{q} queries for {b} videos: pass video_index")
+            video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
+
+        if video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
+            tokens = video_frames.to(self.frame_in.weight.dtype)
+        else:
+            tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
+        # Pooled-only features: the frame's one vector is also the one slot the query pools over.
+        grid = tokens[:, :, 1:] if tokens.shape[2] > 1 else tokens
+        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(grid)  # (b,t,d) (b,t,p,d)
+        if "features" in text_inputs:
+            words = text_inputs["features"].to(self.word_in.weight.dtype)
+            last = word_mask.long().sum(dim=1).clamp(min=1) - 1
+            sentence = words[torch.arange(q, device=device), last]
+        else:
+            words, sentence = self.towers.encode_text(text_inputs["input_ids"], word_mask)  # (q, l, c), (q, c)
+        words, sentence = self.word_in(words), self.sentence_in(sentence)
+
+        # At this point each query sees its video's frames through what it asks for.
+        x = self.pool(sentence, patches, video_index, frame_mask) + frames[video_index]  # (q, t, d)
+        x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=device, dtype=x.dtype)
+        mask = frame_mask[video_index]
+        for block in self.blocks:
+            x = block(x, mask, words, word_mask)
+        x = self.norm_out(x)
+        return {
+            "relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
+            "boundaries": F.softplus(self.boundary_head(x)),
+            "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t"),
+            "frame_mask": mask,
+            "frame_times": frame_times[video_index],
+            "duration": duration[video_index],
+        }
+
+    # ----- decoding -----------------------------------------------------------------------------
+
+    def decode(self, outputs: dict, top_k: int = 5, nms_iou: float | None = None) -> list[dict]:
+        return decode_moments(outputs, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+
+    def tokenize(self, queries: list[str], max_length: int = 77) -> dict:
+        limit = min(max_length, self.clip_config.text_config.max_position_embeddings)
+        enc = self.tokenizer(queries, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def score_windows(self, windows, queries: list[str], duration: float) -> list[dict]:
+        """Whole-video scores of several queries, one window of frames at a time (memory bounded by a
+        window, whatever the video's length). ``windows`` yields ``(frames uint8 (t, 3, h, w), times
+        (t,) seconds from the video's start, start, end, own)``: the window spans [start, end) seconds
+        and reports its frames ``own[0]:own[1]``. Returns per query the ``frame_outputs`` of the whole
+        video (``rank_moments`` turns them into moments)."""
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        text = {k: v.to(device) for k, v in self.tokenize(queries).items()}
+        merged = [{key: [] for key in FRAME_KEYS} for _ in queries]
+        for frames, times, start, end, own in windows:
+            local = torch.as_tensor(times, dtype=torch.float)[None] - start
+            outputs = self(frames[None].to(device), text, frame_times=local.to(device),
+                           duration=torch.tensor([end - start], device=device),
+                           video_index=torch.zeros(len(queries), dtype=torch.long, device=device))
+            n = len(queries)
+            for row, part in zip(merged, frame_outputs(outputs, torch.tensor([own] * n), torch.full((n,), start),
+                                                       torch.full((n,), duration)), strict=True):
+                for key in FRAME_KEYS:
+                    row[key] += part[key]
+        self.train(was_training)
+        return merged
+
+    @torch.no_grad()
+    def retrieve_moments(self, frames: torch.Tensor, query: str, top_k: int = 5,
+                         frame_times: list[float] | torch.Tensor | None = None,
+                         duration: float | None = None, nms_iou: float | None = None):
+        """Ranked moments for one query on one video, every frame scored.
+
+        ``frames`` uint8 (t, 3, h, w) of the whole video, sampled at ``self.sampling.fps`` (the rate
+        the model was trained at); ``frame_times`` in seconds default to the centres of 1/fps bins;
+        ``duration`` defaults to one frame interval past the last frame. Videos longer than
+        ``self.sampling.window`` frames are scored in overlapping windows of that many frames.
+        Returns ``([{"start", "end", "score"}, ...], frame_scores)`` with one relevance probability
+        per frame."""
+        if frames.ndim != 4 or frames.shape[1] != 3:
+            raise ValueError(f"frames must be (t, 3, h, w), got {tuple(frames.shape)}")
+        if not query.strip():
+            raise ValueError("the query is empty")
+        fps = self.sampling.fps
+        times = (torch.arange(len(frames), dtype=torch.float64) + 0.5) / fps if frame_times is None else \
+            torch.as_tensor(frame_times, dtype=torch.float64).cpu()
+        if len(times) != len(frames):
+            raise ValueError(f"{len(frames)} frames but {len(times)} frame times")
+        if duration is None:
+            step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0 / fps
+            duration = float(times[-1]) + (step / 2 if frame_times is None else step)
+        edges = frame_edges(times.tolist(), duration)
+        windows = ((frames[first:end], times[first:end].tolist(), edges[first], edges[end],
+                    (own_first - first, own_end - first))
+                   for first, end, own_first, own_end in frame_windows(len(frames), self.sampling.window,
+                                                                       self.sampling.overlap))
+        scores = self.score_windows(windows, [query], duration)[0]
+        moments = rank_moments(scores, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+        return [{"start": s, "end": e, "score": p} for s, e, p in moments], scores["relevance"]
+
+    # ----- optimisation -------------------------------------------------------------------------
+
+    def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
+        """AdamW groups: CLIP at ``lr * backbone_lr_mult``, the rest at ``lr``; no weight decay on
+        biases, norms and embeddings (tensors with fewer than 2 dimensions)."""
+        backbone = {id(p) for p in self.towers.parameters()}
+        groups: dict[tuple[bool, bool], list] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                groups.setdefault((id(p) in backbone, p.ndim >= 2), []).append(p)
+        return [{"params": params, "lr": lr * (backbone_lr_mult if is_backbone else 1.0),
+                 "weight_decay": weight_decay if decays else 0.0,
+                 "name": f"{'backbone' if is_backbone else 'head'}{'' if decays else '_no_decay'}"}
+                for (is_backbone, decays), params in sorted(groups.items())]
+
+    # ----- inference bundles --------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path, config: Config | None = None, state_dict: dict | None = None) -> Path:
+        """Write an inference bundle: safetensors weights, the resolved config, CLIP's config,
+        tokenizer and image-processor files. Written to a temporary folder, then renamed.
+        ``state_dict`` replaces this module's own (e.g. weights gathered from ZeRO-3 shards)."""
+        from safetensors.torch import save_file
+
+        from vmr.config import save_config
+
+        directory = Path(directory)
+        state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
+                 for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
+        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:  # a diverged model must never look like a usable one
+            raise UserError(f"{directory}: not written: {len(broken)} of {len(state)} weight tensors hold "
+                            f"NaN or infinite values (first: {broken[0]}); the run diverged (lower train.lr)")
+        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
+            full = config or Config()
+            full = dataclasses.replace(full, model=self.config, data=dataclasses.replace(full.data, sampling=self.sampling))
+            save_config(full, tmp / CONFIG)
+            (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
+            self.tokenizer.save_pretrained(tmp)
+            self.processor.save_pretrained(tmp)
+            if self.features is not None:  # what the model was trained on: a cache's extractor
+                (tmp / FEATURES).write_text(json.dumps(self.features, indent=1))
+        except BaseException:  # a full disk, an interrupt: no half bundle left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
+        """Load an inference bundle written by ``save_pretrained`` (no training code, no pickles,
+        no network: CLIP is rebuilt from the bundle's own config)."""
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, CLIPConfig
+
+        directory = Path(directory)
+        for name in (WEIGHTS, CONFIG, CLIP_CONFIG):
+            if not (directory / name).is_file():
+                raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
+        full = load_config(directory / CONFIG)
+        cfg = full.model
+        try:
+            clip_config = CLIPConfig.from_dict(read_json(directory / CLIP_CONFIG))
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory),
+                        sampling=full.data.sampling)
+        except UserError:
+            raise
+        except Exception as error:  # a config, tokenizer or processor file transformers cannot use
+            raise UserError(f"{directory}: not a usable inference bundle ({first_line(error, 160)})") from None
+        try:
+            weights = load_file(directory / WEIGHTS, device=str(map_location))
+        except Exception as error:  # a truncated or foreign file: safetensors' own error types
+            raise UserError(f"{directory / WEIGHTS}: not readable as safetensors weights "
+                            f"({first_line(error, 160)})") from None
+        missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
+        if missing or unexpected:
+            raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
+                            f"{sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. {sorted(unexpected)[:1]})")
+        state = model.state_dict()
+        wrong = [k for k in sorted(weights) if weights[k].shape != state[k].shape]
+        if wrong:
+            raise UserError(f"{directory}: its weights do not fit its config.yaml ({wrong[0]} is "
+                            f"{tuple(weights[wrong[0]].shape)} in {WEIGHTS}, {tuple(state[wrong[0]].shape)} by the config)")
+        model.load_state_dict(weights)
+        if (directory / FEATURES).is_file():
+            model.features = read_json(directory / FEATURES)
+        return model.to(map_location).eval()
+
+
+def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
+    """THE way a loader batch (vmr/data/stream.py) is fed to the model, in training, evaluation and
+    the benchmarks. ``model`` may be wrapped (DDP, DeepSpeed): its forward is called."""
+    text = {"attention_mask": batch["text_mask"]}
+    if "text_features" in batch:
+        text["features"] = batch["text_features"]
+    else:
+        text["input_ids"] = batch["text_ids"]
+    return model(batch["videos"], text, frame_mask=batch["frame_mask"], video_index=batch["video_index"],
+                 frame_times=batch["frame_times"], duration=batch["duration"])
+
+
+FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends")
+
+
+def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                  video_duration: torch.Tensor | None = None) -> list[dict]:
+    """Per query, the frames it reports as plain lists in seconds of the whole video: ``times``,
+    ``relevance`` probabilities, ``saliency`` scores, and the ``starts``/``ends`` of the moment each
+    frame proposes (its boundary head, clipped to the window and the video). ``own`` (q, 2) picks the
+    frames of each query's window that it reports (default: every valid frame), ``offset`` (q,) is
+    where the window starts in its video, ``video_duration`` (q,) the video's length."""
+    probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
+    saliency = outputs["saliency"].float().cpu()
+    bounds = outputs["boundaries"].float().cpu()
+    times, duration = outputs["frame_times"].double().cpu(), outputs["duration"].double().cpu()
+    mask = outputs["frame_mask"].cpu().clone()
+    q, t = mask.shape
+    if own is not None:
+        index = torch.arange(t)
+        mask &= (own[:, :1] <= index) & (index < own[:, 1:])
+    offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
+    total = duration + offset if video_duration is None else video_duration.double().cpu()
+    results = []
+    for i in range(q):
+        valid, length = mask[i], float(duration[i])
+        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length) + offset[i]
+        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length) + offset[i]
+        results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": probs[i][valid].tolist(),
+                        "saliency": saliency[i][valid].tolist(),
+                        "starts": start.clamp(0, float(total[i])).tolist(), "ends": end.clamp(0, float(total[i])).tolist()})
+    return results
+
+
+def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, float, float]]:
+    """Every reported frame proposes its moment, scored by its relevance probability; overlapping
+    proposals are suppressed (NMS over the whole video, across windows) and the ``top_k`` kept."""
+    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], frames["relevance"], strict=True)
+                  if e > s]
+    return nms(candidates, nms_iou, top_k)
+
+
+def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
+    """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
+    ``frame_scores`` (relevance), ``saliency`` and ``frame_times`` of the valid frames."""
+    return [{"moments": rank_moments(f, top_k, nms_iou), "frame_scores": f["relevance"], "saliency": f["saliency"],
+             "frame_times": f["times"]} for f in frame_outputs(outputs)]
