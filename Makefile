@@ -30,7 +30,7 @@ quickstart: install $(QUICK_DATA)/shards/manifest.json
 	@echo "Try it:      $(BIN)/vmr predict --checkpoint $(QUICK_RUN) --video $$(ls $(QUICK_DATA)/synth/videos/*.mp4 | tail -1) --query 'a red circle blinks'"
 
 # Remade when the generator changes (its annotations gain fields, e.g. told_apart_by).
-$(QUICK_DATA)/synth/val.jsonl: vmr/synth.py | install
+$(QUICK_DATA)/synth/val.jsonl: vmr/synth.py vmr/vocab.py | install
 	$(BIN)/vmr synth --out $(QUICK_DATA)/synth --videos 400 --size 32 --fps 4 --min-duration 20 --max-duration 40
 
 $(QUICK_DATA)/shards/manifest.json: $(QUICK_DATA)/synth/val.jsonl

@@ -19,7 +19,7 @@ def test_seed_rows_of_one_event_merge_into_one_query(tmp_path):
     assert detect_format(path) == "seed"
     records, skips = read_annotations(path)
     assert not skips
-    assert [(r.qid, r.video_id, r.windows, r.unit) for r in records] == [
+    assert [(r.qid, r.video_id, r.moments, r.unit) for r in records] == [
         (1, "abc_60.0_210.0", [(10, 19), (40, 49)], "frames"),
         (3, "abc_60.0_210.0", [(0, 5)], "frames"),
     ]
@@ -39,7 +39,7 @@ def test_qvhighlights_lines_keep_ids_with_dots_and_saliency(tmp_path):
     records, skips = read_annotations(path)
     assert not skips
     assert records[0].video_id == "j7rJstUseKg_360.0_510.0"
-    assert records[0].windows == [(0.0, 4.0), (10.0, 14.0)]
+    assert records[0].moments == [(0.0, 4.0), (10.0, 14.0)]
     assert records[0].saliency == {"clip_seconds": 2.0, "clip_ids": [0, 1, 5, 6],
                                    "scores": rows[0]["saliency_scores"]}
     assert records[1].saliency is None
@@ -50,7 +50,7 @@ def test_charades_lines(tmp_path):
     path.write_text("3MSZA 24.3 30.4##person turn a light on.\nbroken line\n3MSZA 0 5.5##person opens a door\n")
     assert detect_format(path) == "charades"
     records, skips = read_annotations(path)
-    assert [(r.qid, r.video_id, r.query, r.windows) for r in records] == [
+    assert [(r.qid, r.video_id, r.query, r.moments) for r in records] == [
         ("charades_sta_test:1", "3MSZA", "person turn a light on.", [(24.3, 30.4)]),
         ("charades_sta_test:3", "3MSZA", "person opens a door", [(0.0, 5.5)]),
     ]

@@ -3,7 +3,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vmr.spans import clip_relevance, frames_to_seconds, iou, merge_windows, seconds_to_frames
+from vmr.spans import clip_relevance, frames_to_seconds, iou, merge_spans, seconds_to_frames
 
 
 def test_frames_to_seconds_end_is_inclusive():
@@ -32,6 +32,6 @@ def test_iou_is_symmetric_and_bounded(s1, l1, s2, l2):
 
 
 def test_merge_and_clip_relevance():
-    assert merge_windows([(5, 8), (0, 3), (2, 4)]) == [(0, 4), (5, 8)]
+    assert merge_spans([(5, 8), (0, 3), (2, 4)]) == [(0, 4), (5, 8)]
     # 2-second clips of a 7-second video: [0,2) [2,4) [4,6) [6,7)
     assert clip_relevance([(1.0, 4.0), (6.5, 7.0)], 7.0) == [0.5, 1.0, 0.0, 0.5]

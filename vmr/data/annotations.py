@@ -36,7 +36,7 @@ class QueryRecord:
     qid: int | str
     video_id: str
     query: str
-    windows: list[tuple[float, float]]  # seconds, or frame indices (end inclusive) when unit == "frames"
+    moments: list[tuple[float, float]]  # seconds, or frame indices (end inclusive) when unit == "frames"
     unit: str = "seconds"
     saliency: dict | None = None  # {"clip_seconds", "clip_ids", "scores"} when the data has it
     video_file: str | None = None  # a file name given by the annotation (seed format)
@@ -44,10 +44,10 @@ class QueryRecord:
     tags: dict = field(default_factory=dict)  # the annotation's own extra fields, kept as given
 
     def seconds(self, fps: float) -> list[tuple[float, float]]:
-        """The windows in seconds; frame windows are converted with the video's real fps."""
+        """The moments in seconds; frame numbers are converted with the video's real fps."""
         if self.unit == "frames":
-            return [frames_to_seconds(int(s), int(e), fps) for s, e in self.windows]
-        return list(self.windows)
+            return [frames_to_seconds(int(s), int(e), fps) for s, e in self.moments]
+        return list(self.moments)
 
 
 @dataclass
@@ -174,7 +174,7 @@ def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
         video_id = _strip_extension(video_file)
         key = (video_id, query.strip())
         if key in records:  # the same event again: one more window for the same query
-            records[key].windows.append(window)
+            records[key].moments.append(window)
             continue
         records[key] = QueryRecord(qid, video_id, query, [window], unit="frames",
                                    video_file=video_file, source=where)
@@ -243,17 +243,17 @@ def _read_charades(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
 
 def check_query(record: QueryRecord) -> str | None:
     """Why a query cannot be used, or None. Checks what needs no video: the text and the order and
-    sign of its windows (windows against the video's length are checked once it is probed)."""
+    sign of its moments (moments against the video's length are checked once it is probed)."""
     if not record.query.strip():
         return f"{record.source}: empty query"
-    if not record.windows:
-        return f"{record.source}: no windows"
-    for start, end in record.windows:
+    if not record.moments:
+        return f"{record.source}: no moments"
+    for start, end in record.moments:
         if not (math.isfinite(start) and math.isfinite(end)):
-            return f"{record.source}: window [{start}, {end}] is not finite"
+            return f"{record.source}: moment [{start}, {end}] is not finite"
         if start < 0:
-            return f"{record.source}: window [{start}, {end}] starts before 0"
+            return f"{record.source}: moment [{start}, {end}] starts before 0"
         # Seed frames are inclusive, so a one-frame event has end == start.
         if end < start or (end == start and record.unit == "seconds"):
-            return f"{record.source}: window [{start}, {end}] has end <= start"
+            return f"{record.source}: moment [{start}, {end}] has end <= start"
     return None

@@ -159,7 +159,7 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
     so a training window and the evaluation windows are ranges of stored frames. ``frames`` of an
     item are fp16 tokens (t, k, c); queries carry their ``text_features`` when the cache has them.
     A training draw of a video with augmented views reads one of them at random."""
-    from vmr.spans import frame_edges, frame_windows
+    from vmr.spans import windows_over
 
     spec = data.sampling
     meta = json.loads(sample["json"])
@@ -172,13 +172,11 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
     if TEXT in sample:
         with _array(sample[TEXT], TEXT) as text:
             queries = [{**q, "text_features": text[str(q["qid"])]} for q in queries]
-    n = len(times)
     if not train:
-        edges = frame_edges(times, duration)
-        windows = frame_windows(n, spec.window, spec.overlap)
-        for k, (first, end, own_first, own_end) in enumerate(windows):
-            yield window_item(meta, key, tokens[first:end], times[first:end], (edges[first], edges[end]),
-                        (own_first - first, own_end - first), (k, len(windows)), queries)
+        windows = windows_over(times, duration, spec.window, spec.overlap)
+        for k, (first, end, own, start, stop) in enumerate(windows):
+            yield window_item(meta, key, tokens[first:end], times[first:end], (start, stop), own, (k, len(windows)),
+                              queries)
         return
     if VIEWS in sample:  # augmented views (vmr features extract --views): one of them, or the plain one
         view_times = _array(sample[VIEW_TIMES], VIEW_TIMES)

@@ -246,7 +246,7 @@ def _read_ground_truth(path: str) -> list[dict]:
     if any(r.unit != "seconds" for r in records):
         raise UserError(f"{file}: seed-format windows are frame numbers; score them with "
                         "'vmr eval --checkpoint ... --shards ...' (the shards hold them in seconds)")
-    return [{"qid": r.qid, "query": r.query, "vid": r.video_id, "relevant_windows": [list(w) for w in r.windows]}
+    return [{"qid": r.qid, "query": r.query, "vid": r.video_id, "relevant_windows": [list(m) for m in r.moments]}
             for r in records]
 
 

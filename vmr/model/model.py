@@ -24,7 +24,7 @@ from vmr.errors import UserError
 from vmr.io import first_line, read_json
 from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
-from vmr.spans import frame_edges, frame_windows, nms
+from vmr.spans import nms, windows_over
 from vmr.text import load_tokenizer
 
 WEIGHTS, CONFIG, CLIP_CONFIG, FEATURES = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
@@ -202,11 +202,9 @@ class VideoMomentRetrievalModel(nn.Module):
         if duration is None:
             step = float(times[1:].sub(times[:-1]).median()) if len(times) > 1 else 1.0 / fps
             duration = float(times[-1]) + (step / 2 if frame_times is None else step)
-        edges = frame_edges(times.tolist(), duration)
-        windows = ((frames[first:end], times[first:end].tolist(), edges[first], edges[end],
-                    (own_first - first, own_end - first))
-                   for first, end, own_first, own_end in frame_windows(len(frames), self.sampling.window,
-                                                                       self.sampling.overlap))
+        windows = ((frames[first:end], times[first:end].tolist(), start, stop, own)
+                   for first, end, own, start, stop in windows_over(times.tolist(), duration, self.sampling.window,
+                                                                    self.sampling.overlap))
         scores = self.score_windows(windows, [query], duration)[0]
         moments = rank_moments(scores, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
         return [{"start": s, "end": e, "score": p} for s, e, p in moments], scores["relevance"]
