@@ -91,7 +91,7 @@ for name, r in runs.items():
           f"{r['train_s']:.0f} | {r['eval_s']:.0f} | {r['wall_s']:.0f} | {ratio} | {gap} | "
           f"{r['median_step_s']:.3f} | {r['median_data_wait']:.1%} |")
 if base:  # the same frozen tower: its weights' sha256 in the video run's bundle and in each cache
-    from vmr.features import vision_fingerprint
+    from vmr.cache import vision_fingerprint
     from vmr.model import VideoMomentRetrievalModel
 
     tower = vision_fingerprint(VideoMomentRetrievalModel.from_pretrained(out / "videos" / "export"))

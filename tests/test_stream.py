@@ -16,7 +16,7 @@ from vmr.data.stream import VideoMomentDataset, make_loader, skipped
 from vmr.data.tars import iter_shard
 from vmr.data.video import inference_windows, sample_times
 from vmr.errors import UserError
-from vmr.spans import clip_targets
+from vmr.spans import frame_targets
 from vmr.text import load_tokenizer
 
 from .conftest import TINY
@@ -112,7 +112,7 @@ def test_windows_map_to_the_right_clip_indices(duration, clip_fps, max_frames, s
     shifted = [t - lo for t in times]
     start = data.draw(st.floats(0, hi - lo - 0.01))
     window = (start, data.draw(st.floats(start + 0.01, hi - lo)))
-    relevance, [(first, last)] = clip_targets([window], shifted)
+    relevance, [(first, last)] = frame_targets([window], shifted)
     inside = [j for j, t in enumerate(shifted) if window[0] <= t < window[1]]
     if inside:
         assert (first, last) == (inside[0], inside[-1])

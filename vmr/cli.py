@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, predict.add_predict_arguments, predict.run_predict,
         "predict", help="find the moments of one query in one video (JSON on stdout)",
         description="Decode a video (any format FFmpeg reads), run a trained model and print the "
-                    "ranked moments in seconds with per-clip scores as JSON.",
+                    "ranked moments in seconds with a score per frame as JSON.",
         epilog="example:\n  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins'",
     )
 
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         commands, demo.add_arguments, demo.run,
         "demo", help="the Streamlit app: find moments in your own video",
         description="Start the Streamlit demo: upload a video or pick a sample, type a query, see the "
-                    "ranked moments, their thumbnails and the per-clip scores.",
+                    "ranked moments, their thumbnails and the scores over time.",
         epilog="example:\n  vmr demo --checkpoint runs/quickstart --port 8501",
     )
 

@@ -81,7 +81,7 @@ def merge_spans(spans: Sequence[Span]) -> list[Span]:
     return [(s, e) for s, e in merged]
 
 
-def clip_targets(moments: Sequence[Span], times: Sequence[float]) -> tuple[list[float], list[tuple[int, int]]]:
+def frame_targets(moments: Sequence[Span], times: Sequence[float]) -> tuple[list[float], list[tuple[int, int]]]:
     """Per-frame relevance and, per moment, the first and last frame index inside it.
 
     A frame belongs to a moment when its timestamp lies in ``[start, end)``. A moment too short

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vmr.spans import QVH_CLIP_SECONDS, clip_targets
+from vmr.spans import QVH_CLIP_SECONDS, frame_targets
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Collator:
             videos[i, n:] = 0
             frame_mask[i][:n], frame_times[i][:n] = [True] * n, item["times"]
         for j, (i, q) in enumerate(queries):
-            rel, spans = clip_targets(q["moments"], items[i]["times"])
+            rel, spans = frame_targets(q["moments"], items[i]["times"])
             relevance[j][: len(rel)] = rel
             for k, (moment, span) in enumerate(zip(q["moments"], spans, strict=True)):
                 moments[j][k], moment_frames[j][k], moment_mask[j][k] = list(moment), list(span), True

@@ -1,5 +1,5 @@
 """VideoMomentRetrievalModel: CLIP towers -> query-conditioned frame features -> temporal and
-cross-attention blocks -> per-clip heads; decoding to ranked windows in seconds; inference bundles.
+cross-attention blocks -> per-frame heads; decoding to ranked moments in seconds; inference bundles.
 
 Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c CLIP width,
 d model width. A batch may hold several queries per video: each video is encoded once and
@@ -27,7 +27,7 @@ from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
 from vmr.spans import nms, windows_over
 from vmr.text import load_tokenizer
 
-WEIGHTS, CONFIG, CLIP_CONFIG, FEATURES = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
+WEIGHTS, CONFIG, CLIP_CONFIG, CACHE_RECORD = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
 
 
 class VideoMomentRetrievalModel(nn.Module):
@@ -253,7 +253,7 @@ class VideoMomentRetrievalModel(nn.Module):
             self.tokenizer.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
             if self.features is not None:  # what the model was trained on: a cache's extractor
-                (tmp / FEATURES).write_text(json.dumps(self.features, indent=1))
+                (tmp / CACHE_RECORD).write_text(json.dumps(self.features, indent=1))
         except BaseException:  # a full disk, an interrupt: no half bundle left behind
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -301,8 +301,8 @@ class VideoMomentRetrievalModel(nn.Module):
             raise UserError(f"{directory}: its weights do not fit its config.yaml ({wrong[0]} is "
                             f"{tuple(weights[wrong[0]].shape)} in {WEIGHTS}, {tuple(state[wrong[0]].shape)} by the config)")
         model.load_state_dict(weights)
-        if (directory / FEATURES).is_file():
-            model.features = read_json(directory / FEATURES)
+        if (directory / CACHE_RECORD).is_file():
+            model.features = read_json(directory / CACHE_RECORD)
         return model.to(map_location).eval()
 
 
