@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     from vmr import synth
-    from vmr.data import shards, verify
+    from vmr.data import parts, shards, verify
 
     add_command(
         commands, synth.add_arguments, synth.run,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "annotations in the seed and QVHighlights formats.",
     )
 
-    p = commands.add_parser("shards", help="build and verify WebDataset shards",
+    p = commands.add_parser("shards", help="build, merge and verify WebDataset shards",
                             description="Build and verify WebDataset tar shards of videos and their queries.")
     shard_commands = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
     add_command(
@@ -63,8 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pack videos and their annotations into WebDataset tar shards: one sample per "
                     "video with all of its queries. Bad videos and queries are skipped and listed "
                     "in the manifest; everything valid is written.",
-        epilog="example:\n  vmr shards build --videos data/synth/videos --annotations data/synth/train.jsonl "
-               "--out data/shards --split train --fps 2 --size 112 --keyframe-interval 1",
+        epilog="examples:\n  vmr shards build --videos data/synth/videos --annotations data/synth/train.jsonl "
+               "--out data/shards --split train --fps 2 --size 112 --keyframe-interval 1\n"
+               "  sbatch --array=0-19 --wrap 'vmr shards build --videos /data/videos --annotations train.jsonl "
+               "--out /shared/shards --split train --fps 2 --size 224 --keyframe-interval 0 --workers 48'",
+    )
+    add_command(
+        shard_commands, parts.add_merge_arguments, parts.run_merge,
+        "merge", help="join the parts of a split built on several machines",
+        description="Check that every part 0..N-1 of a split is recorded (OUT/parts/), that no video is in two "
+                    "parts and that every recorded shard is there unchanged, then write the split's manifest in "
+                    "one step. The last part to finish does this itself when it sees all the others.",
+        epilog="example:\n  vmr shards merge --out /shared/shards --split train",
     )
     add_command(
         shard_commands, verify.add_verify_arguments, verify.run_verify,

@@ -137,14 +137,20 @@ def write_text_atomic(path: Path, text: str) -> None:
 LOCK = ".vmr-lock"
 
 
+class LockBusy(UserError):
+    """Another run holds the lock (``FolderLock``) and did not let go in time."""
+
+
 class FolderLock:
     """One writer of ``folder`` at a time (shards, feature shards). The lock file holds the holder's
     pid, host and command; a second writer waits up to ``wait_s`` for it, then stops with one line
     naming the holder. A lock whose holder no longer runs on this host is taken over (a killed
     run). The ranks of one launch share their main rank's lock."""
 
-    def __init__(self, folder: Path, what: str, wait_s: float = 10.0):
-        self.path, self.what, self.wait_s, self.held = Path(folder) / LOCK, what, wait_s, False
+    def __init__(self, folder: Path, what: str, wait_s: float = 10.0, name: str = LOCK):
+        """``name``: the lock file; writers of disjoint parts of a folder (a part of a split) take
+        their own, so that they run side by side."""
+        self.path, self.what, self.wait_s, self.held = Path(folder) / name, what, wait_s, False
 
     def __enter__(self) -> FolderLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +167,7 @@ class FolderLock:
                         self.path.unlink()
                     continue
                 if time.monotonic() >= deadline:
-                    raise UserError(f"{self.path.parent}: another run writes here ({holder.get('what', '?')} by pid "
+                    raise LockBusy(f"{self.path.parent}: another run writes here ({holder.get('what', '?')} by pid "
                                     f"{holder.get('pid')} on {holder.get('host')}, waited {self.wait_s:g} s); "
                                     f"wait for it to finish, or remove {self.path} if it is gone") from None
                 time.sleep(0.2)

@@ -17,7 +17,7 @@ from pathlib import Path
 from vmr.config import SamplingConfig
 from vmr.data.annotations import read_annotations
 from vmr.data.manifest import MANIFEST, check_split, claim
-from vmr.data.shards import query_json
+from vmr.data.prepare import query_json
 from vmr.data.tars import (
     TEXT,
     TIMES,

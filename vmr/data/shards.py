@@ -29,118 +29,30 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from vmr.data.annotations import FORMATS, QueryRecord, Skip, check_query, read_annotations
+from vmr.data.annotations import FORMATS, Skip, check_query, read_annotations
 from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
+from vmr.data.parts import (
+    PARTS,
+    damage,
+    merge_when_complete,
+    parse_part,
+    part_from_env,
+    part_name,
+    part_of,
+    read_record,
+    record_path,
+)
+from vmr.data.prepare import MAX_REENCODE_FPS, EncodeParams, VideoTask, prepare_star
 from vmr.data.tars import ShardWriter, sanitise_key
-from vmr.data.video import find_video, probe, reencode, window_tolerance
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, confined, field, read_json, write_text_atomic
-
-MAX_REENCODE_FPS = 240.0  # the fastest common cameras; re-encoding never goes above a video's own rate
-
-
-@dataclass
-class VideoTask:
-    video_id: str
-    file_name: str | None
-    queries: list[QueryRecord]
-
-
-@dataclass
-class PreparedVideo:
-    video_id: str
-    path: Path  # the bytes to store
-    temporary: bool  # a re-encoded file to delete once stored
-    meta: dict
-    skips: list[Skip]
-
-
-@dataclass(frozen=True)
-class EncodeParams:
-    fps: float | None
-    size: int | None
-    keyframe_interval: float | None
-
-    @property
-    def active(self) -> bool:
-        return any(v is not None for v in (self.fps, self.size, self.keyframe_interval))
-
-
-def query_json(record: QueryRecord, windows: list[tuple[float, float]]) -> dict:
-    row = {"qid": record.qid, "query": record.query.strip(),
-           "windows": [[round(s, 6), round(e, 6)] for s, e in windows]}
-    if record.saliency is not None:
-        row["saliency"] = record.saliency
-    if record.tags:
-        row["tags"] = record.tags
-    return row
-
-
-def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_dir: Path) -> PreparedVideo | Skip:
-    """Find, probe and optionally re-encode one video; convert and check its queries' windows.
-    Runs in a worker process; every failure becomes a Skip with its reason."""
-    try:
-        path = find_video(videos_dir, task.video_id, task.file_name)
-    except ValueError as error:
-        return Skip(task.video_id, what="video", reason=str(error))
-    if path is None:
-        return Skip(task.video_id, what="video", reason=f"video file not found in {videos_dir} "
-                                   f"(tried {task.file_name or task.video_id} and <id>.mp4/.mkv/.avi/.mov/.webm)")
-    try:
-        source = probe(path)
-    except ValueError as error:
-        return Skip(task.video_id, f"{path}: unreadable or corrupt video ({error})", what="video")
-
-    stored, stored_path, temporary = source, path, False
-    if params.active:
-        stored_path = tmp_dir / f"{sanitise_key(task.video_id)}.{os.getpid()}.mp4"
-        try:
-            reencode(path, stored_path, params.fps, params.size, params.keyframe_interval, source.fps, source.stream)
-            stored = probe(stored_path)
-        except ValueError as error:
-            # A full disk is the build's problem, not the video's: stop, never skip a good video.
-            full = out_of_space(error, stored_path)
-            stored_path.unlink(missing_ok=True)
-            if full is not None:
-                raise full from None
-            return Skip(task.video_id, f"{path}: re-encode failed ({error})", what="video")
-        temporary = True
-
-    queries, skips = [], []
-    tolerance = window_tolerance(source.fps)
-    for record in task.queries:
-        windows = record.seconds(source.fps)
-        bad = next(((s, e) for s, e in windows if e > source.duration + tolerance), None)
-        if bad is not None:
-            skips.append(Skip(task.video_id, f"{record.source}: window [{bad[0]:g}, {bad[1]:g}] is outside "
-                                             f"the video (0 to {source.duration:.3f} s)", qid=record.qid))
-            continue
-        # Within tolerance of the end: clip to the stored video's real length.
-        windows = [(s, min(e, stored.duration)) for s, e in windows]
-        if any(e <= s for s, e in windows):
-            skips.append(Skip(task.video_id, f"{record.source}: window starts at or after the end of the video",
-                              qid=record.qid))
-            continue
-        queries.append(query_json(record, windows))
-    if not queries:
-        if temporary:
-            stored_path.unlink(missing_ok=True)
-        skips.append(Skip(task.video_id, f"{path}: no valid queries left for this video", what="video"))
-        return PreparedVideo(task.video_id, path, False, {}, skips)
-
-    meta = {"video_id": task.video_id, **stored.to_json(), "source_file": path.name, "queries": queries}
-    return PreparedVideo(task.video_id, stored_path, temporary, meta, skips)
-
-
-def _prepare_star(args: tuple) -> PreparedVideo | Skip:
-    return prepare_video(*args)
+from vmr.io import LOCK, FolderLock, confined, field, read_json, write_text_atomic
 
 
 def build_shards(
@@ -157,8 +69,10 @@ def build_shards(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    part: tuple[int, int] | None = None,
 ) -> dict:
-    """Build one split; returns its manifest entry plus the skips. See the module docstring."""
+    """Build one split, or with ``part`` (I, N) part I of its N parts (vmr/data/parts.py); returns
+    the split's (or the part's) manifest entry plus the skips. See the module docstring."""
     if not videos.is_dir():
         raise UserError(f"--videos: {videos} is not a folder")
     check_split(split)
@@ -166,6 +80,16 @@ def build_shards(
     params = EncodeParams(fps, size, keyframe_interval)
     tasks, skips = _tasks(annotations, fmt)
     _make_folder(out)
+    params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
+                   "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
+                   "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
+    limits = (int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
+    if part is not None:
+        index, count = part
+        mine = {video: task for video, task in tasks.items() if part_of(video, count) == index}
+        skips = [skip for skip in skips if part_of(skip.video_id, count) == index]
+        return _build_part(out, split, part, mine, skips, videos, params, params_json, limits, workers, overwrite,
+                           progress)
     # One build of a folder at a time: two would share its staging folders and manifest.
     with FolderLock(out, f"vmr shards build --split {split}"):
         finish_commits(out)
@@ -182,11 +106,8 @@ def build_shards(
         if not tasks:
             raise UserError(f"no usable query in {', '.join(map(str, annotations))}"
                             + (f": {skips[0].reason}" if skips else ""))
-        writer = ShardWriter(staging, split, int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
-        shards = _pack(tasks, videos, params, staging, writer, workers, skips, progress)
-        params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
-                       "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
-                       "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
+        writer = ShardWriter(staging, split, *limits)
+        shards, _ = _pack(tasks, videos, params, staging, writer, workers, skips, progress)
         entry = {"shards": shards, "samples": sum(s["samples"] for s in shards),
                  "queries": sum(s["queries"] for s in shards), "params": params_json}
         journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
@@ -198,6 +119,45 @@ def build_shards(
             raise
         _commit(out, journal)
         return {**entry, "skipped": skips}
+
+
+def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, VideoTask], skips: list[Skip],
+                videos: Path, params: EncodeParams, params_json: dict, limits: tuple, workers: int, overwrite: bool,
+                progress: bool) -> dict:
+    """Part I of N: its shards into ``out`` (staged, then moved in), its record last; nothing to do
+    when its record exists and its shards check out; then the merge when every part is recorded.
+    Parts lock only themselves, so that they run side by side on one folder."""
+    index, count = part
+    name = part_name(split, index)
+    path = record_path(out, split, index)
+    with FolderLock(out, f"vmr shards build --split {split} --part {index}/{count}", name=f"{LOCK}-{name}"):
+        record = read_record(path, out) if path.exists() else None
+        if record is not None and record["parts"] == count and not any(damage(out, s) for s in record["shards"]):
+            print(f"part {index}/{count} of split {split!r} is built already ({path}); nothing to do", file=sys.stderr)
+        else:
+            manifest = claim(out, "videos", None, overwrite)  # a folder of feature shards is refused
+            whole = manifest["splits"].get(split)
+            if whole is not None and "parts" not in whole.get("params", {}) and not overwrite:
+                raise UserError(f"{out}: split {split!r} exists, built whole; pass --overwrite to rebuild it in parts")
+            # A killed run of this part left no record: whatever it left is redone from scratch.
+            path.unlink(missing_ok=True)
+            staging = out / f".vmr-build-{name}"
+            shutil.rmtree(staging, ignore_errors=True)
+            for stale in out.glob(f"{name}-*.tar"):
+                stale.unlink()
+            shards, packed = _pack(tasks, videos, params, staging, ShardWriter(staging, name, *limits), workers, skips,
+                                   progress, allow_empty=True)
+            for shard in shards:
+                os.replace(staging / shard["path"], out / shard["path"])
+            shutil.rmtree(staging, ignore_errors=True)
+            record = {"split": split, "part": index, "parts": count, "params": params_json, "shards": shards,
+                      "videos": packed, "skipped": [s.to_json() for s in skips]}
+            path.parent.mkdir(exist_ok=True)
+            write_text_atomic(path, json.dumps(record, indent=1) + "\n")  # the last write: the part is done
+    merged = merge_when_complete(out, split, count)
+    return {"shards": record["shards"], "samples": sum(s["samples"] for s in record["shards"]),
+            "queries": sum(s["queries"] for s in record["shards"]), "params": params_json, "skipped": skips,
+            "part": part, "merged": merged}
 
 
 def _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers) -> None:
@@ -247,18 +207,19 @@ def _make_folder(out: Path) -> None:
 
 
 def _pack(tasks: dict[str, VideoTask], videos: Path, params: EncodeParams, staging: Path, writer: ShardWriter,
-          workers: int, skips: list[Skip], progress: bool) -> list[dict]:
+          workers: int, skips: list[Skip], progress: bool, allow_empty: bool = False) -> tuple[list[dict], list[str]]:
     """Prepare every video (``workers`` processes) and write them, in annotation order, into
-    ``staging``; returns the shards. Skips are added to ``skips``. On any failure the staging
+    ``staging``; returns the shards and the ids of the videos packed. Skips are added to ``skips``. On any failure the staging
     folder is removed (a full disk becomes one line saying nothing in the output folder changed)."""
     encode_dir = staging / "encode"
     encode_dir.mkdir(parents=True)
     keys: set[str] = set()
+    packed: list[str] = []
     jobs = [(task, videos, params, encode_dir) for task in tasks.values()]
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     try:
         # imap keeps the annotation order, so the shards do not depend on the number of workers.
-        results = pool.imap(_prepare_star, jobs) if pool else map(_prepare_star, jobs)
+        results = pool.imap(prepare_star, jobs) if pool else map(prepare_star, jobs)
         for result in tqdm(results, total=len(jobs), desc=f"shards {writer.split}", unit="video",
                            disable=not progress, file=sys.stderr):
             if isinstance(result, Skip):
@@ -272,13 +233,14 @@ def _pack(tasks: dict[str, VideoTask], videos: Path, params: EncodeParams, stagi
                 key += "_"
             keys.add(key)
             writer.write(key, {"mp4": result.path.read_bytes()}, result.meta)
+            packed.append(result.video_id)
             if result.temporary:
                 result.path.unlink()
         shards = writer.close()
-        if not shards:
+        if not shards and not allow_empty:
             raise UserError(f"split {writer.split!r}: no video could be packed; {len(skips)} skipped, the first: "
                             f"{skips[0].reason if skips else '?'}")
-        return shards
+        return shards, packed
     except BaseException as error:
         writer.abort()
         # Asked before the staging folder gives its space back, so the disk still reads as full.
@@ -311,6 +273,9 @@ def _commit(out: Path, journal: dict) -> None:
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + journal["skipped"]
     manifest["params"] = entry["params"]
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    for record in (out / PARTS).glob(f"{split}-p*.json"):  # the split is whole now: its parts are history
+        if re.fullmatch(rf"{re.escape(split)}-p\d{{4}}\.json", record.name):
+            record.unlink(missing_ok=True)
     shutil.rmtree(staging, ignore_errors=True)
     (out / f".vmr-commit-{split}.json").unlink(missing_ok=True)
 
@@ -364,14 +329,24 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="parallel processes over videos (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing split")
     p.add_argument("--strict", action="store_true", help="exit non-zero when anything was skipped")
+    p.add_argument("--part", metavar="I/N",
+                   help="build part I of N of the split (counted from 0), for many machines; default: from the "
+                        "launcher's RANK/WORLD_SIZE, SLURM_ARRAY_TASK_ID/COUNT or SLURM_PROCID/NTASKS when it runs "
+                        "several tasks; the last part to finish merges them (else: vmr shards merge)")
 
 
 def run_build(args: argparse.Namespace) -> int:
+    part, source = (parse_part(args.part), "--part") if args.part else (None, None)
+    if part is None and (found := part_from_env()) is not None:
+        part, source = found[:2], found[2]
+    if part is not None:
+        print(f"building part {part[0]} of {part[1]} (parts 0-{part[1] - 1}) of split {args.split!r}, from {source}",
+              file=sys.stderr)
     result = build_shards(
         args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
         size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,
         max_videos_per_shard=args.max_videos_per_shard, workers=args.workers,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, part=part,
     )
     skips = result["skipped"]
     for skip in skips:
@@ -379,9 +354,17 @@ def run_build(args: argparse.Namespace) -> int:
               file=sys.stderr)
     size_mb = sum(s["bytes"] for s in result["shards"]) / 1e6
     skipped_videos = sum(1 for s in skips if s.what == "video")
-    print(f"split {args.split!r}: {result['samples']} videos, {result['queries']} queries in "
+    what = f"part {part[0]}/{part[1]} of split {args.split!r}" if part else f"split {args.split!r}"
+    listed = f"{PARTS}/{part_name(args.split, part[0])}.json" if part else MANIFEST
+    print(f"{what}: {result['samples']} videos, {result['queries']} queries in "
           f"{len(result['shards'])} shard(s), {size_mb:.1f} MB, in {args.out}; skipped "
-          f"{skipped_videos} video(s) and {len(skips) - skipped_videos} query(ies) (listed in {MANIFEST})")
+          f"{skipped_videos} video(s) and {len(skips) - skipped_videos} query(ies) (listed in {listed})")
+    if part is not None:
+        merged = result["merged"]
+        print(f"all {part[1]} parts are built: split {args.split!r} merged into {args.out / MANIFEST} "
+              f"({merged['samples']} videos in {len(merged['shards'])} shards)" if merged else
+              f"the split is merged when every part is built (by the last one, or: vmr shards merge --out {args.out} "
+              f"--split {args.split})")
     if args.strict and skips:
         raise UserError(f"--strict: {len(skips)} item(s) skipped (see above and {args.out / MANIFEST})")
     return 0
