@@ -1,4 +1,4 @@
-"""WebDataset shards: ``vmr shards build`` and ``vmr shards verify``.
+"""WebDataset shards: ``vmr shards build``, whole or one part of many (vmr/data/parts.py).
 
 One sample per video, holding all of its queries, so that training decodes a video once for
 several queries:
@@ -21,6 +21,10 @@ journal (``OUT/.vmr-commit-<split>.json``) and carried out: old shards of the sp
 ones moved in, the manifest rewritten. A build killed before the switch leaves OUT as it was (the
 next build clears the staging folder); one killed during the switch is finished by the next
 ``build`` or ``verify``. A full disk stops the build with one line naming the disk.
+
+A part (``--part I/N``) builds only its videos, into shards ``<split>-pIIII-NNNNNN.tar`` staged in
+``OUT/.vmr-build-<split>-pIIII/`` and moved in, then writes its record; parts are merged into the
+manifest by vmr/data/parts.py.
 """
 
 from __future__ import annotations
