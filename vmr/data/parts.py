@@ -195,9 +195,10 @@ def _complete_parts(out: Path, split: str) -> list[dict]:
     return [by_index[i] for i in range(count)]
 
 
-def merge_when_complete(out: Path, split: str, count: int) -> dict | None:
+def merge_when_complete(out: Path, split: str, count: int, overwrite: bool = False) -> dict | None:
     """Run by a part once its record is written: the merged entry when all ``count`` parts are
-    recorded (and merged by this process or one that holds the folder meanwhile), else None."""
+    recorded (and merged by this process or one that holds the folder meanwhile), else None.
+    ``overwrite``: the part's own, which may replace a split built whole."""
     if not all(record_path(out, split, i).is_file() for i in range(count)):
         return None
     merged = read_manifest(out)["splits"].get(split)
@@ -208,7 +209,7 @@ def merge_when_complete(out: Path, split: str, count: int) -> dict | None:
             [{k: s.get(k) for k in keys} for s in merged["shards"]] == recorded:
         return merged  # merged already (a finished part run again): no need to hash every shard again
     try:
-        return merge(out, split, progress=False)
+        return merge(out, split, overwrite, progress=False)
     except LockBusy:  # another part finished at the same moment and is merging
         print(f"{out}: another process is merging split {split!r}", file=sys.stderr)
         return None

@@ -158,7 +158,7 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
                       "videos": packed, "skipped": [s.to_json() for s in skips]}
             path.parent.mkdir(exist_ok=True)
             write_text_atomic(path, json.dumps(record, indent=1) + "\n")  # the last write: the part is done
-    merged = merge_when_complete(out, split, count)
+    merged = merge_when_complete(out, split, count, overwrite)
     return {"shards": record["shards"], "samples": sum(s["samples"] for s in record["shards"]),
             "queries": sum(s["queries"] for s in record["shards"]), "params": params_json, "skipped": skips,
             "part": part, "merged": merged}
