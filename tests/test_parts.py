@@ -202,3 +202,14 @@ def test_training_and_extraction_read_a_merged_split_over_http(synth_dir, tmp_pa
         assert read_manifest(tmp_path / "features")["splits"]["train"]["samples"] == split["samples"]
     finally:
         server.shutdown()
+
+
+def test_a_split_built_whole_is_replaced_by_its_parts_only_with_overwrite(synth_dir, whole, tmp_path, capsys):
+    out = tmp_path / "out"
+    build_shards(synth_dir / "videos", [synth_dir / "train.jsonl"], out, **SETTINGS)
+    part = ["shards", "build", "--videos", str(synth_dir / "videos"), "--annotations", str(synth_dir / "train.jsonl"),
+            "--out", str(out), *FLAGS]
+    one_line_error(capsys, main([*part, "--part", "0/2"]), "built whole; pass --overwrite")
+    assert main([*part, "--part", "0/2", "--overwrite"]) == 0 and main([*part, "--part", "1/2", "--overwrite"]) == 0
+    assert not list(out.glob("train-0*.tar"))  # the whole build's shards, replaced
+    same_split(whole, out)
