@@ -59,7 +59,7 @@ def whole(synth_dir, tmp_path_factory) -> Path:
     return out
 
 
-def test_three_parts_one_after_the_other_hold_what_one_build_holds(synth_dir, whole, tmp_path):
+def test_three_parts_one_after_the_other_hold_what_one_build_holds(synth_dir, whole, tmp_path, capsys):
     for index in range(3):
         result = build_shards(synth_dir / "videos", [synth_dir / "train.jsonl"], tmp_path, part=(index, 3), **SETTINGS)
         assert (result["merged"] is not None) == (index == 2)  # the last part merges
@@ -71,6 +71,11 @@ def test_three_parts_one_after_the_other_hold_what_one_build_holds(synth_dir, wh
     assert main(["shards", "build", "--videos", str(synth_dir / "videos"), "--annotations",
                  str(synth_dir / "train.jsonl"), "--out", str(tmp_path), *FLAGS, "--part", "1/3"]) == 0
     assert (tmp_path / "manifest.json").read_text() == before
+    # Run again with other settings, it says so rather than keep the old part silently.
+    capsys.readouterr()
+    one_line_error(capsys, main(["shards", "build", "--videos", str(synth_dir / "videos"), "--annotations",
+                                 str(synth_dir / "train.jsonl"), "--out", str(tmp_path), *FLAGS[:3], "24", *FLAGS[4:],
+                                 "--part", "1/3"]), "was built with another size; pass --overwrite")
 
 
 @pytest.mark.multiprocess

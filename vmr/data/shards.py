@@ -43,6 +43,7 @@ from tqdm import tqdm
 from vmr.data.annotations import FORMATS, Skip, check_query, read_annotations
 from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
 from vmr.data.parts import (
+    ENCODING,
     PARTS,
     damage,
     merge_when_complete,
@@ -136,7 +137,13 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
     path = record_path(out, split, index)
     with FolderLock(out, f"vmr shards build --split {split} --part {index}/{count}", name=f"{LOCK}-{name}"):
         record = read_record(path, out) if path.exists() else None
-        if record is not None and record["parts"] == count and not any(damage(out, s) for s in record["shards"]):
+        if record is not None and not overwrite and record["parts"] == count:
+            differ = [k for k in ENCODING if record["params"].get(k) != params_json.get(k)]
+            if differ:
+                raise UserError(f"{path}: part {index}/{count} was built with another {', '.join(differ)}; pass "
+                                "--overwrite to build it again with these settings")
+        if record is not None and not overwrite and record["parts"] == count and \
+                not any(damage(out, s) for s in record["shards"]):
             print(f"part {index}/{count} of split {split!r} is built already ({path}); nothing to do", file=sys.stderr)
         else:
             manifest = claim(out, "videos", None, overwrite)  # a folder of feature shards is refused
