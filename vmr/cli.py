@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = commands.add_parser("shards", help="build, merge and verify WebDataset shards",
-                            description="Build and verify WebDataset tar shards of videos and their queries.")
+                            description="Build (whole, or in parts on many machines), merge and verify WebDataset tar shards of videos and their queries.")
     shard_commands = p.add_subparsers(dest="shards_command", metavar="ACTION", required=True)
     add_command(
         shard_commands, shards.add_build_arguments, shards.run_build,
