@@ -39,11 +39,20 @@ from pathlib import Path
 
 from vmr.cache import cache_of, vision_fingerprint
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.manifest import MANIFEST, claim, shard_entry
+from vmr.data.manifest import MANIFEST, check_shard, claim, shard_entry
 from vmr.data.sources import bounded_downloads
-from vmr.data.tars import TIMES, TOKENS, VIEW_TIMES, VIEWS, TarShard, npy_bytes, sha256_of, sweep_temporaries
+from vmr.data.tars import (
+    TIMES,
+    TOKENS,
+    VIEW_TIMES,
+    VIEWS,
+    TarShard,
+    npy_bytes,
+    shard_damage,
+    sweep_temporaries,
+)
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, confined, field, first_line, read_json, write_text_atomic
+from vmr.io import FolderLock, field, first_line, read_json, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
@@ -197,15 +206,10 @@ def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, po
 def _read_record(path: Path, out: Path) -> dict:
     """A ``.done`` record, every field checked; its shard's name stays inside ``out``."""
     entry, where = read_json(path), str(path)
-    name = field(entry, "path", str, where)
-    confined(out, name, f"{where}: 'path'")
+    name = check_shard(out, entry, where).name
     if path.name != f"{name}.json":
         raise UserError(f"{where}: records shard {name!r}, not {path.name.removesuffix('.json')!r}")
     field(entry, "split", str, where)
-    for key in ("samples", "queries", "bytes"):
-        if field(entry, key, int, where) < 0:
-            raise UserError(f"{where}: '{key}' must be >= 0")
-    field(entry, "sha256", str, where)
     field(entry, "skipped", list, where)
     field(entry, "extractor", dict, where)
     return entry
@@ -215,10 +219,11 @@ def _finished(record: Path, out: Path) -> dict | None:
     """The record of a shard finished before, if the shard still matches it (size and sha256);
     None when it must be redone (a shard that changed, or is gone)."""
     entry = _read_record(record, out)
-    shard = out / entry["path"]
-    if shard.is_file() and shard.stat().st_size == entry["bytes"] and sha256_of(shard) == entry["sha256"]:
+    problem = shard_damage(out, entry)
+    if problem is None:
         return entry
-    print(f"{shard}: missing or changed since its record was written; extracting it again", file=sys.stderr)
+    print(f"{out / entry['path']}: missing or changed since its record was written ({problem}); extracting it again",
+          file=sys.stderr)
     return None
 
 

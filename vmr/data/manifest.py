@@ -49,21 +49,30 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict:
         at = f"{where}: splits.{split}"
         if not isinstance(info, dict):
             raise UserError(f"{at} must be an object")
-        shards = field(info, "shards", list, at)
-        for number, shard in enumerate(shards):
-            if not isinstance(shard, dict):
-                raise UserError(f"{at}.shards[{number}] must be an object")
-            spot = f"{at}.shards[{number}]"
-            confined(folder, field(shard, "path", str, spot), f"{spot}.path")
-            for key in ("samples", "queries"):
-                if field(shard, key, int, spot) < 0:
-                    raise UserError(f"{spot}: '{key}' must be >= 0")
-            field(shard, "sha256", str, spot, default=None)
-            field(shard, "bytes", int, spot, default=None)
+        for number, shard in enumerate(field(info, "shards", list, at)):
+            check_shard(folder, shard, f"{at}.shards[{number}]", complete=False)
     field(manifest, "skipped", list, where, default=[])
     if found == "features":
         field(manifest, "extractor", dict, where)
     return manifest
+
+
+def check_shard(folder: Path, shard, where: str, complete: bool = True) -> Path:
+    """A shard's entry (a manifest's, a part's or an extracted shard's record): an object whose
+    ``path`` stays inside ``folder``, with counts >= 0, and with ``complete`` its ``bytes`` and
+    ``sha256`` (optional in manifests of older builds). Returns the shard's path."""
+    if not isinstance(shard, dict):
+        raise UserError(f"{where} must be an object")
+    path = confined(folder, field(shard, "path", str, where), f"{where}.path")
+    for key in ("samples", "queries"):
+        if field(shard, key, int, where) < 0:
+            raise UserError(f"{where}: '{key}' must be >= 0")
+    optional = ... if complete else None  # field's "required" marker, or the default when absent
+    size = field(shard, "bytes", int, where, default=optional)
+    if size is not None and size < 0:
+        raise UserError(f"{where}: 'bytes' must be >= 0")
+    field(shard, "sha256", str, where, default=optional)
+    return path
 
 
 def claim(folder: Path, kind: str, split: str | None, overwrite: bool) -> dict:

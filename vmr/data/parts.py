@@ -26,8 +26,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
-from vmr.data.tars import sha256_of
+from vmr.data.manifest import MANIFEST, check_shard, check_split, claim, read_manifest
+from vmr.data.tars import shard_damage
 from vmr.errors import UserError
 from vmr.io import FolderLock, LockBusy, confined, field, read_json, write_text_atomic
 
@@ -100,15 +100,9 @@ def read_record(path: Path, out: Path) -> dict:
         raise UserError(f"{where}: records part {index} of split {split!r}, not what its name says")
     for number, shard in enumerate(field(record, "shards", list, where)):
         spot = f"{where}: shards[{number}]"
-        if not isinstance(shard, dict):
-            raise UserError(f"{spot} must be an object")
-        name = confined(out, field(shard, "path", str, spot), f"{spot}.path").name
+        name = check_shard(out, shard, spot).name
         if not (name.startswith(f"{part_name(split, index)}-") and name.endswith(".tar")):
             raise UserError(f"{spot}: {name!r} is not a shard of part {index} of split {split!r}")
-        for key in ("samples", "queries", "bytes"):
-            if field(shard, key, int, spot) < 0:
-                raise UserError(f"{spot}: '{key}' must be >= 0")
-        field(shard, "sha256", str, spot)
     if not all(isinstance(v, str) for v in field(record, "videos", list, where)):
         raise UserError(f"{where}: 'videos' must be a list of video ids")
     field(record, "skipped", list, where)
@@ -116,16 +110,9 @@ def read_record(path: Path, out: Path) -> dict:
     return record
 
 
-def damage(out: Path, shard: dict) -> str | None:
-    """What is wrong with a recorded shard (gone, another size, another sha256), or None."""
-    path = Path(out) / shard["path"]
-    if not path.is_file():
-        return "missing"
-    if path.stat().st_size != shard["bytes"]:
-        return f"{path.stat().st_size} bytes, its record says {shard['bytes']}"
-    if sha256_of(path) != shard["sha256"]:
-        return "its sha256 differs from its record (changed or damaged)"
-    return None
+def other_settings(params: dict, reference: dict) -> list[str]:
+    """The encoding settings in which two builds of one split differ (they must not)."""
+    return [k for k in ENCODING if params.get(k) != reference.get(k)]
 
 
 def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True) -> dict:
@@ -145,7 +132,7 @@ def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True)
                 owner[video] = index
         shards = [(index, shard) for index, record in enumerate(parts) for shard in record["shards"]]
         for index, shard in tqdm(shards, desc=f"merge {split}", unit="shard", disable=not progress, file=sys.stderr):
-            problem = damage(out, shard)
+            problem = shard_damage(out, shard)
             if problem is not None:
                 raise UserError(f"{out / shard['path']}: {problem}; build part {index}/{count} again (remove "
                                 f"{record_path(out, split, index)} first); nothing merged")
@@ -188,7 +175,7 @@ def _complete_parts(out: Path, split: str) -> list[dict]:
                         f"{out / PARTS}/); nothing merged")
     first = by_index[0]["params"]
     for index in range(1, count):
-        differ = [k for k in ENCODING if by_index[index]["params"].get(k) != first.get(k)]
+        differ = other_settings(by_index[index]["params"], first)
         if differ:
             raise UserError(f"{record_path(out, split, index)}: built with another {', '.join(differ)} than part 0; "
                             "build every part with the same settings; nothing merged")

@@ -43,10 +43,9 @@ from tqdm import tqdm
 from vmr.data.annotations import FORMATS, Skip, check_query, read_annotations
 from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
 from vmr.data.parts import (
-    ENCODING,
     PARTS,
-    damage,
     merge_when_complete,
+    other_settings,
     parse_part,
     part_from_env,
     part_name,
@@ -55,7 +54,7 @@ from vmr.data.parts import (
     record_path,
 )
 from vmr.data.prepare import MAX_REENCODE_FPS, EncodeParams, VideoTask, prepare_star
-from vmr.data.tars import ShardWriter, sanitise_key
+from vmr.data.tars import ShardWriter, sanitise_key, shard_damage
 from vmr.errors import UserError, out_of_space
 from vmr.io import LOCK, FolderLock, confined, field, read_json, write_text_atomic
 
@@ -138,12 +137,12 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
     with FolderLock(out, f"vmr shards build --split {split} --part {index}/{count}", name=f"{LOCK}-{name}"):
         record = read_record(path, out) if path.exists() else None
         if record is not None and not overwrite and record["parts"] == count:
-            differ = [k for k in ENCODING if record["params"].get(k) != params_json.get(k)]
+            differ = other_settings(record["params"], params_json)
             if differ:
                 raise UserError(f"{path}: part {index}/{count} was built with another {', '.join(differ)}; pass "
                                 "--overwrite to build it again with these settings")
         if record is not None and not overwrite and record["parts"] == count and \
-                not any(damage(out, s) for s in record["shards"]):
+                not any(shard_damage(out, s) for s in record["shards"]):
             print(f"part {index}/{count} of split {split!r} is built already ({path}); nothing to do", file=sys.stderr)
         else:
             manifest = claim(out, "videos", None, overwrite)  # a folder of feature shards is refused

@@ -35,6 +35,19 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_damage(folder: Path, shard: dict) -> str | None:
+    """What is wrong with a finished shard against its entry (gone, another size, another
+    sha256), or None: what a resume or a merge trusts before it skips the work."""
+    path = Path(folder) / shard["path"]
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != shard["bytes"]:
+        return f"{path.stat().st_size} bytes, its record says {shard['bytes']}"
+    if sha256_of(path) != shard["sha256"]:
+        return "its sha256 differs from its record (changed or damaged)"
+    return None
+
+
 class TarShard:
     """One shard ``folder/name`` written under a temporary name (``.name.tmp-<pid>``); ``close``
     renames it into place and returns ``{"path", "samples", "queries", "bytes", "sha256"}``,
