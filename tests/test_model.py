@@ -330,7 +330,8 @@ def test_padding_queries_and_frames_change_no_loss(shard_dir):
     cut = dict(batch)
     for key in ("videos", "frame_mask", "frame_times"):
         cut[key] = batch[key][:, :t]
-    for key in ("text_ids", "text_mask", "moments", "moment_mask", "moment_frames", "has_saliency", "video_index"):
+    for key in ("text_ids", "text_mask", "moments", "moment_mask", "moment_frames", "has_saliency", "has_moments",
+                "video_index"):
         cut[key] = batch[key][:q]
     for key in ("relevance", "saliency"):
         cut[key] = batch[key][:q, :t]

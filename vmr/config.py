@@ -115,7 +115,10 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last K checkpoints are kept
     eval_every: int = 500  # steps between validations (and one at the end); needs data.val_shards
     eval_batch_size: int = 8
-    best_metric: str = "MR-full-R1@0.5"  # a key of the metrics' "brief" section; higher is better
+    # How validation scores (vmr/eval/metrics.py): the benchmark's own protocol
+    eval_protocol: Literal["qvhighlights", "charades", "activitynet", "tacos", "tvsum",
+                           "youtube_highlights"] = "qvhighlights"
+    best_metric: str = "MR-full-R1@0.5"  # a key of that protocol's "brief" section; higher is better
     log_every: int = 10  # steps between TensorBoard scalars
     max_nonfinite_steps: int = 5  # non-finite losses in a row before the run stops
     # torch.compile of the model (inductor, fixed shapes): the first steps compile (minutes), later

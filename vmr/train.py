@@ -21,7 +21,7 @@ from pathlib import Path
 
 from vmr.config import Config, load_config, save_config
 from vmr.errors import UserError
-from vmr.eval.metrics import BRIEF_KEYS
+from vmr.eval.metrics import brief_keys
 from vmr.io import first_line
 from vmr.runtime import (
     compute_threads,
@@ -102,8 +102,9 @@ def train(cfg: Config, resume: str | None = None) -> dict | None:
     t = cfg.train
     if not cfg.data.train_shards:
         raise UserError("data.train_shards is empty: give the training shards (folder, glob or URLs)")
-    if t.best_metric not in BRIEF_KEYS:
-        raise UserError(f"train.best_metric: {t.best_metric!r} is not one of {', '.join(BRIEF_KEYS)}")
+    if t.best_metric not in brief_keys(t.eval_protocol):
+        raise UserError(f"train.best_metric: {t.best_metric!r} is not one of {', '.join(brief_keys(t.eval_protocol))} "
+                        f"(the brief of train.eval_protocol {t.eval_protocol})")
     with process_group_scope():  # released once the accelerator below is gone: it holds the group
         return _on_accelerator(cfg, resume)
 
@@ -401,7 +402,7 @@ def validate(accelerator, model, cfg: Config, step: int, tracker, zero3: bool) -
         raise nothing_read(cfg.data.val_shards, bad, reason)
     if not accelerator.is_main_process:
         return None
-    metrics, _ = evaluate(predictions, truth, allow_missing=True)
+    metrics, _ = evaluate(predictions, truth, cfg.train.eval_protocol, allow_missing=True)
     values = {f"val/{k}": v for k, v in metrics["brief"].items() if isinstance(v, float) and math.isfinite(v)}
     values["val/skipped_videos"] = bad
     accelerator.log(values, step=step)
@@ -411,8 +412,9 @@ def validate(accelerator, model, cfg: Config, step: int, tracker, zero3: bool) -
         image = scores_figure(predictions[: cfg.train.figure_queries], truth[: cfg.train.figure_queries])
         tracker.log_images({"val/clip_scores": image[None]}, step=step, dataformats="NHWC")
     brief = metrics["brief"]
-    tqdm.write(f"step {step}: " + ", ".join(f"{k} {brief[k]:.2f}" for k in ("MR-full-R1@0.5", "MR-full-R1@0.7",
-                                                                          "MR-full-mAP") if k in brief))
+    shown = [cfg.train.best_metric, *(k for k in ("MR-full-R1@0.7", "MR-full-mAP", "R1@0.7", "mIoU")
+                                      if k != cfg.train.best_metric)]
+    tqdm.write(f"step {step}: " + ", ".join(f"{k} {brief[k]:.2f}" for k in shown if k in brief))
     return metrics
 
 

@@ -10,6 +10,16 @@
   and travels with the query into the shards, so ``vmr eval --group-by`` can break metrics down by it.
 - Charades-STA text: ``VIDEO START END##sentence`` per line, seconds. The qid is
   ``<file stem>:<line number>`` since the format has none.
+- ActivityNet Captions JSON (``train.json``, ``val_1.json``, ``val_2.json``): one object
+  ``{video_id: {"duration", "timestamps": [[s, e], ...], "sentences": [...]}}``, seconds. The qid
+  is ``<video_id>_<sentence index>``; an end past the annotated duration is cut to it.
+- TACoS JSON as the grounding repositories ship it: ``{"s30-d52.avi": {"timestamps": [[s, e],
+  ...], "sentences", "fps", "num_frames"}}``, timestamps in frames, made seconds with the file's
+  own ``fps`` (which need not be whole); the qid is ``<video_id>_<sentence index>``.
+- Highlight-detection JSONL (TVSum, YouTube Highlights): ``{"qid", "query", "vid", "duration"?,
+  "label": [...], "domain"?, ...}`` per line, no moment windows: ``label`` holds one entry per
+  2-second clip, a score or one score per annotator (TVSum: 20 annotators, 1-5; YouTube
+  Highlights: one, 0/1 or -1/1). Its other fields (``domain``) are kept as tags, as for QVHighlights.
 
 A file that cannot be read as its format is a UserError naming it; a single malformed line or
 row is returned as a skip (``Skip``) with a reason naming the file and line, and reading goes on.
@@ -26,7 +36,11 @@ from pathlib import Path
 from vmr.errors import UserError
 from vmr.spans import QVH_CLIP_SECONDS, frames_to_seconds
 
-FORMATS = ("seed", "qvhighlights", "charades")
+FORMATS = ("seed", "qvhighlights", "charades", "activitynet", "tacos", "highlights")
+KNOWN_LAYOUTS = ("seed JSON array, QVHighlights JSONL, Charades-STA 'VIDEO START END##sentence' lines, "
+                 "ActivityNet Captions JSON {video: {duration, timestamps, sentences}}, TACoS JSON {video: "
+                 "{timestamps in frames, sentences, fps, num_frames}}, highlight-detection JSONL (TVSum, "
+                 "YouTube Highlights: label per clip, domain)")
 VIDEO_EXTENSIONS = ("mp4", "mkv", "avi", "mov", "webm")
 _CHARADES_LINE = re.compile(r"^(\S+)\s+(\S+)\s+(\S+)\s*##(.*)$")
 
@@ -38,7 +52,9 @@ class QueryRecord:
     query: str
     moments: list[tuple[float, float]]  # seconds, or frame indices (end inclusive) when unit == "frames"
     unit: str = "seconds"
-    saliency: dict | None = None  # {"clip_seconds", "clip_ids", "scores"} when the data has it
+    # {"clip_seconds", "clip_ids", "scores"} (QVHighlights, scores 0-4) or {"clip_seconds", "label"}
+    # (highlight detection: one row of annotator scores per clip, any scale) when the data has it
+    saliency: dict | None = None
     video_file: str | None = None  # a file name given by the annotation (seed format)
     source: str = ""  # "file:line" for messages
     tags: dict = field(default_factory=dict)  # the annotation's own extra fields, kept as given
@@ -66,7 +82,9 @@ class Skip:
 
 
 def detect_format(path: Path) -> str:
-    """Tell the format from the content: a JSON array is seed, JSON lines are QVHighlights,
+    """Tell the format from the content: a JSON array is seed; one JSON object of videos is
+    ActivityNet Captions (or TACoS when its videos carry an ``fps``); JSON lines are QVHighlights
+    (or highlight detection when the first has a ``label`` and no ``relevant_windows``);
     ``VIDEO START END##sentence`` lines are Charades-STA."""
     text = _read_text(path)
     stripped = text.lstrip()
@@ -75,15 +93,28 @@ def detect_format(path: Path) -> str:
             raise UserError(f"{path}: holds one JSON array, but a .jsonl file holds one JSON object per line "
                             "(QVHighlights); rename it .json if it is seed-format, or write one object per line")
         return "seed"
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    if first.lstrip().startswith("{"):
+    if stripped.startswith("{"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:  # several objects: JSON lines
+            whole = None
+        if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
+            if all("timestamps" in v for v in whole.values()):
+                return "tacos" if any("fps" in v for v in whole.values()) else "activitynet"
+            raise UserError(f"{path}: a JSON object of videos, but not every video has 'timestamps'; "
+                            f"vmr reads: {KNOWN_LAYOUTS}; pass --format to read it as one of them")
+        first = next(line for line in text.splitlines() if line.strip())
+        try:
+            row = json.loads(first)
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "label" in row and "relevant_windows" not in row:
+            return "highlights"
         return "qvhighlights"
+    first = next((line for line in text.splitlines() if line.strip()), "")
     if _CHARADES_LINE.match(first.strip()):
         return "charades"
-    raise UserError(
-        f"{path}: cannot tell the annotation format (not a seed JSON array, QVHighlights JSONL or "
-        f"Charades-STA 'VIDEO START END##sentence' lines); pass --format"
-    )
+    raise UserError(f"{path}: cannot tell the annotation format; vmr reads: {KNOWN_LAYOUTS}; pass --format")
 
 
 def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[QueryRecord], list[Skip]]:
@@ -93,7 +124,9 @@ def read_annotations(path: Path, fmt: str = "auto") -> tuple[list[QueryRecord], 
         fmt = detect_format(path)
     if fmt not in FORMATS:
         raise UserError(f"unknown annotation format {fmt!r}; expected one of auto, {', '.join(FORMATS)}")
-    records, skips = {"seed": _read_seed, "qvhighlights": _read_qvhighlights, "charades": _read_charades}[fmt](path)
+    readers = {"seed": _read_seed, "qvhighlights": _read_qvhighlights, "charades": _read_charades,
+               "activitynet": _read_activitynet, "tacos": _read_tacos, "highlights": _read_highlights}
+    records, skips = readers[fmt](path)
     if not records:
         more = f" (and {len(skips) - 1} more like it)" if len(skips) > 1 else ""
         raise UserError(skips[0].reason + more if skips else f"{path}: no annotations in this file")
@@ -181,17 +214,27 @@ def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
     return list(records.values()), skips
 
 
-def _window(value) -> tuple[float, float]:
+def _window(value, key: str = "relevant_windows") -> tuple[float, float]:
     if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise TypeError(f"relevant_windows entry {value!r} is not [start, end] in seconds"[:160])
+        raise TypeError(f"{key} entry {value!r} is not [start, end]"[:160])
     return float(value[0]), float(value[1])
 
 
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{key} must be a finite number, got {value!r}"[:160])
+    return float(value)
+
+
 QVH_FIELDS = ("qid", "query", "vid", "duration", "relevant_windows", "relevant_clip_ids", "saliency_scores")
+HIGHLIGHT_FIELDS = ("qid", "query", "vid", "duration", "label", "relevant_windows")
 
 
-def _read_qvhighlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+def _read_lines(path: Path, parse, known: tuple[str, ...]) -> tuple[list[QueryRecord], list[Skip]]:
+    """A JSON-lines file: ``parse(row, where)`` makes each object a record; a line that is not JSON,
+    or that ``parse`` refuses (KeyError, TypeError, ValueError), is a skip naming the file and line.
+    The row's fields outside ``known`` are kept as the record's tags."""
     records, skips = [], []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
@@ -201,23 +244,130 @@ def _read_qvhighlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             if not records and not skips:
-                raise UserError(f"{where}: not a JSON line; is this a QVHighlights JSONL file?") from None
+                raise UserError(f"{where}: not a JSON line; is this a JSON-lines file?") from None
             skips.append(Skip("?", f"{where}: not a JSON line"))
             continue
         try:
             if not isinstance(row, dict):
                 raise TypeError(f"a line must be an object, got {row!r}"[:120])
-            windows = [_window(w) for w in row["relevant_windows"]]
-            record = QueryRecord(_id(row["qid"], "qid"), str(_id(row["vid"], "vid")),
-                                 _text(row["query"], "query"), windows, source=where)
-            record.saliency = _saliency(row)
+            record = parse(row, where)
         except (KeyError, TypeError, ValueError) as error:
             video = str(row.get("vid", "?")) if isinstance(row, dict) else "?"
             qid = row.get("qid") if isinstance(row, dict) and isinstance(row.get("qid"), (int, str)) else None
             skips.append(Skip(video, f"{where}: malformed line ({type(error).__name__}: {error})", qid=qid))
             continue
-        record.tags = {k: v for k, v in row.items() if k not in QVH_FIELDS}
+        record.tags = {k: v for k, v in row.items() if k not in known}
         records.append(record)
+    return records, skips
+
+
+def _qvhighlights_row(row: dict, where: str) -> QueryRecord:
+    windows = [_window(w) for w in row["relevant_windows"]]
+    record = QueryRecord(_id(row["qid"], "qid"), str(_id(row["vid"], "vid")), _text(row["query"], "query"),
+                         windows, source=where)
+    record.saliency = _saliency(row)
+    return record
+
+
+def _read_qvhighlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    return _read_lines(path, _qvhighlights_row, QVH_FIELDS)
+
+
+def _clip_labels(value) -> list[list[float]]:
+    """A highlight ``label``: one entry per 2-second clip, a score or a list of annotator scores
+    (every clip the same number of them), as rows of floats."""
+    if not isinstance(value, list) or not value:
+        raise TypeError(f"label must be a non-empty list with one entry per clip, got {value!r}"[:160])
+    rows = [[_number(v, "label score") for v in (entry if isinstance(entry, list) else [entry])] for entry in value]
+    if not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        raise TypeError(f"label: every clip needs the same number of annotator scores (clip 0 has {len(rows[0])})")
+    return rows
+
+
+def _highlights_row(row: dict, where: str) -> QueryRecord:
+    windows = [_window(w) for w in row.get("relevant_windows") or []]
+    record = QueryRecord(_id(row["qid"], "qid"), str(_id(row["vid"], "vid")), _text(row["query"], "query"),
+                         windows, source=where)
+    record.saliency = {"clip_seconds": QVH_CLIP_SECONDS, "label": _clip_labels(row["label"])}
+    return record
+
+
+def _read_highlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    return _read_lines(path, _highlights_row, HIGHLIGHT_FIELDS)
+
+
+def _read_videos_object(path: Path, what: str) -> dict:
+    """ActivityNet Captions and TACoS files: one JSON object with an object per video."""
+    try:
+        videos = json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(videos, dict):
+        raise UserError(f"{path}: a {what} file holds one JSON object, {{video: {{...}}}}, got {type(videos).__name__}")
+    return videos
+
+
+def _sentences(path: Path, video: str, entry, scale: float, duration: float | None,
+               records: list, skips: list) -> None:
+    """One video's ``timestamps`` (seconds times ``scale``) and ``sentences`` -> one record each;
+    a moment's end past ``duration`` (the file's own length of the video) is cut to it."""
+    where = f"{path}: video {video}"
+    video_id = _strip_extension(video)
+    try:
+        if not isinstance(entry, dict):
+            raise TypeError(f"a video's entry must be an object, got {entry!r}"[:120])
+        stamps, sentences = entry["timestamps"], entry["sentences"]
+        if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
+            raise ValueError(f"timestamps and sentences must be lists of the same length, got "
+                             f"{len(stamps) if isinstance(stamps, list) else stamps!r} and "
+                             f"{len(sentences) if isinstance(sentences, list) else sentences!r}"[:160])
+    except (KeyError, TypeError, ValueError) as error:
+        skips.append(Skip(video_id, f"{where}: malformed entry ({type(error).__name__}: {error})", what="video"))
+        return
+    for i, (stamp, sentence) in enumerate(zip(stamps, sentences, strict=True)):
+        source = f"{where} sentence {i}"
+        try:
+            start, end = (v * scale for v in _window(stamp, "timestamps"))
+            query = _text(sentence, "sentence")
+        except (TypeError, ValueError) as error:
+            skips.append(Skip(video_id, f"{source}: malformed ({type(error).__name__}: {error})", qid=f"{video_id}_{i}"))
+            continue
+        if duration is not None and start < duration < end:
+            end = duration
+        records.append(QueryRecord(f"{video_id}_{i}", video_id, query, [(start, end)], source=source,
+                                   video_file=video if video != video_id else None))
+
+
+def _read_activitynet(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    records, skips = [], []
+    for video, entry in _read_videos_object(path, "ActivityNet Captions").items():
+        duration = entry.get("duration") if isinstance(entry, dict) else None
+        if duration is not None:
+            try:
+                duration = _number(duration, "duration")
+            except TypeError as error:
+                skips.append(Skip(str(video), f"{path}: video {video}: {error}", what="video"))
+                continue
+        _sentences(path, str(video), entry, 1.0, duration, records, skips)
+    return records, skips
+
+
+def _read_tacos(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    records, skips = [], []
+    for video, entry in _read_videos_object(path, "TACoS").items():
+        try:
+            if not isinstance(entry, dict):
+                raise TypeError(f"a video's entry must be an object, got {entry!r}"[:120])
+            fps = _number(entry["fps"], "fps")
+            if fps <= 0:
+                raise ValueError(f"fps must be positive, got {fps:g}")
+            frames = entry.get("num_frames")
+            duration = None if frames is None else _number(frames, "num_frames") / fps
+        except (KeyError, TypeError, ValueError) as error:
+            skips.append(Skip(_strip_extension(str(video)), f"{path}: video {video}: malformed entry "
+                                                            f"({type(error).__name__}: {error})", what="video"))
+            continue
+        _sentences(path, str(video), entry, 1.0 / fps, duration, records, skips)
     return records, skips
 
 
@@ -246,8 +396,8 @@ def check_query(record: QueryRecord) -> str | None:
     sign of its moments (moments against the video's length are checked once it is probed)."""
     if not record.query.strip():
         return f"{record.source}: empty query"
-    if not record.moments:
-        return f"{record.source}: no moments"
+    if not record.moments and not (record.saliency and "label" in record.saliency):
+        return f"{record.source}: no moments (and no highlight label)"
     for start, end in record.moments:
         if not (math.isfinite(start) and math.isfinite(end)):
             return f"{record.source}: moment [{start}, {end}] is not finite"

@@ -20,6 +20,9 @@ moments per query):
   moment_frames long  (q, m, 2)        first and last frame index of each moment inside the window
   relevance     float (q, t)           1 where the frame's time is inside a moment
   saliency      float (q, t)           annotator score / 4 of the frame's 2-second clip; has_saliency (q,)
+                                       (a highlight label's scores scaled to [0, 1]: decode.frame_saliency)
+  has_moments   bool  (q,)             the query has moments somewhere in its video: False for highlight
+                                       detection data, which trains the saliency head alone
   video_index   long  (q,)             which video of the batch a query belongs to
   frames        int                    the number of valid frames (a plain number: no device read)
   query_mask    bool  (q,)             False on padding queries (training batches have fixed
@@ -91,7 +94,7 @@ class Collator:
         moment_frames = [[[0, 0]] * n_moments for _ in range(n_queries)]
         moment_mask = [[False] * n_moments for _ in range(n_queries)]
         relevance, saliency = [[0.0] * t for _ in range(n_queries)], [[0.0] * t for _ in range(n_queries)]
-        has_saliency = [False] * n_queries
+        has_saliency, has_moments = [False] * n_queries, [False] * n_queries
         for i, item in enumerate(items):
             n = len(item["times"])
             videos[i, :n] = item["frames"]
@@ -100,6 +103,7 @@ class Collator:
         for j, (i, q) in enumerate(queries):
             rel, spans = frame_targets(q["moments"], items[i]["times"])
             relevance[j][: len(rel)] = rel
+            has_moments[j] = bool(q["video_moments"])
             for k, (moment, span) in enumerate(zip(q["moments"], spans, strict=True)):
                 moments[j][k], moment_frames[j][k], moment_mask[j][k] = list(moment), list(span), True
             if q["saliency"] is not None:
@@ -111,6 +115,7 @@ class Collator:
         moment_mask = torch.tensor(moment_mask, dtype=torch.bool)
         relevance, saliency = torch.tensor(relevance), torch.tensor(saliency)
         has_saliency = torch.tensor(has_saliency, dtype=torch.bool)
+        has_moments = torch.tensor(has_moments, dtype=torch.bool)
         query_mask = torch.arange(n_queries) < len(queries)
         sentences = [q["query"] for _, q in queries] + [""] * (n_queries - len(queries))
         text = self.tokenizer(sentences, padding="max_length" if shape is not None else True, truncation=True,
@@ -134,6 +139,7 @@ class Collator:
             "text_ids": text["input_ids"], "text_mask": text["attention_mask"].bool(),
             "moments": moments, "moment_mask": moment_mask, "moment_frames": moment_frames,
             "relevance": relevance, "saliency": saliency, "has_saliency": has_saliency,
+            "has_moments": has_moments,
             "video_index": torch.tensor([i for i, _ in queries] + [0] * (n_queries - len(queries)), dtype=torch.long),
             "query_mask": query_mask,
             "frames": sum(len(item["times"]) for item in items),  # valid frames, counted on the host
@@ -157,6 +163,8 @@ def ground_truth_row(item: dict, query: dict) -> dict:
     row = {**query.get("tags", {}), "qid": query["qid"], "query": query["query"], "vid": item["video_id"],
            "duration": item["video_duration"], "relevant_windows": [list(m) for m in query["video_moments"]]}
     saliency = query.get("clip_saliency")
-    if saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
+    if saliency and "label" in saliency:  # highlight detection: the label as its protocols read it
+        row["label"] = [list(r) for r in saliency["label"]]
+    elif saliency and saliency.get("clip_seconds", QVH_CLIP_SECONDS) == QVH_CLIP_SECONDS:
         row["relevant_clip_ids"], row["saliency_scores"] = list(saliency["clip_ids"]), list(saliency["scores"])
     return row

@@ -34,12 +34,20 @@ from vmr.data.video import (
 from vmr.spans import QVH_CLIP_SECONDS
 
 
-def _qvh_saliency(saliency: dict | None, times: list[float]) -> list[float] | None:
-    """Per-frame saliency in [0, 1]: the mean annotator score (0-4) of the frame's clip, / 4."""
+def frame_saliency(saliency: dict | None, times: list[float]) -> list[float] | None:
+    """Per-frame saliency in [0, 1] from the frame's clip: QVHighlights' mean annotator score (0-4)
+    / 4, 0 outside its relevant clips; a highlight ``label``'s mean annotator score, scaled by the
+    query's own lowest and highest (TVSum's 1-5 and YouTube Highlights' -1/1 alike; only the order
+    of frames matters to the ranking loss)."""
     if not saliency:
         return None
-    by_clip = {c: sum(s) / len(s) / 4.0 for c, s in zip(saliency["clip_ids"], saliency["scores"], strict=False)}
     clip = saliency.get("clip_seconds", QVH_CLIP_SECONDS)
+    if "label" in saliency:
+        means = [sum(row) / len(row) for row in saliency["label"]]
+        low, high = min(means), max(means)
+        by_clip = dict(enumerate((m - low) / (high - low) if high > low else 0.0 for m in means))
+    else:
+        by_clip = {c: sum(s) / len(s) / 4.0 for c, s in zip(saliency["clip_ids"], saliency["scores"], strict=False)}
     return [by_clip.get(int(t // clip), 0.0) for t in times]
 
 
@@ -51,30 +59,36 @@ def _swap_left_right(text: str) -> str:
 
 def _choose_queries(queries: list[dict], k: int, length: float, rng: random.Random) -> list[dict]:
     """Up to ``k`` queries at random, each one added only while the hull of all their windows still
-    fits in ``length`` seconds (one training window), so that one window can hold them all."""
+    fits in ``length`` seconds (one training window), so that one window can hold them all. A query
+    without windows (highlight detection) fits anywhere."""
     order = rng.sample(queries, len(queries))
-    chosen, lo, hi = [order[0]], *_hull([order[0]])
+    chosen, hull = [order[0]], _hull([order[0]])
     for q in order[1:]:
         if len(chosen) == k:
             break
-        q_lo, q_hi = _hull([q])
-        if max(hi, q_hi) - min(lo, q_lo) <= length:
+        grown = _hull([*chosen, q])
+        if grown is None or hull is None or grown[1] - grown[0] <= length:
             chosen.append(q)
-            lo, hi = min(lo, q_lo), max(hi, q_hi)
+            hull = grown
     return chosen
 
 
 def _training_window(queries: list[dict], duration: float, data: DataConfig, rng: random.Random):
     """The queries one training step trains on a video and the part of it shown: at most
-    ``data.queries_per_video``, whose moments fit one window, and the span (``training_span``)."""
+    ``data.queries_per_video``, whose moments fit one window, and the span (``training_span``:
+    anywhere in the video when none of them has a moment)."""
     length = data.sampling.window / data.sampling.fps
     if len(queries) > data.queries_per_video or duration > length:
         queries = _choose_queries(queries, data.queries_per_video, length, rng)
     return queries, training_span(duration, _hull(queries), data.sampling, rng, crop=data.temporal_crop)
 
 
-def _hull(queries: list[dict]) -> tuple[float, float]:
-    return min(s for q in queries for s, _ in q["windows"]), max(e for q in queries for _, e in q["windows"])
+def _hull(queries: list[dict]) -> tuple[float, float] | None:
+    """The span from the first moment of these queries to the last; None when they have none."""
+    windows = [w for q in queries for w in q["windows"]]
+    if not windows:
+        return None
+    return min(s for s, _ in windows), max(e for _, e in windows)
 
 
 def window_item(meta: dict, key: str, frames, pts: list[float], span: tuple[float, float], own: tuple[int, int],
@@ -89,7 +103,7 @@ def window_item(meta: dict, key: str, frames, pts: list[float], span: tuple[floa
             "query": _swap_left_right(q["query"]) if flip else q["query"],
             "moments": [(s, e) for s, e in moments if e > s],  # none left: the query is a negative here
             "video_moments": [tuple(m) for m in q["windows"]],
-            "saliency": _qvh_saliency(q.get("saliency"), pts),
+            "saliency": frame_saliency(q.get("saliency"), pts),
             "clip_saliency": q.get("saliency"),
             "tags": q.get("tags", {}),
         })

@@ -93,6 +93,12 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
             skips.append(Skip(task.video_id, f"{record.source}: window [{bad[0]:g}, {bad[1]:g}] is outside "
                                              f"the video (0 to {source.duration:.3f} s)", qid=record.qid))
             continue
+        labels = (record.saliency or {}).get("label")
+        if labels is not None and (len(labels) - 1) * record.saliency["clip_seconds"] > source.duration + tolerance:
+            skips.append(Skip(task.video_id, f"{record.source}: label has {len(labels)} clips of "
+                                             f"{record.saliency['clip_seconds']:g} s, more than the video's "
+                                             f"{source.duration:.3f} s", qid=record.qid))
+            continue
         # Within tolerance of the end: clip to the stored video's real length.
         windows = [(s, min(e, stored.duration)) for s, e in windows]
         if any(e <= s for s, e in windows):

@@ -10,8 +10,15 @@ Imports nothing from the model or data code, so it can score any predictions fil
   mAP of ``pred_saliency_scores`` against the 2-second clip scores binarised at Fair (2), Good (3)
   and VeryGood (4), the best of 3 annotators for HIT@1 and the mean for mAP. Percent, 2 decimals,
   and the official key names and layout.
-- Charades-STA / ActivityNet Captions: R@1 and R@5 at IoU 0.3, 0.5, 0.7 and mean IoU of the first
-  window, in percent.
+- Charades-STA, ActivityNet Captions, TACoS (the grounding protocols): R@1 and R@5 at IoU 0.3, 0.5,
+  0.7 (TACoS also 0.1) and the mean IoU of the first window, in percent.
+- TVSum (the protocol of UMT and the highlight papers since): per video and annotator, clips scoring
+  above that annotator's median are positive; the 5 best-predicted clips are ranked and their
+  average precision taken with trapezoidal interpolation (0 when none of the 5 is positive); the
+  mean over annotators, then over the videos of each domain, then over domains ("top-5 mAP").
+- YouTube Highlights: per video, clips labelled above 0 are positive; average precision of the whole
+  ranking, trapezoidal as above (0 without positives); the mean over each domain's videos, then
+  over domains.
 - (vmr/eval/report.py: the same metrics by group of queries, and the leaderboard table.)
 - ``compute_comprehensive_metrics``: clip-level ranking metrics (Recall@K, mAP, temporal
   consistency, temporal IoU) on per-clip scores.
@@ -37,10 +44,23 @@ LENGTH_RANGES = {"short": (0, 10), "middle": (10, 30), "long": (30, 150), "full"
 HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}
 MAX_PRED_WINDOWS = 10  # mAP uses the top 10 predicted windows of each query
 CHARADES_IOUS = (0.3, 0.5, 0.7)
+GROUNDING_IOUS = {"charades": CHARADES_IOUS, "activitynet": CHARADES_IOUS, "tacos": (0.1, *CHARADES_IOUS)}
+HIGHLIGHT_PROTOCOLS = ("tvsum", "youtube_highlights")
+PROTOCOLS = ("qvhighlights", *GROUNDING_IOUS, *HIGHLIGHT_PROTOCOLS)
+TVSUM_TOP = 5  # TVSum ranks only the 5 best-predicted clips of a video
 # What the "brief" section of a QVHighlights metrics JSON can hold (e.g. train.best_metric).
 BRIEF_KEYS = ("MR-full-R1@0.5", "MR-full-R1@0.7", "MR-full-mAP", "MR-full-mAP@0.5", "MR-full-mAP@0.75",
               "MR-short-mAP", "MR-middle-mAP", "MR-long-mAP",
               *(f"HL-min-{level}-{m}" for level in ("Fair", "Good", "VeryGood") for m in ("mAP", "Hit1")))
+
+
+def brief_keys(protocol: str) -> tuple[str, ...]:
+    """What the "brief" section of a protocol's metrics holds (``train.best_metric`` is one of them)."""
+    if protocol in GROUNDING_IOUS:
+        return (*(f"R{k}@{t}" for k in (1, 5) for t in GROUNDING_IOUS[protocol]), "mIoU")
+    if protocol in HIGHLIGHT_PROTOCOLS:
+        return ("HL-mAP",)
+    return BRIEF_KEYS
 
 
 class BadInput(ValueError):
@@ -140,11 +160,26 @@ def _check_window(window, qid, key: str, with_score: bool) -> list[float]:
     return values
 
 
-def match_predictions(predictions: list[dict], ground_truth: list[dict], allow_missing: bool = False):
+def _check_label(row: dict) -> list[list[float]]:
+    """A highlight-detection ground truth's ``label``: one score, or one per annotator, per clip."""
+    qid, label = row["qid"], row.get("label")
+    if not isinstance(label, list) or not label:
+        hint = " (is this highlight-detection ground truth?)" if "relevant_windows" in row else ""
+        raise BadInput(f"qid {qid}: the ground truth has no 'label' with one entry per clip{hint}")
+    rows = [_finite_numbers(entry if isinstance(entry, list) else [entry], qid, "label") for entry in label]
+    if not rows[0] or any(len(r) != len(rows[0]) for r in rows):
+        raise BadInput(f"qid {qid}: label must give every clip the same number of annotator scores")
+    return rows
+
+
+def match_predictions(predictions: list[dict], ground_truth: list[dict], allow_missing: bool = False,
+                      protocol: str = "qvhighlights"):
     """Validated copies keyed by qid, in ground-truth order, and the number of missing predictions.
 
-    Duplicate or unknown qids and malformed windows are errors naming the qid. A ground-truth qid
-    without a prediction is an error, or with ``allow_missing`` an empty prediction (it scores 0)."""
+    Duplicate or unknown qids and malformed windows are errors naming the qid; so is ground truth
+    without what the protocol scores (windows, or a highlight ``label``). A ground-truth qid without
+    a prediction is an error, or with ``allow_missing`` an empty prediction (it scores 0)."""
+    highlights = protocol in HIGHLIGHT_PROTOCOLS
     gt: dict = OrderedDict()
     for row in [*ground_truth, *predictions]:
         if not isinstance(row, dict) or isinstance(row.get("qid"), bool) or not isinstance(row.get("qid"), (int, str)):
@@ -154,8 +189,12 @@ def match_predictions(predictions: list[dict], ground_truth: list[dict], allow_m
         if qid in gt:
             raise BadInput(f"qid {qid}: appears twice in the ground truth")
         windows = [_check_window(w, qid, "relevant_windows", False) for w in row.get("relevant_windows") or []]
+        if highlights:
+            gt[qid] = {**_check_truth_row(row), "relevant_windows": windows, "label": _check_label(row)}
+            continue
         if not windows:
-            raise BadInput(f"qid {qid}: the ground truth has no relevant_windows")
+            hint = f" (highlight detection: --protocol {' or '.join(HIGHLIGHT_PROTOCOLS)})" if "label" in row else ""
+            raise BadInput(f"qid {qid}: the ground truth has no relevant_windows{hint}")
         gt[qid] = {**_check_truth_row(row), "relevant_windows": windows}
     preds: dict = {}
     for row in predictions:
@@ -169,6 +208,8 @@ def match_predictions(predictions: list[dict], ground_truth: list[dict], allow_m
         saliency = row.get("pred_saliency_scores")
         if saliency is not None:
             saliency = _finite_numbers(saliency, qid, "pred_saliency_scores")
+        elif highlights:
+            raise BadInput(f"qid {qid}: no pred_saliency_scores, the clip scores {protocol} ranks")
         preds[qid] = {**row, "pred_relevant_windows": windows, "pred_saliency_scores": saliency}
     missing = [qid for qid in gt if qid not in preds]
     if missing and not allow_missing:
@@ -320,12 +361,12 @@ def qvhighlights(gt: dict, preds: dict) -> OrderedDict:
     return out
 
 
-# ----- Charades-STA / ActivityNet Captions -----------------------------------------------------------
+# ----- Charades-STA, ActivityNet Captions, TACoS ------------------------------------------------------
 
 
-def charades(gt: dict, preds: dict) -> OrderedDict:
-    """``R1@0.3`` ... ``R5@0.7`` and ``mIoU`` in percent; a hit is any of the first K windows with
-    IoU >= the threshold against any ground-truth window."""
+def grounding(gt: dict, preds: dict, thresholds=CHARADES_IOUS) -> OrderedDict:
+    """``R1@t`` and ``R5@t`` for each IoU threshold and ``mIoU``, in percent; a hit is any of the
+    first K windows with IoU >= the threshold against any ground-truth window."""
     best_at = {1: [], 5: []}
     for qid, row in gt.items():
         windows = [w[:2] for w in preds[qid]["pred_relevant_windows"]]
@@ -334,10 +375,66 @@ def charades(gt: dict, preds: dict) -> OrderedDict:
             best_at[k].append(max(overlaps[:k]))
     out = OrderedDict()
     for k, values in best_at.items():
-        for threshold in CHARADES_IOUS:
+        for threshold in thresholds:
             out[f"R{k}@{threshold}"] = percent(np.mean(np.array(values) >= threshold))
     out["mIoU"] = percent(np.mean(best_at[1]))
     return out
+
+
+def charades(gt: dict, preds: dict) -> OrderedDict:
+    return grounding(gt, preds, CHARADES_IOUS)
+
+
+# ----- TVSum and YouTube Highlights ----------------------------------------------------------------
+
+
+def trapezoid_ap(ranked: list[float]) -> float:
+    """Average precision of 0/1 labels in ranked order, each step of recall weighted by the mean of
+    the precision before and after it (UMT's definition); 0 when nothing is positive."""
+    positives = sum(ranked)
+    if positives == 0:
+        return 0.0
+    hits = ap = recall = 0.0
+    precision = 1.0
+    for rank, label in enumerate(ranked, start=1):
+        hits += label
+        new_recall, new_precision = hits / positives, hits / rank
+        ap += (new_recall - recall) * (precision + new_precision) / 2
+        recall, precision = new_recall, new_precision
+    return ap
+
+
+def _ranked_clips(label: list[list[float]], scores) -> np.ndarray:
+    """Clip indices best-predicted first (ties by clip order); clips without a prediction come last."""
+    predicted = np.full(len(label), -np.inf)
+    given = np.asarray(scores or [], dtype=float)[: len(label)]
+    predicted[: len(given)] = given
+    return np.argsort(-predicted, kind="stable")
+
+
+def video_ap(label: list[list[float]], scores, protocol: str) -> float:
+    """One video's highlight AP: TVSum's top-5 mean over annotators, or YouTube Highlights' whole
+    ranking of the clips labelled above 0."""
+    order, table = _ranked_clips(label, scores), np.asarray(label, dtype=float)  # (clips, annotators)
+    if protocol == "tvsum":
+        aps = []
+        for column in table.T:
+            positive = (column > np.median(column)).astype(float)
+            aps.append(trapezoid_ap(positive[order][:TVSUM_TOP].tolist()))
+        return float(np.mean(aps))
+    return trapezoid_ap((table.mean(axis=1) > 0).astype(float)[order].tolist())
+
+
+def highlight_protocol(gt: dict, preds: dict, protocol: str) -> OrderedDict:
+    """``brief`` ``HL-mAP``: the mean over domains of each domain's mean video AP (``video_ap``);
+    ``domains``: each domain's mAP and number of videos. Rows without a ``domain`` form one."""
+    by_domain: dict[str, list[float]] = {}
+    for qid, row in gt.items():
+        domain = str(row.get("domain", "(none)"))
+        by_domain.setdefault(domain, []).append(video_ap(row["label"], preds[qid]["pred_saliency_scores"], protocol))
+    domains = OrderedDict((d, {"HL-mAP": percent(np.mean(v)), "videos": len(v)}) for d, v in sorted(by_domain.items()))
+    brief = OrderedDict([("HL-mAP", percent(np.mean([np.mean(v) for v in by_domain.values()])))])
+    return OrderedDict(brief=brief, domains=domains)
 
 
 # ----- the original project's clip-level metrics -----------------------------------------------------
@@ -400,13 +497,15 @@ def evaluate(predictions: list[dict], ground_truth: list[dict], protocol: str = 
              allow_missing: bool = False) -> tuple[OrderedDict, int]:
     """The protocol's metrics JSON (plus ``clip_level`` when per-clip scores exist) and the number of
     ground-truth queries without a prediction (non-zero only with ``allow_missing``)."""
-    gt, preds, missing = match_predictions(predictions, ground_truth, allow_missing)
+    if protocol not in PROTOCOLS:
+        raise BadInput(f"unknown protocol {protocol!r} ({', '.join(PROTOCOLS)})")
+    gt, preds, missing = match_predictions(predictions, ground_truth, allow_missing, protocol)
+    if protocol in HIGHLIGHT_PROTOCOLS:
+        return highlight_protocol(gt, preds, protocol), missing
     if protocol == "qvhighlights":
         metrics = qvhighlights(gt, preds)
-    elif protocol == "charades":
-        metrics = OrderedDict(brief=charades(gt, preds))
     else:
-        raise BadInput(f"unknown protocol {protocol!r} (qvhighlights, charades)")
+        metrics = OrderedDict(brief=grounding(gt, preds, GROUNDING_IOUS[protocol]))
     clips = clip_level(gt, preds)
     if clips is not None:
         metrics["clip_level"] = {k: percent(v) for k, v in clips.items()}

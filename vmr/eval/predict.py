@@ -17,7 +17,7 @@ from pathlib import Path
 from vmr.bundle import load_model, resolve_bundle
 from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
-from vmr.eval.metrics import BadInput, evaluate, load_jsonl
+from vmr.eval.metrics import PROTOCOLS, BadInput, evaluate, load_jsonl
 from vmr.eval.report import evaluate_groups, leaderboard
 from vmr.io import first_line, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
@@ -214,14 +214,18 @@ def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     files = p.add_argument_group("scoring a predictions file")
     files.add_argument("--predictions", help="predictions JSONL in the official QVHighlights schema")
-    files.add_argument("--ground-truth", help="ground truth: QVHighlights JSONL, or Charades-STA text")
+    files.add_argument("--ground-truth", help="ground truth in any annotation format vmr reads (QVHighlights or "
+                                              "highlight JSONL, Charades-STA text, ActivityNet Captions or TACoS "
+                                              "JSON); with --checkpoint, replaces the shards' own")
     model = p.add_argument_group("predicting with a trained model")
     model.add_argument("--checkpoint", help="an inference bundle, or a run directory (uses export_best/)")
     model.add_argument("--shards", nargs="+", help="shards to predict on (folder, glob, brace pattern or URLs)")
     model.add_argument("--predictions-out", help="write the predictions here (JSONL)")
     model.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
-    p.add_argument("--protocol", choices=["qvhighlights", "charades"], default="qvhighlights",
-                   help="qvhighlights: R1/mAP at IoU 0.5-0.95 + highlights; charades: R@1/R@5 at 0.3/0.5/0.7 + mIoU")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="qvhighlights",
+                   help="qvhighlights: R1/mAP at IoU 0.5-0.95 + highlights; charades, activitynet: R@1/R@5 at "
+                        "IoU 0.3/0.5/0.7 + mIoU; tacos: also at 0.1; tvsum: top-5 mAP per domain and their mean; "
+                        "youtube_highlights: mAP per domain and their mean (docs/evaluation.md)")
     p.add_argument("--allow-missing", action="store_true", help="score queries without a prediction as empty")
     p.add_argument("--group-by", metavar="FIELD[:EDGES]",
                    help="also score each group of queries sharing the value of this ground-truth field (a "
@@ -232,13 +236,13 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _read_ground_truth(path: str) -> list[dict]:
-    """QVHighlights JSONL as is; Charades-STA text and seed JSON through the annotation readers."""
+    """QVHighlights and highlight JSONL as they are; the other formats through the annotation readers."""
     from vmr.data.annotations import detect_format, read_annotations
 
     file = Path(path)
     if not file.is_file():
         raise UserError(f"{file}: file not found")
-    if detect_format(file) == "qvhighlights":
+    if detect_format(file) in ("qvhighlights", "highlights"):
         return load_jsonl(file)
     records, skips = read_annotations(file)
     if skips:

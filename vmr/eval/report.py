@@ -54,7 +54,7 @@ def evaluate_groups(predictions: list[dict], ground_truth: list[dict], group_by:
     name, edges = parse_group_by(group_by)
     if not any(name in row for row in ground_truth):
         known = sorted({k for row in ground_truth for k in row} - {"relevant_windows", "saliency_scores",
-                                                                     "relevant_clip_ids"})
+                                                                     "relevant_clip_ids", "label"})
         raise BadInput(f"--group-by: no ground-truth query has a field {name!r} (fields: {', '.join(known)})")
     members: dict[str, list[dict]] = {}
     for row in ground_truth:
@@ -69,23 +69,33 @@ def evaluate_groups(predictions: list[dict], ground_truth: list[dict], group_by:
     return out
 
 
+# (column, where to find it): the first (section, key) a result has. Protocols name alike things
+# alike in the table: the grounding protocols' R1@0.5 shares QVHighlights' column.
 LEADERBOARD_COLUMNS = [
-    ("R1@0.5", ("brief", "MR-full-R1@0.5")), ("R1@0.7", ("brief", "MR-full-R1@0.7")),
-    ("mAP@0.5", ("brief", "MR-full-mAP@0.5")), ("MR-mAP", ("brief", "MR-full-mAP")),
-    ("R1@0.3", ("brief", "R1@0.3")), ("R5@0.5", ("brief", "R5@0.5")), ("mIoU", ("brief", "mIoU")),
-    ("HL-mAP", ("brief", "HL-min-VeryGood-mAP")), ("HIT@1", ("brief", "HL-min-VeryGood-Hit1")),
-    ("r@1", ("clip_level", "r@1")), ("r@5", ("clip_level", "r@5")), ("r@10", ("clip_level", "r@10")),
-    ("mAP", ("clip_level", "mAP")), ("temporal_consistency", ("clip_level", "temporal_consistency")),
+    ("R1@0.1", [("brief", "R1@0.1")]),
+    ("R1@0.3", [("brief", "R1@0.3")]),
+    ("R1@0.5", [("brief", "MR-full-R1@0.5"), ("brief", "R1@0.5")]),
+    ("R1@0.7", [("brief", "MR-full-R1@0.7"), ("brief", "R1@0.7")]),
+    ("R5@0.5", [("brief", "R5@0.5")]), ("R5@0.7", [("brief", "R5@0.7")]), ("mIoU", [("brief", "mIoU")]),
+    ("mAP@0.5", [("brief", "MR-full-mAP@0.5")]), ("MR-mAP", [("brief", "MR-full-mAP")]),
+    ("HL-mAP", [("brief", "HL-min-VeryGood-mAP"), ("brief", "HL-mAP")]),
+    ("HIT@1", [("brief", "HL-min-VeryGood-Hit1")]),
+    ("r@1", [("clip_level", "r@1")]), ("r@5", [("clip_level", "r@5")]), ("r@10", [("clip_level", "r@10")]),
+    ("mAP", [("clip_level", "mAP")]), ("temporal_consistency", [("clip_level", "temporal_consistency")]),
 ]
+
+
+def _cell(metrics: dict, paths: list[tuple[str, str]]):
+    return next((metrics[section][key] for section, key in paths if key in metrics.get(section, {})), None)
 
 
 def leaderboard(results: dict[str, dict], first_column: str = "Model") -> str:
     """A markdown table, one row per model (or group); columns no row has are left out."""
-    columns = [(name, path) for name, path in LEADERBOARD_COLUMNS
-               if any(path[1] in m.get(path[0], {}) for m in results.values())]
+    columns = [(name, paths) for name, paths in LEADERBOARD_COLUMNS
+               if any(_cell(m, paths) is not None for m in results.values())]
     lines = [f"| {first_column} | " + " | ".join(name for name, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for model, metrics in results.items():
-        cells = [metrics.get(section, {}).get(key) for _, (section, key) in columns]
+        cells = [_cell(metrics, paths) for _, paths in columns]
         lines.append(f"| {model} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     return "\n".join(lines)

@@ -80,7 +80,10 @@ def moment_losses(outputs: dict, batch: dict, cfg: ModelConfig) -> dict[str, tor
         per_frame = focal_loss(logits, relevance, cfg.focal_gamma)
     else:
         per_frame = F.binary_cross_entropy_with_logits(logits, relevance, reduction="none")
-    loss_relevance = masked_mean(per_frame, mask)
+    # A query of highlight-detection data has no moments: nothing to say which frames are relevant,
+    # so only its saliency trains. (A query whose moments lie outside the window is a negative.)
+    supervised = mask & rearrange(batch["has_moments"].bool(), "q -> q 1") if "has_moments" in batch else mask
+    loss_relevance = masked_mean(per_frame, supervised)
 
     # Boundaries: only frames inside a moment know where it starts and ends. Means over masks are
     # sums over counts, never boolean indexing: no shape depends on the data, nothing waits for the
