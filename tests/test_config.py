@@ -51,6 +51,9 @@ def test_missing_file(tmp_path):
 
 @pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(preset):
+    from vmr.eval.metrics import brief_keys
+
     cfg = load_config(preset)
+    assert cfg.train.best_metric in brief_keys(cfg.train.eval_protocol), "training would refuse this preset"
     if preset.stem == "qvhighlights":  # the official setting: 2-s clips, a 150-s video in one window
         assert 1 / cfg.data.sampling.fps == 2.0 and cfg.data.sampling.window / cfg.data.sampling.fps == 150.0

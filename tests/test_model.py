@@ -94,6 +94,26 @@ def test_gradients_reach_every_trainable_parameter(freeze):
                 assert p.grad.abs().sum() > 0, name
 
 
+def test_queries_without_moments_train_the_saliency_head_alone():
+    """Highlight-detection data (no moments): the relevance and boundary losses do not see those
+    queries, so the relevance head gets no gradient from them; saliency trains as usual."""
+    model = tiny_model(dropout=0.0).train()
+    out = model(frames(b=1), model.tokenize(["a red circle spins", "a blue square jumps"]))
+    targets = {**_targets(2, 6), "has_saliency": torch.tensor([True, True])}
+    targets["moment_mask"] = torch.zeros(2, 1, dtype=torch.bool)
+    targets["relevance"] = torch.zeros(2, 6)
+    mixed = moment_losses(out, {**targets, "has_moments": torch.tensor([True, False])}, model.config)
+    only_first = moment_losses({k: v[:1] if torch.is_tensor(v) and v.shape[:1] == (2,) else v for k, v in out.items()},
+                               {k: v[:1] for k, v in {**targets, "has_moments": torch.tensor([True, False])}.items()},
+                               model.config)
+    torch.testing.assert_close(mixed["relevance"], only_first["relevance"])
+    none = moment_losses(out, {**targets, "has_moments": torch.tensor([False, False])}, model.config)
+    assert none["relevance"] == 0 and none["l1"] == 0 and none["saliency"] > 0
+    none["loss"].backward()
+    assert model.relevance_head.weight.grad is None or model.relevance_head.weight.grad.abs().sum() == 0
+    assert model.saliency_head.weight.grad.abs().sum() > 0
+
+
 def test_decoding_hand_built_outputs():
     # 4 frames at 0, 1, 2, 3 s of a 4-s video. Frame 2 is the most relevant and points 1 s back
     # and 0.5 s ahead; frame 1 proposes nearly the same window (suppressed by NMS); frame 3 points
