@@ -17,8 +17,8 @@ import yaml
 from vmr.cli import main
 from vmr.config import load_config
 from vmr.data.annotations import check_query, detect_format, read_annotations
-from vmr.eval.metrics import BadInput, brief_keys, evaluate
 from vmr.errors import UserError
+from vmr.eval.metrics import BadInput, brief_keys, evaluate
 from vmr.spans import iou
 
 ROOT = Path(__file__).parents[1]

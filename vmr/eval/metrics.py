@@ -12,13 +12,7 @@ Imports nothing from the model or data code, so it can score any predictions fil
   and the official key names and layout.
 - Charades-STA, ActivityNet Captions, TACoS (the grounding protocols): R@1 and R@5 at IoU 0.3, 0.5,
   0.7 (TACoS also 0.1) and the mean IoU of the first window, in percent.
-- TVSum (the protocol of UMT and the highlight papers since): per video and annotator, clips scoring
-  above that annotator's median are positive; the 5 best-predicted clips are ranked and their
-  average precision taken with trapezoidal interpolation (0 when none of the 5 is positive); the
-  mean over annotators, then over the videos of each domain, then over domains ("top-5 mAP").
-- YouTube Highlights: per video, clips labelled above 0 are positive; average precision of the whole
-  ranking, trapezoidal as above (0 without positives); the mean over each domain's videos, then
-  over domains.
+- TVSum and YouTube Highlights: vmr/eval/highlights.py.
 - (vmr/eval/report.py: the same metrics by group of queries, and the leaderboard table.)
 - ``compute_comprehensive_metrics``: clip-level ranking metrics (Recall@K, mAP, temporal
   consistency, temporal IoU) on per-clip scores.
@@ -36,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vmr.eval.highlights import HIGHLIGHT_PROTOCOLS, domain_aps
 from vmr.spans import QVH_CLIP_SECONDS, clip_relevance, iou
 
 # The official code builds these with np.linspace and rounds to 2 decimals; keys are str(float).
@@ -45,9 +40,7 @@ HL_LEVELS = {"Fair": 2, "Good": 3, "VeryGood": 4}
 MAX_PRED_WINDOWS = 10  # mAP uses the top 10 predicted windows of each query
 CHARADES_IOUS = (0.3, 0.5, 0.7)
 GROUNDING_IOUS = {"charades": CHARADES_IOUS, "activitynet": CHARADES_IOUS, "tacos": (0.1, *CHARADES_IOUS)}
-HIGHLIGHT_PROTOCOLS = ("tvsum", "youtube_highlights")
 PROTOCOLS = ("qvhighlights", *GROUNDING_IOUS, *HIGHLIGHT_PROTOCOLS)
-TVSUM_TOP = 5  # TVSum ranks only the 5 best-predicted clips of a video
 # What the "brief" section of a QVHighlights metrics JSON can hold (e.g. train.best_metric).
 BRIEF_KEYS = ("MR-full-R1@0.5", "MR-full-R1@0.7", "MR-full-mAP", "MR-full-mAP@0.5", "MR-full-mAP@0.75",
               "MR-short-mAP", "MR-middle-mAP", "MR-long-mAP",
@@ -381,57 +374,10 @@ def grounding(gt: dict, preds: dict, thresholds=CHARADES_IOUS) -> OrderedDict:
     return out
 
 
-def charades(gt: dict, preds: dict) -> OrderedDict:
-    return grounding(gt, preds, CHARADES_IOUS)
-
-
-# ----- TVSum and YouTube Highlights ----------------------------------------------------------------
-
-
-def trapezoid_ap(ranked: list[float]) -> float:
-    """Average precision of 0/1 labels in ranked order, each step of recall weighted by the mean of
-    the precision before and after it (UMT's definition); 0 when nothing is positive."""
-    positives = sum(ranked)
-    if positives == 0:
-        return 0.0
-    hits = ap = recall = 0.0
-    precision = 1.0
-    for rank, label in enumerate(ranked, start=1):
-        hits += label
-        new_recall, new_precision = hits / positives, hits / rank
-        ap += (new_recall - recall) * (precision + new_precision) / 2
-        recall, precision = new_recall, new_precision
-    return ap
-
-
-def _ranked_clips(label: list[list[float]], scores) -> np.ndarray:
-    """Clip indices best-predicted first (ties by clip order); clips without a prediction come last."""
-    predicted = np.full(len(label), -np.inf)
-    given = np.asarray(scores or [], dtype=float)[: len(label)]
-    predicted[: len(given)] = given
-    return np.argsort(-predicted, kind="stable")
-
-
-def video_ap(label: list[list[float]], scores, protocol: str) -> float:
-    """One video's highlight AP: TVSum's top-5 mean over annotators, or YouTube Highlights' whole
-    ranking of the clips labelled above 0."""
-    order, table = _ranked_clips(label, scores), np.asarray(label, dtype=float)  # (clips, annotators)
-    if protocol == "tvsum":
-        aps = []
-        for column in table.T:
-            positive = (column > np.median(column)).astype(float)
-            aps.append(trapezoid_ap(positive[order][:TVSUM_TOP].tolist()))
-        return float(np.mean(aps))
-    return trapezoid_ap((table.mean(axis=1) > 0).astype(float)[order].tolist())
-
-
 def highlight_protocol(gt: dict, preds: dict, protocol: str) -> OrderedDict:
-    """``brief`` ``HL-mAP``: the mean over domains of each domain's mean video AP (``video_ap``);
-    ``domains``: each domain's mAP and number of videos. Rows without a ``domain`` form one."""
-    by_domain: dict[str, list[float]] = {}
-    for qid, row in gt.items():
-        domain = str(row.get("domain", "(none)"))
-        by_domain.setdefault(domain, []).append(video_ap(row["label"], preds[qid]["pred_saliency_scores"], protocol))
+    """``brief`` ``HL-mAP``: the mean over domains of each domain's mean video AP
+    (``highlights.video_ap``); ``domains``: each domain's mAP and number of videos."""
+    by_domain = domain_aps(gt, preds, protocol)
     domains = OrderedDict((d, {"HL-mAP": percent(np.mean(v)), "videos": len(v)}) for d, v in sorted(by_domain.items()))
     brief = OrderedDict([("HL-mAP", percent(np.mean([np.mean(v) for v in by_domain.values()])))])
     return OrderedDict(brief=brief, domains=domains)
@@ -490,7 +436,7 @@ def clip_level(gt: dict, preds: dict) -> dict | None:
     return compute_comprehensive_metrics(scores, labels, starts, ends)
 
 
-# ----- one entry point and the leaderboard -------------------------------------------------------
+# ----- one entry point ---------------------------------------------------------------------------
 
 
 def evaluate(predictions: list[dict], ground_truth: list[dict], protocol: str = "qvhighlights",
