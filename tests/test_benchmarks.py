@@ -317,3 +317,28 @@ def test_each_preset_builds_trains_and_scores(benchmark, synth_copy, tmp_path, c
         assert set(saved["domains"]) == {"even", "odd"}
         assert set(saved["groups"]["groups"]) == {"even", "odd"}
         assert "| domain | HL-mAP |" in capsys.readouterr().out
+
+
+def test_eval_reads_each_layout_as_ground_truth(tmp_path, capsys):
+    anet = write(tmp_path / "val_2.json", json.dumps({
+        "v_a": {"duration": 100.0, "timestamps": [[10, 30], [50, 120]], "sentences": ["one", "two"]}}))
+    preds = write(tmp_path / "preds.jsonl", jsonl([
+        {"qid": "v_a_0", "pred_relevant_windows": [[12, 30, 0.9], [0, 5, 0.1]]},
+        {"qid": "v_a_1", "pred_relevant_windows": [[0, 10, 0.9], [60, 100, 0.5]]}]))
+    out = tmp_path / "m.json"
+    assert main(["eval", "--predictions", str(preds), "--ground-truth", str(anet), "--protocol", "activitynet",
+                 "--json", str(out)]) == 0
+    brief = json.loads(out.read_text())["brief"]
+    assert brief["R1@0.5"] == 50.0 and brief["R5@0.7"] == 100.0  # [50, 120] is cut to [50, 100]
+    assert "| R1@0.3 | R1@0.5 | R1@0.7 | R5@0.5 | R5@0.7 | mIoU |" in capsys.readouterr().out
+
+    truth = write(tmp_path / "tvsum.jsonl", jsonl([{"qid": 1, "query": "q", "vid": "v", "domain": "VT",
+                                                    "label": [[3], [1], [2], [1], [0]]}]))
+    write(preds, jsonl([{"qid": 1, "pred_saliency_scores": [0.9, 0.8, 0.7, 0.6, 0.5]}]))
+    assert main(["eval", "--predictions", str(preds), "--ground-truth", str(truth), "--protocol", "tvsum",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["domains"] == {"VT": {"HL-mAP": 79.17, "videos": 1}}
+    capsys.readouterr()
+    assert main(["eval", "--predictions", str(preds), "--ground-truth", str(truth)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "qid 1: the ground truth has no relevant_windows" in err and "--protocol tvsum" in err

@@ -109,7 +109,7 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
             if not kept:
                 continue
             # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
-            duration = max(n * clip_seconds, *(e for q in kept for _, e in q["windows"]))
+            duration = max([n * clip_seconds, *(e for q in kept for _, e in q["windows"])])
             meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
             members = {TOKENS: npy_bytes(features[:, None].astype(np.float16)),
                        TIMES: npy_bytes((np.arange(n) + 0.5) * clip_seconds)}

@@ -324,11 +324,13 @@ def finish_commits(out: Path) -> None:
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos", required=True, type=Path, help="folder holding the video files")
     p.add_argument("--annotations", required=True, type=Path, nargs="+", metavar="FILE",
-                   help="annotation files (seed JSON, QVHighlights JSONL, Charades-STA text)")
+                   help="annotation files: seed JSON, QVHighlights JSONL, Charades-STA text, ActivityNet Captions "
+                        "JSON, TACoS JSON, highlight-detection JSONL (TVSum, YouTube Highlights); docs/data.md")
     p.add_argument("--out", required=True, type=Path, help="output folder for the shards and manifest.json")
     p.add_argument("--split", default="train", help="split name, the shards' prefix (default: train)")
     p.add_argument("--format", default="auto", choices=("auto", *FORMATS),
-                   help="annotation format (default: auto, told from the content)")
+                   help="annotation format (default: auto, told from the content); highlights = TVSum / "
+                        "YouTube Highlights JSONL")
     p.add_argument("--fps", type=float, help="re-encode at this frame rate (default: keep the source's)")
     p.add_argument("--size", type=int, help="re-encode with the shorter side at this many pixels")
     p.add_argument("--keyframe-interval", type=float, metavar="SEC",
