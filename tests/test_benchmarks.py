@@ -342,3 +342,21 @@ def test_eval_reads_each_layout_as_ground_truth(tmp_path, capsys):
     assert main(["eval", "--predictions", str(preds), "--ground-truth", str(truth)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "qid 1: the ground truth has no relevant_windows" in err and "--protocol tvsum" in err
+
+
+@pytest.mark.parametrize("fmt, text, reason", [
+    ("activitynet", '{"v_a": {"duration": 5, "timestamps": [[0, 1]], "sentences": ["x"]', "not valid JSON"),
+    ("activitynet", "[1, 2]", "holds one JSON object"),
+    ("tacos", '{"v": ' + "[" * 100000 + "]" * 100000 + "}", "not valid JSON"),
+    ("tacos", '{"v.avi": {"timestamps": [[0, 10]], "sentences": ["x"], "fps": "fast"}}', "fps must be a finite number"),
+    ("activitynet", '{"v_a": {"duration": 5, "timestamps": [[0, 1]], "sentences": [7]}}', "sentence must be a string"),
+    ("highlights", '{"qid": 1, "query": "q", "vid": "v", "label": [[1, NaN]]}\n', "finite number"),
+])
+def test_bad_files_of_the_new_layouts_are_one_line(fmt, text, reason, tmp_path, capsys):
+    (tmp_path / "videos").mkdir()
+    annotations = write(tmp_path / "ann.json", text)
+    assert main(["shards", "build", "--videos", str(tmp_path / "videos"), "--annotations", str(annotations),
+                 "--out", str(tmp_path / "out"), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ann.json" in err and reason in err, err
+    assert not (tmp_path / "out" / "manifest.json").exists()

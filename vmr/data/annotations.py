@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmr.errors import UserError
+from vmr.io import first_line
 from vmr.spans import QVH_CLIP_SECONDS, frames_to_seconds
 
 FORMATS = ("seed", "qvhighlights", "charades", "activitynet", "tacos", "highlights")
@@ -84,7 +85,7 @@ class Skip:
 def detect_format(path: Path) -> str:
     """Tell the format from the content: a JSON array is seed; one JSON object of videos is
     ActivityNet Captions (or TACoS when its videos carry an ``fps``); JSON lines are QVHighlights
-    (or highlight detection when the first has a ``label`` and no ``relevant_windows``);
+    (or highlight detection when the first has a ``label``);
     ``VIDEO START END##sentence`` lines are Charades-STA."""
     text = _read_text(path)
     stripped = text.lstrip()
@@ -96,7 +97,7 @@ def detect_format(path: Path) -> str:
     if stripped.startswith("{"):
         try:
             whole = json.loads(text)
-        except json.JSONDecodeError:  # several objects: JSON lines
+        except (json.JSONDecodeError, RecursionError):  # several objects: JSON lines
             whole = None
         if isinstance(whole, dict) and whole and all(isinstance(v, dict) for v in whole.values()):
             if all("timestamps" in v for v in whole.values()):
@@ -106,9 +107,9 @@ def detect_format(path: Path) -> str:
         first = next(line for line in text.splitlines() if line.strip())
         try:
             row = json.loads(first)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             row = None
-        if isinstance(row, dict) and "label" in row and "relevant_windows" not in row:
+        if isinstance(row, dict) and "label" in row:  # a QVHighlights line never has one
             return "highlights"
         return "qvhighlights"
     first = next((line for line in text.splitlines() if line.strip()), "")
@@ -183,13 +184,19 @@ def _frame(value, key: str) -> int:
     return int(value)
 
 
-def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+def _read_json(path: Path, expected: type, layout: str):
+    """A whole-file JSON annotation (seed, ActivityNet Captions, TACoS) holding ``expected``."""
     try:
-        rows = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(rows, list):
-        raise UserError(f"{path}: a seed annotation file must hold a JSON array of objects")
+        value = json.loads(_read_text(path))
+    except (json.JSONDecodeError, RecursionError) as error:
+        raise UserError(f"{path}: not valid JSON ({first_line(error)})") from None
+    if not isinstance(value, expected):
+        raise UserError(f"{path}: {layout}, got {type(value).__name__}")
+    return value
+
+
+def _read_seed(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    rows = _read_json(path, list, "a seed annotation file must hold a JSON array of objects")
     records: dict[tuple[str, str], QueryRecord] = {}
     skips = []
     for i, row in enumerate(rows):
@@ -242,7 +249,7 @@ def _read_lines(path: Path, parse, known: tuple[str, ...]) -> tuple[list[QueryRe
         where = f"{path}:{number}"
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             if not records and not skips:
                 raise UserError(f"{where}: not a JSON line; is this a JSON-lines file?") from None
             skips.append(Skip("?", f"{where}: not a JSON line"))
@@ -298,13 +305,7 @@ def _read_highlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
 
 def _read_videos_object(path: Path, what: str) -> dict:
     """ActivityNet Captions and TACoS files: one JSON object with an object per video."""
-    try:
-        videos = json.loads(_read_text(path))
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(videos, dict):
-        raise UserError(f"{path}: a {what} file holds one JSON object, {{video: {{...}}}}, got {type(videos).__name__}")
-    return videos
+    return _read_json(path, dict, f"a {what} file holds one JSON object, {{video: {{...}}}}")
 
 
 def _sentences(path: Path, video: str, entry, scale: float, duration: float | None,
