@@ -49,6 +49,16 @@ def test_missing_file(tmp_path):
         load_config(tmp_path / "none.yaml")
 
 
+def test_the_config_names_every_protocol_the_metrics_score():
+    from typing import get_args, get_type_hints
+
+    from vmr.config import TrainConfig
+    from vmr.eval.metrics import PROTOCOLS
+
+    # config.py sits below the metrics (tests/test_structure.py), so it spells the names out itself.
+    assert get_args(get_type_hints(TrainConfig)["eval_protocol"]) == PROTOCOLS
+
+
 @pytest.mark.parametrize("preset", sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(preset):
     from vmr.eval.metrics import brief_keys

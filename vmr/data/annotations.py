@@ -303,73 +303,63 @@ def _read_highlights(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
     return _read_lines(path, _highlights_row, HIGHLIGHT_FIELDS)
 
 
-def _read_videos_object(path: Path, what: str) -> dict:
-    """ActivityNet Captions and TACoS files: one JSON object with an object per video."""
-    return _read_json(path, dict, f"a {what} file holds one JSON object, {{video: {{...}}}}")
-
-
-def _sentences(path: Path, video: str, entry, scale: float, duration: float | None,
-               records: list, skips: list) -> None:
-    """One video's ``timestamps`` (seconds times ``scale``) and ``sentences`` -> one record each;
-    a moment's end past ``duration`` (the file's own length of the video) is cut to it."""
-    where = f"{path}: video {video}"
-    video_id = _strip_extension(video)
-    try:
-        if not isinstance(entry, dict):
-            raise TypeError(f"a video's entry must be an object, got {entry!r}"[:120])
-        stamps, sentences = entry["timestamps"], entry["sentences"]
-        if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
-            raise ValueError(f"timestamps and sentences must be lists of the same length, got "
-                             f"{len(stamps) if isinstance(stamps, list) else stamps!r} and "
-                             f"{len(sentences) if isinstance(sentences, list) else sentences!r}"[:160])
-    except (KeyError, TypeError, ValueError) as error:
-        skips.append(Skip(video_id, f"{where}: malformed entry ({type(error).__name__}: {error})", what="video"))
-        return
-    for i, (stamp, sentence) in enumerate(zip(stamps, sentences, strict=True)):
-        source = f"{where} sentence {i}"
-        try:
-            start, end = (v * scale for v in _window(stamp, "timestamps"))
-            query = _text(sentence, "sentence")
-        except (TypeError, ValueError) as error:
-            skips.append(Skip(video_id, f"{source}: malformed ({type(error).__name__}: {error})", qid=f"{video_id}_{i}"))
-            continue
-        if duration is not None and start < duration < end:
-            end = duration
-        records.append(QueryRecord(f"{video_id}_{i}", video_id, query, [(start, end)], source=source,
-                                   video_file=video if video != video_id else None))
-
-
-def _read_activitynet(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+def _read_videos(path: Path, what: str, timing) -> tuple[list[QueryRecord], list[Skip]]:
+    """ActivityNet Captions and TACoS files: one JSON object with an object per video holding
+    ``timestamps`` and ``sentences``. ``timing(entry)`` gives the factor that makes its timestamps
+    seconds and the video's length by the file (or None); a moment's end past that length is cut to
+    it. One record per sentence, qid ``<video id>_<index>``; a malformed entry skips its video."""
     records, skips = [], []
-    for video, entry in _read_videos_object(path, "ActivityNet Captions").items():
-        duration = entry.get("duration") if isinstance(entry, dict) else None
-        if duration is not None:
-            try:
-                duration = _number(duration, "duration")
-            except TypeError as error:
-                skips.append(Skip(str(video), f"{path}: video {video}: {error}", what="video"))
-                continue
-        _sentences(path, str(video), entry, 1.0, duration, records, skips)
-    return records, skips
-
-
-def _read_tacos(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
-    records, skips = [], []
-    for video, entry in _read_videos_object(path, "TACoS").items():
+    for video, entry in _read_json(path, dict, f"a {what} file holds one JSON object, {{video: {{...}}}}").items():
+        where, video_id = f"{path}: video {video}", _strip_extension(str(video))
         try:
             if not isinstance(entry, dict):
                 raise TypeError(f"a video's entry must be an object, got {entry!r}"[:120])
-            fps = _number(entry["fps"], "fps")
-            if fps <= 0:
-                raise ValueError(f"fps must be positive, got {fps:g}")
-            frames = entry.get("num_frames")
-            duration = None if frames is None else _number(frames, "num_frames") / fps
+            scale, duration = timing(entry)
+            stamps, sentences = entry["timestamps"], entry["sentences"]
+            if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
+                raise ValueError(f"timestamps and sentences must be lists of the same length, got "
+                                 f"{len(stamps) if isinstance(stamps, list) else stamps!r} and "
+                                 f"{len(sentences) if isinstance(sentences, list) else sentences!r}"[:160])
         except (KeyError, TypeError, ValueError) as error:
-            skips.append(Skip(_strip_extension(str(video)), f"{path}: video {video}: malformed entry "
-                                                            f"({type(error).__name__}: {error})", what="video"))
+            skips.append(Skip(video_id, f"{where}: malformed entry ({type(error).__name__}: {error})", what="video"))
             continue
-        _sentences(path, str(video), entry, 1.0 / fps, duration, records, skips)
+        for i, (stamp, sentence) in enumerate(zip(stamps, sentences, strict=True)):
+            source = f"{where} sentence {i}"
+            try:
+                start, end = (v * scale for v in _window(stamp, "timestamps"))
+                query = _text(sentence, "sentence")
+            except (TypeError, ValueError) as error:
+                skips.append(Skip(video_id, f"{source}: malformed ({type(error).__name__}: {error})",
+                                  qid=f"{video_id}_{i}"))
+                continue
+            if duration is not None and start < duration < end:
+                end = duration
+            records.append(QueryRecord(f"{video_id}_{i}", video_id, query, [(start, end)], source=source,
+                                       video_file=str(video) if str(video) != video_id else None))
     return records, skips
+
+
+def _activitynet_timing(entry: dict) -> tuple[float, float | None]:
+    """Seconds already; ``duration`` the annotated length."""
+    duration = entry.get("duration")
+    return 1.0, None if duration is None else _number(duration, "duration")
+
+
+def _tacos_timing(entry: dict) -> tuple[float, float | None]:
+    """Frames, at the entry's own ``fps``; ``num_frames`` the length."""
+    fps = _number(entry["fps"], "fps")
+    if fps <= 0:
+        raise ValueError(f"fps must be positive, got {fps:g}")
+    frames = entry.get("num_frames")
+    return 1.0 / fps, None if frames is None else _number(frames, "num_frames") / fps
+
+
+def _read_activitynet(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    return _read_videos(path, "ActivityNet Captions", _activitynet_timing)
+
+
+def _read_tacos(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
+    return _read_videos(path, "TACoS", _tacos_timing)
 
 
 def _read_charades(path: Path) -> tuple[list[QueryRecord], list[Skip]]:
