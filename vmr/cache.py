@@ -11,21 +11,45 @@ model code.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
-from vmr.config import Config, SamplingConfig
+from vmr.config import Config, DataConfig, SamplingConfig
 from vmr.data.manifest import extractor_of
 from vmr.data.sources import expand_shards
 from vmr.errors import UserError
 
 
 def vision_fingerprint(model) -> str:
-    """sha256 of the vision tower's weights: a cache is only valid for the tower that made it."""
+    """sha256 of the vision tower's weights: a cache is only valid for the tower that made it.
+    Remembered while the weights stay the same tensors, unmodified (their version counters), so
+    that asking an encoding a question does not hash the tower again each time."""
+    state = sorted(model.towers.vision.state_dict().items())
+    key = tuple((name, t.data_ptr(), t.dtype, t._version) for name, t in state)
+    known = getattr(model, "_vision_fingerprint", None)
+    if known is not None and known[0] == key:
+        return known[1]
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.towers.vision.state_dict().items()):
+    for name, tensor in state:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    model._vision_fingerprint = (key, digest.hexdigest())
     return digest.hexdigest()
+
+
+def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
+                   data: DataConfig | None = None) -> dict:
+    """The ``extractor`` record of features made by this model's tower at ``spec``: what a cache,
+    an index or a saved encoding holds, and what a model reading it is checked against."""
+    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
+    extractor = {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
+                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
+                 "width": model.towers.width, "text": False}
+    if views > 1:  # how many, and how they were drawn: part of what a resumed extraction must match
+        data = data or DataConfig()
+        extractor["views"] = views
+        extractor["augmentation"] = {"temporal_jitter": data.temporal_jitter, "scale_jitter": list(data.scale_jitter)}
+    return extractor
 
 
 def cache_of(urls: list[str]) -> dict | None:

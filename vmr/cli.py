@@ -136,10 +136,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_command(
         commands, predict.add_predict_arguments, predict.run_predict,
-        "predict", help="find the moments of one query in one video (JSON on stdout)",
-        description="Decode a video (any format FFmpeg reads), run a trained model and print the "
-                    "ranked moments in seconds with a score per frame as JSON.",
-        epilog="example:\n  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins'",
+        "predict", help="find the moments of one or more queries in one video (JSON on stdout)",
+        description="Decode a video (any format FFmpeg reads) once, run a trained model and print the "
+                    "ranked moments in seconds with a score per frame as JSON, for each query.",
+        epilog="examples:\n  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins'\n"
+               "  vmr predict --checkpoint runs/quickstart --video clip.mp4 --query 'a red circle spins' "
+               "--query 'a blue square grows'",
+    )
+
+    from vmr import search
+
+    add_command(
+        commands, search.add_index_arguments, search.run_index,
+        "index", help="encode a collection of videos once, to search it",
+        description="Run the vision tower once on every frame of every video of a folder or of video shards "
+                    "and store the result (feature shards) as an index for 'vmr search'. Resumable; under "
+                    "'accelerate launch' the processes share the parts.",
+        epilog="examples:\n  vmr index --checkpoint runs/quickstart --videos my_videos/ --out my_index\n"
+               "  vmr index --checkpoint runs/quickstart --shards 'data/shards/val-*.tar' --out val_index",
+    )
+    add_command(
+        commands, search.add_search_arguments, search.run_search,
+        "search", help="find a sentence's best moments over a whole indexed collection (JSON on stdout)",
+        description="Rank the moments of every video of an index for a sentence: a cheap shortlist of the "
+                    "videos over the whole collection, then the full model on the best of them.",
+        epilog="example:\n  vmr search --index my_index --query 'a person opens the fridge' --top-k 5",
     )
 
     from vmr import demo

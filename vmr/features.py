@@ -35,9 +35,10 @@ import dataclasses
 import json
 import random
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vmr.cache import cache_of, vision_fingerprint
+from vmr.cache import cache_of, clip_extractor
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.manifest import MANIFEST, check_shard, claim, shard_entry
 from vmr.data.sources import bounded_downloads
@@ -48,103 +49,117 @@ from vmr.data.tars import (
     VIEWS,
     TarShard,
     npy_bytes,
+    sanitise_key,
     shard_damage,
     sweep_temporaries,
 )
+from vmr.encode import encode_frames_at
 from vmr.errors import UserError, out_of_space
 from vmr.io import FolderLock, field, first_line, read_json, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
 DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips): what resume trusts
-CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
 
 
 # ----- extraction -------------------------------------------------------------------------------
 
 
-def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
-                   data: DataConfig | None = None) -> dict:
-    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
-    extractor = {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
-                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
-                 "width": model.towers.width, "text": False}
-    if views > 1:  # how many, and how they were drawn: part of what a resumed extraction must match
-        data = data or DataConfig()
-        extractor["views"] = views
-        extractor["augmentation"] = {"temporal_jitter": data.temporal_jitter, "scale_jitter": list(data.scale_jitter)}
-    return extractor
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One unit of extraction, and of its resume: one output shard ``name`` in ``split``, made from
+    the video samples ``samples()`` yields (``__key__``, ``mp4``: bytes or a path, ``json``: the video
+    shard's metadata, or none for a bare file, which is probed). ``inputs`` names what it was made
+    from when that can change between runs (a folder's files); ``where`` names it in errors."""
+
+    name: str
+    split: str
+    samples: Callable[[], Iterable[dict]]
+    where: str
+    inputs: tuple[str, ...] | None = None
 
 
-def _split_of(url: str) -> str:
-    found = shard_entry(url)
-    if found is not None:
-        return found[0]
-    name = Path(url).name
-    return name.split("-")[0] if "-" in name else "train"
+def shard_parts(urls: list[str]) -> list[Part]:
+    """One part per video shard: the feature shard takes its name and split."""
+    import webdataset as wds
+
+    def split_of(url: str) -> str:
+        found = shard_entry(url)
+        if found is not None:
+            return found[0]
+        name = Path(url).name
+        return name.split("-")[0] if "-" in name else "train"
+
+    # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
+    return [Part(Path(url).name, split_of(url), lambda url=url: wds.tarfile_to_samples()([{"url": url}]), url)
+            for url in urls]
 
 
-def _encode(model, decoder, times: list[float], spec: SamplingConfig, start: float, pooled_only: bool, device,
-            crop: tuple[float, tuple[float, float]] | None = None):
-    """(tokens fp16 (t, k, c), times) of the frames shown at ``times``, CHUNK frames at a time.
-    ``crop`` (seed, scale): one random square crop of an area fraction in ``scale``, the same for
-    every frame (each chunk redraws it from the same seed)."""
-    import numpy as np
-    import torch
+def video_parts(files: list[Path], per_part: int, split: str = "videos") -> list[Part]:
+    """Video files (sorted by name), ``per_part`` to a feature shard ``<split>-NNNNNN.tar``; a video's
+    key is its file name without the extension."""
+    keys = {}
+    for path in files:
+        key = sanitise_key(path.stem)
+        if key in keys:
+            raise UserError(f"{path} and {keys[key]} would both be video {key!r}; rename one")
+        keys[key] = path
+    groups = [files[i:i + per_part] for i in range(0, len(files), per_part)]
+    return [Part(f"{split}-{n:06d}.tar", split,
+                 lambda group=group: ({"__key__": sanitise_key(p.stem), "mp4": p} for p in group),
+                 str(group[0].parent), tuple(p.name for p in group))
+            for n, group in enumerate(groups)]
 
-    from vmr.data.video import sample_frames
 
-    tokens, pts = [], []
-    for first in range(0, len(times), CHUNK):
-        rng, scale = (random.Random(crop[0]), crop[1]) if crop else (None, (1.0, 1.0))
-        frames, at = sample_frames(decoder, times[first:first + CHUNK], spec.size, start, rng=rng, scale=scale)
-        with torch.no_grad():
-            out = model.towers.encode_frames(frames.to(device))
-        tokens.append((out[:, :1] if pooled_only else out).to(torch.float16).cpu())
-        pts += at
-    return torch.cat(tokens).numpy(), np.asarray(pts, dtype=np.float64)
+def file_meta(path: Path) -> dict:
+    """The json of a bare video file's feature sample (what a video shard's sample would carry)."""
+    from vmr.data.video import probe
+
+    info = probe(path)
+    return {"video_id": path.stem, "source_file": path.name, "duration": info.duration, "start": info.start,
+            "fps": info.fps, "width": info.width, "height": info.height, "queries": []}
 
 
 def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, views: int, pooled_only: bool,
                    device) -> tuple[dict, dict, int]:
-    """A video shard's sample -> (its json, the feature sample's members, frames encoded): the whole
-    video at the spec's rate (the centres of its bins), and ``views - 1`` augmented views."""
+    """A video sample -> (its json, the feature sample's members, frames encoded): the whole video at
+    the spec's rate (the centres of its bins), and ``views - 1`` augmented views."""
     import numpy as np
+    import torch
 
     from vmr.data.video import open_video, sample_times
 
-    meta = json.loads(sample["json"])
+    meta = json.loads(sample["json"]) if "json" in sample else file_meta(sample["mp4"])
     decoder = open_video(sample["mp4"])
     duration, start = float(meta["duration"]), float(meta.get("start", 0.0))
-    tokens, times = _encode(model, decoder, sample_times(duration, "uniform", spec.fps, 1 << 30), spec, start,
-                            pooled_only, device)
+
+    def encode(times, crop=None):
+        tokens, at = encode_frames_at(model, decoder, times, spec, start, device, crop)
+        return (tokens[:, :1] if pooled_only else tokens).to(torch.float16).numpy(), np.asarray(at, dtype=np.float64)
+
+    tokens, times = encode(sample_times(duration, "uniform", spec.fps, 1 << 30))
     members = {TOKENS: npy_bytes(tokens), TIMES: npy_bytes(times)}
     if views > 1:
         # Seeded by the video: the same views whichever process makes them, and again on a resume.
         rng = random.Random(f"views:{sample.get('__key__', '')}")
         mode = "uniform" if spec.frames == "uniform" else "random"  # key frames: a random time per bin
-        drawn = [_encode(model, decoder, sample_times(duration, mode, spec.fps, 1 << 30, rng=rng,
-                                                      jitter=data.temporal_jitter),
-                         spec, start, pooled_only, device, crop=(rng.random(), tuple(data.scale_jitter)))
+        drawn = [encode(sample_times(duration, mode, spec.fps, 1 << 30, rng=rng, jitter=data.temporal_jitter),
+                        crop=(rng.random(), tuple(data.scale_jitter)))
                  for _ in range(views - 1)]
         members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]))
         members[VIEW_TIMES] = npy_bytes(np.stack([at for _, at in drawn]))
     return meta, members, len(times) * views
 
 
-def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataConfig, views: int,
-                   pooled_only: bool, device) -> tuple[dict, int]:
-    """One video shard -> the feature shard of the same name in ``out`` (a ``TarShard``: renamed
-    when complete). Returns its manifest entry and the frames encoded."""
-    import webdataset as wds
-
+def _extract_part(model, part: Part, out: Path, spec: SamplingConfig, data: DataConfig, views: int,
+                  pooled_only: bool, device) -> tuple[dict, int]:
+    """One part -> its feature shard in ``out`` (a ``TarShard``: renamed when complete). Returns its
+    manifest entry and the frames encoded."""
     bounded_downloads()
-    split = _split_of(url)
-    shard_views = 1 if split in EVALUATION_SPLITS else views
-    shard, skipped, frames = TarShard(out, Path(url).name), [], 0
+    shard_views = 1 if part.split in EVALUATION_SPLITS else views
+    shard, skipped, frames = TarShard(out, part.name), [], 0
     try:
-        # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
-        for sample in wds.tarfile_to_samples()([{"url": url}]):
+        for sample in part.samples():
             try:
                 meta, members, encoded = _encode_sample(model, sample, spec, data, shard_views, pooled_only, device)
             except Exception as error:  # a corrupt video: listed, the others go on
@@ -159,39 +174,41 @@ def _extract_shard(model, url: str, out: Path, spec: SamplingConfig, data: DataC
     except Exception as error:  # the shard itself: a stalled download, a damaged tar, a full disk
         shard.abort()
         full = out_of_space(error, shard.tmp) if isinstance(error, OSError) else None
-        raise (full or UserError(f"{url}: cannot read this shard ({first_line(error)})")) from None
-    return {**entry, "split": split, "skipped": skipped}, frames
+        raise (full or UserError(f"{part.where}: cannot read this shard ({first_line(error)})")) from None
+    return {**entry, "split": part.split, "skipped": skipped,
+            **({"inputs": list(part.inputs)} if part.inputs is not None else {})}, frames
 
 
-def extract_features(model, spec: SamplingConfig, urls: list[str], out: Path, pooled_only: bool = False,
+def extract_features(model, spec: SamplingConfig, parts: list[str] | list[Part], out: Path, pooled_only: bool = False,
                      source: str = "", rank: int = 0, world: int = 1, progress: bool = True, device=None,
                      views: int = 1, data: DataConfig | None = None) -> dict:
-    """Feature shards for ``urls`` in ``out``: one output shard per input shard, of the same name;
-    this process (``rank`` of ``world``) takes shards rank, rank + world, ... Shards finished before
-    (a record in ``out/.done/``) are not redone; each shard is written under a temporary name and
-    renamed when complete. ``views`` > 1: that many views of each video outside the evaluation
-    splits, augmented as ``data`` says (module docstring). Returns this process's totals, and the
-    ``extractor`` record that ``write_manifest`` takes (hashing the tower's weights once is enough)."""
+    """Feature shards in ``out`` for ``parts`` (``Part``s, or video shard URLs: one output shard per
+    input shard, of the same name); this process (``rank`` of ``world``) takes parts rank, rank +
+    world, ... Parts finished before (a record in ``out/.done/``, made from the same inputs) are not
+    redone; each shard is written under a temporary name and renamed when complete. ``views`` > 1:
+    that many views of each video outside the evaluation splits, augmented as ``data`` says (module
+    docstring). Returns this process's totals, and the ``extractor`` record that ``write_manifest``
+    takes (hashing the tower's weights once is enough)."""
     from tqdm import tqdm
 
+    parts = [p if isinstance(p, Part) else shard_parts([p])[0] for p in parts]
     device = device or next(model.parameters()).device
     model.eval()
     (out / DONE).mkdir(parents=True, exist_ok=True)
     data = data or DataConfig()
     extractor = clip_extractor(model, spec, pooled_only, source, views, data)
     totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
-    mine = urls[rank::world]
-    bar = tqdm(total=len(mine), desc="features", unit="shard", disable=not progress, file=sys.stderr)
+    mine = parts[rank::world]
+    bar = tqdm(total=len(mine), desc="encoding", unit="shard", disable=not progress, file=sys.stderr)
     try:  # the bar ends its line before any error is printed
-        for url in mine:
-            name = Path(url).name
-            record = out / DONE / f"{name}.json"
-            done = _finished(record, out) if record.is_file() else None
+        for part in mine:
+            record = out / DONE / f"{part.name}.json"
+            done = _finished(record, out, part) if record.is_file() else None
             if done is not None:
                 _same_extractor(done, extractor, out)
                 totals["resumed"] += 1
             else:
-                entry, frames = _extract_shard(model, url, out, spec, data, views, pooled_only, device)
+                entry, frames = _extract_part(model, part, out, spec, data, views, pooled_only, device)
                 write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
                 totals["shards"] += 1
                 totals["samples"] += entry["samples"]
@@ -215,10 +232,15 @@ def _read_record(path: Path, out: Path) -> dict:
     return entry
 
 
-def _finished(record: Path, out: Path) -> dict | None:
-    """The record of a shard finished before, if the shard still matches it (size and sha256);
-    None when it must be redone (a shard that changed, or is gone)."""
+def _finished(record: Path, out: Path, part: Part) -> dict | None:
+    """The record of a shard finished before, if the shard still matches it (size and sha256) and
+    was made from the part's inputs; None when it must be redone (a shard that changed, or is gone,
+    or a folder of videos that gained or lost files)."""
     entry = _read_record(record, out)
+    if part.inputs is not None and tuple(entry.get("inputs") or ()) != part.inputs:
+        print(f"{out / entry['path']}: made from other videos than {part.where} holds now; encoding it again",
+              file=sys.stderr)
+        return None
     problem = shard_damage(out, entry)
     if problem is None:
         return entry
@@ -295,11 +317,12 @@ def run_extract(args: argparse.Namespace) -> int:
         raise UserError(f"--views must be between 1 and 64, got {args.views}")
     state = process_state()
     with process_group_scope():
-        return _extract(args, state, urls, overrides)
+        return extract_command(args, state, shard_parts(urls), overrides)
 
 
-def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[str]) -> int:
-    """``vmr features extract`` on this rank, inside its process group's scope."""
+def extract_command(args: argparse.Namespace, state, parts: list[Part], overrides: list[str]) -> int:
+    """``vmr features extract`` (and ``vmr index``) on this rank, inside its process group's scope:
+    the model from ``args.checkpoint`` or ``args.config``, then ``parts`` into ``args.out``."""
     import time
 
     import torch
@@ -325,7 +348,7 @@ def _extract(args: argparse.Namespace, state, urls: list[str], overrides: list[s
         if state.is_main_process and sweep_temporaries(args.out, args.out / DONE):
             print(f"removed temporary files a killed run left in {args.out}", file=sys.stderr)
         state.wait_for_everyone()
-        totals = extract_features(model, spec, urls, args.out, args.pooled_only, source, state.process_index,
+        totals = extract_features(model, spec, parts, args.out, args.pooled_only, source, state.process_index,
                                   state.num_processes, progress=state.is_main_process, views=args.views, data=cfg.data)
         state.wait_for_everyone()
         manifest = write_manifest(args.out, totals["extractor"]) if state.is_main_process else None

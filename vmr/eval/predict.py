@@ -19,7 +19,7 @@ from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import PROTOCOLS, BadInput, evaluate, load_jsonl
 from vmr.eval.report import evaluate_groups, leaderboard
-from vmr.io import first_line, write_text_atomic
+from vmr.io import write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
 
@@ -159,53 +159,21 @@ def nothing_read(shards, bad: int, reason: str) -> UserError:
                      f"{reason or 'the shards hold no samples'})")
 
 
-def video_windows(path: Path, windows: list, size: int, start: float):
-    """The ``windows`` (``inference_windows``) of a video file decoded one at a time, as
-    ``score_windows`` takes them. Frames are found by presentation time (variable frame rate,
-    non-zero start)."""
-    from vmr.data.video import open_video, sample_frames
+def predict_video(model, cfg, path: str | Path, query: str | list[str], top_k: int = 5, nms_iou: float | None = None,
+                  fps: float | None = None, window: int | None = None) -> dict | list[dict]:
+    """The ``vmr predict`` JSON for one video and a query (also what the demo shows), or a list of them
+    for a list of queries: the whole video at the model's sampling spec (``fps`` and ``window``
+    override its rate and frames per window), one score per sampled frame. The video is decoded
+    and encoded once (vmr/encode.py), whatever the number of queries. ``nms_iou`` defaults to the
+    model's config."""
+    from vmr.encode import encode_video
 
-    decoder = open_video(path)
-    for window in windows:
-        try:
-            frames, pts = sample_frames(decoder, window.times, size, start)
-        except (ValueError, RuntimeError, IndexError) as error:
-            raise UserError(f"{path}: cannot decode this video at {window.start:.1f}-{window.end:.1f} s "
-                            f"({first_line(error)})") from None
-        yield frames, pts, window.start, window.end, window.own
-
-
-def predict_video(model, cfg, path: str | Path, query: str, top_k: int = 5, nms_iou: float | None = None,
-                  fps: float | None = None, window: int | None = None) -> dict:
-    """The ``vmr predict`` JSON for one video and one query (also what the demo shows): the whole
-    video at the model's sampling spec (``fps`` and ``window`` override its rate and frames per
-    window), one score per sampled frame. ``nms_iou`` defaults to the model's config."""
-    import dataclasses
-
-    from vmr.cache import check_reads_videos
-    from vmr.data.video import inference_windows, probe
-    from vmr.model import rank_moments
-
-    check_reads_videos(model)
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    check_query(model.tokenizer, query)
-    try:
-        info = probe(path)
-    except ValueError as error:
-        raise UserError(f"{path}: cannot decode this video ({error})") from None
-    if fps is not None and fps > info.fps + 1e-6:  # frames that do not exist: the same ones again
-        raise UserError(f"--fps {fps:g} is above the video's own {info.fps:g} frames/s ({path})")
-    spec = dataclasses.replace(model.sampling, fps=fps or model.sampling.fps, window=window or model.sampling.window)
-    windows = inference_windows(info.duration, spec)
-    scores = model.score_windows(video_windows(path, windows, spec.size, info.start), [query], info.duration)[0]
-    moments = rank_moments(scores, top_k, model.config.nms_iou if nms_iou is None else nms_iou)
-    return {"video": str(path), "duration": round(info.duration, 4), "query": query,
-            "sampling": {"fps": spec.fps, "window": spec.window, "windows": len(windows), "frames": len(scores["times"])},
-            "moments": [{"start": round(s, 4), "end": round(e, 4), "score": round(p, 4)} for s, e, p in moments],
-            "frame_times": [round(t, 4) for t in scores["times"]],
-            "frame_scores": [round(s, 4) for s in scores["relevance"]]}
+    queries = [query] if isinstance(query, str) else list(query)
+    for text in queries:  # before the video is decoded: a bad query costs nothing
+        check_query(model.tokenizer, text)
+    video = encode_video(model, path, fps=fps)
+    answers = video.ask(model, queries, top_k, nms_iou, window, video=str(path))
+    return answers[0] if isinstance(query, str) else answers
 
 
 # ----- commands -----------------------------------------------------------------------------------
@@ -344,7 +312,9 @@ class Deprecated(argparse.Action):
 def add_predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="an inference bundle, or a run directory (uses export_best/)")
     p.add_argument("--video", required=True, help="any file FFmpeg reads: MP4, AVI, MOV, MKV, WebM, ...")
-    p.add_argument("--query", required=True, help="the sentence to find")
+    p.add_argument("--query", required=True, action="append",
+                   help="the sentence to find; repeat it to ask several (the video is decoded and encoded once, "
+                        "and the output is a JSON list, one object per query)")
     p.add_argument("--top-k", type=int, default=5, help="moments to return (default 5)")
     p.add_argument("--fps", "--clip-fps", type=float, default=None, action=Deprecated, old="--clip-fps",
                    help="frames per second to score (default: the rate the model was trained at, from the bundle); "
@@ -362,10 +332,11 @@ def run_predict(args: argparse.Namespace) -> int:
         raise UserError(f"--window must be between 1 and {MAX_WINDOW} frames, got {args.window}")
     model, cfg = load_model(args.checkpoint)
     start = time.perf_counter()
-    result = predict_video(model, cfg, args.video, args.query, args.top_k, fps=args.fps, window=args.window)
-    s = result["sampling"]
-    print(f"scored {s['frames']} frames of {result['duration']:.1f} s, one every {1 / s['fps']:.2f} s "
-          f"({s['fps']:g} frames/s), in {s['windows']} window(s) of up to {s['window']} frames, "
-          f"in {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    print(json.dumps(result, indent=2))
+    results = predict_video(model, cfg, args.video, args.query, args.top_k, fps=args.fps, window=args.window)
+    s = results[0]["sampling"]
+    print(f"scored {s['frames']} frames of {results[0]['duration']:.1f} s, one every {1 / s['fps']:.2f} s "
+          f"({s['fps']:g} frames/s), in {s['windows']} window(s) of up to {s['window']} frames, for "
+          f"{len(results)} quer{'y' if len(results) == 1 else 'ies'} in {time.perf_counter() - start:.1f} s",
+          file=sys.stderr)
+    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
     return 0

@@ -4,6 +4,7 @@ Never imports vmr.data."""
 
 from vmr.model.losses import moment_losses
 from vmr.model.model import (
+           FRAME_KEYS,
            VideoMomentRetrievalModel,
            batch_forward,
            decode_moments,
@@ -11,5 +12,5 @@ from vmr.model.model import (
            rank_moments,
 )
 
-__all__ = ["VideoMomentRetrievalModel", "batch_forward", "decode_moments", "frame_outputs", "moment_losses",
+__all__ = ["FRAME_KEYS", "VideoMomentRetrievalModel", "batch_forward", "decode_moments", "frame_outputs", "moment_losses",
            "rank_moments"]

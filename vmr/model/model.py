@@ -164,6 +164,9 @@ class VideoMomentRetrievalModel(nn.Module):
         self.eval()
         device = next(self.parameters()).device
         text = {k: v.to(device) for k, v in self.tokenize(queries).items()}
+        # The text tower once for every window: its token features are what forward takes in place of ids.
+        text = {"features": self.towers.encode_text(text["input_ids"], text["attention_mask"].bool())[0],
+                "attention_mask": text["attention_mask"]}
         merged = [{key: [] for key in FRAME_KEYS} for _ in queries]
         for frames, times, start, end, own in windows:
             local = torch.as_tensor(times, dtype=torch.float)[None] - start
