@@ -205,8 +205,9 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
     if manifest["kind"] != "features":
         raise UserError(f"{folder}: holds video shards, not encodings (build an index with 'vmr index')")
     extractor = manifest["extractor"]
-    if extractor.get("kind") != "clip":
-        raise UserError(f"{folder}: holds imported features ({extractor.get('kind')}), not a tower's encodings")
+    if extractor.get("kind") != "clip" and not model.config.feature_dim:
+        raise UserError(f"{folder}: holds imported features, which only a model trained on them reads "
+                        "(model.feature_dim)")
     check_cache(extractor, model, model.sampling, str(folder))
     check_tower(extractor, model, str(folder))
     spec = SamplingConfig(**{**dataclasses.asdict(model.sampling), **extractor.get("sampling", {})})
