@@ -13,6 +13,9 @@ train   the real training loop (vmr.train) for a few dozen steps: steps/s, sampl
         utilisation from a FLOP count when the GPU's peak is known.
 features  the frozen-feature cache: extraction rate against decode + one forward per frame, and a
         frozen-backbone training step from video shards against the same step from feature shards.
+search  encode once and ask many (first query, later queries, their ratio, memory per video minute;
+        the default architecture), and searching a collection (index build rate, search latency
+        against the number of videos, up to 1,000; the tiny preset): vmr/bench/search.py.
 infer   latency of one window (the config's frames per window) at batch 1 (p50, p95) and batched throughput from decoded
         frames, end-to-end latency from a video file, peak memory.
 
@@ -50,6 +53,9 @@ TARGETS = {
     "infer.peak_memory": (None, (2048.0, "max")),
     "features.extract_vs_decode_plus_forward": ((0.9, "min"), None),  # within 10% of decode + forward
     "features.features_speedup": ((10.0, "min"), None),
+    "encode.later_query_speedup": ((20.0, "min"), None),  # issue goals: later queries 20x faster than the first,
+    "encode.first_query_vs_full_pass": ((1.0, "max"), None),  # and the first no slower than a full pass
+    "search.search_1000_videos_shortlist_s": ((1.0, "max"), None),  # 1,000 videos in at most 1 s, 2 cores
 }
 
 
@@ -68,7 +74,7 @@ def _target_key(name: str) -> str:
 
 
 def _rows(report: dict):
-    for part in ("decode", "loader", "train", "infer", "features"):
+    for part in ("decode", "loader", "train", "infer", "features", "encode", "search"):
         if part not in report:
             continue
         sections = [(part, report[part]["results"])]
@@ -111,7 +117,8 @@ def _table(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "features", "all"), help="what to measure")
+    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "features", "search", "all"),
+                   help="what to measure")
     p.add_argument("--quick", action="store_true", help="small data and few repetitions (under 3 minutes on 2 cores)")
     p.add_argument("--shards", help="shards to read (path, glob or folder); default: make sample shards")
     p.add_argument("--videos", type=Path, help="the original video files of --shards (decode baseline, end-to-end)")
@@ -154,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from vmr.bench.data import bench_decode, bench_loader
     from vmr.bench.model import bench_features, bench_infer, bench_train
 
-    parts = ("decode", "loader", "train", "infer", "features") if args.suite == "all" else (args.suite,)
+    parts = ("decode", "loader", "train", "infer", "features", "search") if args.suite == "all" else (args.suite,)
     repeats = 2 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="vmr-bench-") as tmp:
         videos = args.videos
@@ -176,6 +183,11 @@ def run(args: argparse.Namespace) -> int:
                 report["train"] = bench_train(shards, device, args.quick, Path(tmp), options)
             elif part == "features":
                 report["features"] = bench_features(shards, device, args.quick, Path(tmp), options)
+            elif part == "search":
+                from vmr.bench.search import bench_encode, bench_search
+
+                report["encode"] = bench_encode(device, args.quick, Path(tmp), options)
+                report["search"] = bench_search(args.quick, Path(tmp))
             else:
                 report["infer"] = bench_infer(shards, videos, device, args.quick, repeats, options)
     print(_table(report))
