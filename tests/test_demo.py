@@ -62,6 +62,35 @@ def test_query_on_a_bundled_sample(bundle, monkeypatch):
     assert len(at.dataframe[0].value) <= 2
 
 
+def test_a_second_question_reuses_the_videos_encoding(bundle, monkeypatch):
+    at = app(bundle, monkeypatch)
+    at.button[0].click().run()
+    assert not any("reused" in c.value for c in at.caption)
+    at.text_input[0].set_value("a blue square grows").run()
+    at.button[0].click().run()
+    assert not at.exception and not errors(at) and len(at.dataframe[0].value) >= 1
+    assert any("encoding from an earlier question was reused" in c.value for c in at.caption)
+
+
+def test_the_search_page_finds_moments_over_an_indexed_collection(bundle, monkeypatch, synth_dir, tmp_path):
+    from vmr.cli import main
+
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(synth_dir / "videos"), "--out", str(index)]) == 0
+    monkeypatch.setenv("VMR_DEMO_INDEX", str(index))
+    at = app(bundle, monkeypatch)
+    at.radio(key="page").set_value("Search the collection").run()
+    at.text_input(key="search_query").set_value("a red circle moves left").run()
+    at.button[0].click().run()
+    assert not at.exception and not errors(at)
+    table = at.dataframe[0].value
+    assert list(table.columns) == ["rank", "video", "start (s)", "end (s)", "score"] and len(table) >= 1
+    assert set(table["video"]) <= {p.stem for p in (synth_dir / "videos").glob("*.mp4")}
+    at.text_input(key="search_query").set_value("   ").run()
+    at.button[0].click().run()
+    assert not at.exception and any("query" in e.lower() for e in errors(at))
+
+
 def test_upload_a_video(bundle, monkeypatch, synth_dir):
     at = app(bundle, monkeypatch)
     at.radio[0].set_value("Upload a video").run()
@@ -160,8 +189,8 @@ def test_a_bad_upload_limit_is_a_message_not_a_traceback(bundle, monkeypatch):
 
 
 def test_uploads_stay_private_and_are_removed(bundle, monkeypatch, synth_dir, tmp_path):
-    """The upload is on disk only while the model reads it, in a folder of its own; an error names
-    the user's file, never the server's temporary one."""
+    """The upload is read from memory, never written to disk; an error names the user's file, never
+    a temporary one."""
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

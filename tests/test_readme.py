@@ -104,10 +104,13 @@ def test_your_own_videos_walk_through_runs(synth_dir, tmp_path):
         assert result.returncode == 0, f"{command}\n{result.stderr[-3000:]}"
         ran.append((command, result))
     assert [c.split()[:2] for c, _ in ran] == [["vmr", "shards"]] * 3 + [["vmr", "train"], ["accelerate", "launch"]] + \
-        [["vmr", "eval"]] * 2 + [["vmr", "predict"]]
+        [["vmr", "eval"]] * 2 + [["vmr", "predict"], ["vmr", "index"], ["vmr", "search"]]
     metrics = json.loads((work / "runs" / "mine" / "metrics.json").read_text())
     assert "MR-full-R1@0.5" in metrics["brief"]
-    predicted = json.loads(ran[-1][1].stdout)
-    assert predicted["query"] == "a person opens the fridge" and predicted["moments"]
-    assert len(predicted["frame_times"]) == len(predicted["frame_scores"]) > 0
+    predicted = json.loads(ran[-3][1].stdout)
+    assert [p["query"] for p in predicted] == ["a person opens the fridge", "a person washes a cup"]
+    assert predicted[0]["moments"] and len(predicted[0]["frame_times"]) == len(predicted[0]["frame_scores"]) > 0
+    found = json.loads(ran[-1][1].stdout)
+    assert found["query"] == "a person opens the fridge" and 0 < len(found["results"]) <= 5
+    assert {r["video"] for r in found["results"]} <= {p.stem for p in (work / "my_videos").iterdir()}
     assert (work / "runs" / "mine" / "export_best" / "model.safetensors").is_file()

@@ -81,7 +81,7 @@ def test_an_encoded_video_answers_every_query_as_a_full_pass_does(synth_dir):
     assert video.nbytes == video.tokens.numel() * 4 and video.bytes_per_minute() > 0
 
 
-def test_a_saved_encoding_reloads_and_answers_the_same(synth_dir, tmp_path):
+def test_a_saved_encoding_reloads_and_answers_the_same(bundle, synth_dir, tmp_path):
     model, _ = tiny_model()
     video = encode_video(model, sorted((synth_dir / "videos").glob("*.mp4"))[1])
     video.save(tmp_path / "enc")
@@ -95,6 +95,10 @@ def test_a_saved_encoding_reloads_and_answers_the_same(synth_dir, tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(Exception, match="not empty and not an encoding"):
         video.save(tmp_path / "other")
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(synth_dir / "videos"),
+                 "--out", str(tmp_path / "index")]) == 0
+    with pytest.raises(Exception, match="not a saved encoding"):  # an index is never replaced by one video
+        video.save(tmp_path / "index")
     # Another model's tower: refused in one line.
     other, _ = tiny_model(seed=1)
     with pytest.raises(Exception, match="another vision tower"):

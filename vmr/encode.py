@@ -41,6 +41,7 @@ from vmr.text import check_query
 if TYPE_CHECKING:  # torch is imported where it is used: 'vmr --help' stays instant
     import torch
 
+ENCODING = "video-000000.tar"  # the one shard of a saved encoding
 CHUNK = 64  # frames decoded and encoded at once: memory bounded whatever the video's length
 
 
@@ -138,11 +139,13 @@ class EncodedVideo:
         folder = Path(folder)
         if folder.exists() and any(folder.iterdir()) and not (folder / MANIFEST).is_file():
             raise UserError(f"{folder}: not empty and not an encoding; save to a new folder")
-        if (folder / MANIFEST).is_file() and read_manifest(folder)["kind"] != "features":
-            raise UserError(f"{folder}: holds video shards; save the encoding to another folder")
+        if (folder / MANIFEST).is_file():  # only a saved encoding is replaced: never a cache or an index
+            splits = read_manifest(folder)["splits"]
+            if list(splits) != ["video"] or [s["path"] for s in splits["video"]["shards"]] != [ENCODING]:
+                raise UserError(f"{folder}: holds shards that are not a saved encoding; save to another folder")
         folder.mkdir(parents=True, exist_ok=True)
         with FolderLock(folder, "saving an encoding"):
-            shard = TarShard(folder, "video-000000.tar")
+            shard = TarShard(folder, ENCODING)
             try:
                 shard.write(*self.sample())
                 entry = shard.close()

@@ -80,7 +80,15 @@ class Index:
         words, sentence = self.model.towers.encode_text(text["input_ids"], text["attention_mask"].bool())
         return words, text["attention_mask"], self.model.pool.to_q(self.model.sentence_in(sentence))[0].float()
 
-    def shortlist(self, query_vector, count: int) -> list[tuple[int, float]]:
+    def shortlist(self, query: str, count: int) -> list[tuple[int, float]]:
+        """(video index, score) of the ``count`` best videos for ``query`` by the first stage alone."""
+        import torch
+
+        check_query(self.model.tokenizer, query)
+        with torch.no_grad():
+            return self._shortlist(self._sentence(query)[2], count)
+
+    def _shortlist(self, query_vector, count: int) -> list[tuple[int, float]]:
         """(video, score) of the ``count`` best videos by the shortlist's score (module docstring)."""
         import torch
 
@@ -104,14 +112,14 @@ class Index:
         the full model (0: all of them); each gives at most ``per_video`` moments."""
         import torch
 
+        from vmr.model import rank_moments
+
         check_query(self.model.tokenizer, query)
         with torch.no_grad():
             words, mask, pooled = self._sentence(query)
-            picked = self.shortlist(pooled, candidates or len(self.videos))
+            picked = self._shortlist(pooled, candidates or len(self.videos))
             results = []
             for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], words, mask), strict=True):
-                from vmr.model import rank_moments
-
                 for start, end, score in rank_moments(scores, per_video, self.model.config.nms_iou):
                     results.append({"video": self.videos[index].video_id, "start": round(start, 4),
                                     "end": round(end, 4), "score": round(score, 4), "shortlist": round(prior, 4)})

@@ -30,6 +30,7 @@ def upload_limit_mb(value: str | None = None) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="an inference bundle or a run directory (default: the quickstart's model)")
+    p.add_argument("--index", type=Path, help="an index made by 'vmr index': adds a page that searches the collection")
     p.add_argument("--port", type=int, default=8501, help="local port (default 8501)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
@@ -48,10 +49,18 @@ def run(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.port", str(args.port),
                "--server.address", args.host, "--server.maxUploadSize", str(max(1, math.ceil(limit))),
                "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    extra = []
     if args.checkpoint:
         from vmr.bundle import resolve_bundle
 
-        command += ["--", "--checkpoint", str(resolve_bundle(args.checkpoint))]
+        extra += ["--checkpoint", str(resolve_bundle(args.checkpoint))]
+    if args.index is not None:
+        from vmr.search import read_index
+
+        read_index(args.index)  # a missing or damaged index: one line now, not a page later
+        extra += ["--index", str(args.index.resolve())]
+    if extra:
+        command += ["--", *extra]
     os.environ["VMR_DEMO_MAX_MB"] = f"{limit:g}"
     shown = "localhost" if args.host in ("127.0.0.1", "localhost") else args.host
     print(f"vmr demo: open http://{shown}:{args.port}", file=sys.stderr)

@@ -1,10 +1,12 @@
 """Streamlit demo: find the moments of a sentence in a video.
 
-    vmr demo [--checkpoint DIR] [--port P] [--host 127.0.0.1] [--max-upload-mb MB]
-    streamlit run vmr/demo/app.py -- --checkpoint DIR
+    vmr demo [--checkpoint DIR] [--index IDX] [--port P] [--host 127.0.0.1] [--max-upload-mb MB]
+    streamlit run vmr/demo/app.py -- --checkpoint DIR [--index IDX]
 
 The model is an inference bundle (or a run directory); without one the app uses the quickstart's
-model when it exists. It is loaded once per process and cached across reruns. Bad input (not a
+model when it exists. It is loaded once per process and cached across reruns; the encoding of the
+video on the page is kept across questions. With an index (``vmr index``), a second page searches
+the whole collection. Bad input (not a
 video, a corrupt video, a file over the size limit, an empty query) gets a message in the page
 and the app stays usable.
 """
@@ -35,6 +37,63 @@ def checkpoint_argument() -> tuple[Path | None, bool]:
     if named:
         return Path(named), True
     return next((p for p in QUICKSTART if (p / "model.safetensors").is_file()), None), False
+
+
+def index_argument() -> Path | None:
+    """The index to search (``--index`` or VMR_DEMO_INDEX), if the demo was started with one."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--index")
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    named = args.index or os.environ.get("VMR_DEMO_INDEX")
+    return Path(named) if named else None
+
+
+@st.cache_resource(show_spinner="Opening the index ...")
+def open_index(checkpoint: str, folder: str):
+    """The opened index (vmr/search.py) and its record; once per process."""
+    from vmr.search import Index, read_index
+
+    model, _ = load_model(checkpoint)
+    return Index.open(folder, model), read_index(Path(folder))
+
+
+def search_page(checkpoint: Path, folder: Path, top_k: int) -> None:
+    """Search the whole indexed collection for a sentence: the best moments over all its videos."""
+    import pandas as pd
+
+    from vmr.errors import UserError
+
+    try:
+        index, record = open_index(str(checkpoint), str(folder))
+    except UserError as error:
+        st.error(f"Cannot open the index: {error}")
+        return
+    st.caption(f"{len(index.videos)} videos in {folder}"
+               + (f"; {len(index.skipped)} unreadable ones left out" if index.skipped else ""))
+    query = st.text_input("Sentence", placeholder="a red circle moves left", key="search_query")
+    if st.button("Search", type="primary"):
+        try:
+            start = time.perf_counter()
+            st.session_state["found"] = {**index.search(query, top_k), "seconds": time.perf_counter() - start}
+        except UserError as error:
+            st.session_state.pop("found", None)
+            st.error(str(error))
+    found = st.session_state.get("found")
+    if not found:
+        return
+    st.subheader(f"Best moments for \u201c{found['query']}\u201d")
+    st.caption(f"Searched {found['videos']} videos in {found['seconds']:.2f} s ({found['reranked']} reranked by the "
+               "full model after the shortlist)")
+    st.dataframe(pd.DataFrame([{"rank": i + 1, "video": r["video"], "start (s)": round(r["start"], 2),
+                                "end (s)": round(r["end"], 2), "score": round(r["score"], 3)}
+                               for i, r in enumerate(found["results"])]), hide_index=True, width="stretch")
+    files = {p.stem: p for p in Path(record["videos"]).iterdir()} if record.get("videos") and \
+        Path(record["videos"]).is_dir() else {}
+    playable = [i for i, r in enumerate(found["results"]) if r["video"] in files]
+    if playable:
+        choice = st.radio("Play", playable, horizontal=True, format_func=lambda i: f"#{i + 1}")
+        hit = found["results"][choice]
+        st.video(str(files[hit["video"]]), start_time=int(hit["start"]))
 
 
 @st.cache_resource(show_spinner="Loading the model ...")
@@ -100,27 +159,32 @@ def scores_chart(result: dict, truth: list | None):
 
 def find_moments(model, cfg, video: Path | tuple[str, bytes], query: str, top_k: int, nms_iou: float) -> dict:
     """``vmr predict``'s result plus the processing time (raises UserError on a bad video or query).
-    ``video`` is a file, or an upload's (name, bytes): those are written into a private temporary
-    folder (readable by this user only) that is removed as soon as the video has been read, and
-    messages name the user's file, not the temporary one."""
+    ``video`` is a file, or an upload's (name, bytes), read from memory (never written to disk), so
+    messages name the user's file. The video's encoding (vmr/encode.py) is kept in the session:
+    another question on the same video runs only the text side and the layers above."""
+    import hashlib
+
+    from vmr.encode import encode_video
     from vmr.errors import UserError
-    from vmr.eval.predict import predict_video
+    from vmr.text import check_query
 
     if not query.strip():
         raise UserError("Type a query first, e.g. 'a red circle moves left'.")
+    check_query(model.tokenizer, query)
     start = time.perf_counter()
     if isinstance(video, Path):
-        result = predict_video(model, cfg, video, query, top_k=top_k, nms_iou=nms_iou)
-        return {**result, "seconds": time.perf_counter() - start}
-    name, data = video
-    with tempfile.TemporaryDirectory(prefix="vmr-demo-") as folder:  # mode 0700
-        path = Path(folder) / f"upload{Path(name).suffix.lower()}"
-        path.write_bytes(data)
-        try:
-            result = predict_video(model, cfg, path, query, top_k=top_k, nms_iou=nms_iou)
-        except UserError as error:
-            raise UserError(str(error).replace(str(path), name)) from None
-    return {**result, "video": name, "seconds": time.perf_counter() - start}
+        key, source, name = ("file", str(video), video.stat().st_mtime_ns), video, str(video)
+    else:
+        name, data = video
+        key, source = ("upload", name, hashlib.sha256(data).hexdigest()), data
+    kept = st.session_state.get("encoding")
+    reused = kept is not None and kept[0] == key
+    if not reused:
+        st.session_state.pop("encoding", None)
+        encoded = encode_video(model, source, video_id=Path(name).stem if isinstance(video, Path) else name)
+        st.session_state["encoding"] = (key, encoded)
+    result = st.session_state["encoding"][1].ask(model, query, top_k, nms_iou, video=name)[0]
+    return {**result, "seconds": time.perf_counter() - start, "reused": reused}
 
 
 def show_results(result: dict, truth: list | None, media: Path | bytes) -> None:
@@ -129,7 +193,8 @@ def show_results(result: dict, truth: list | None, media: Path | bytes) -> None:
     st.subheader(f"Moments for \u201c{result['query']}\u201d")
     sampling = result["sampling"]
     st.caption(f"Processed in {result['seconds']:.2f} s: {sampling['frames']} frames scored over "
-               f"{result['duration']:.1f} s of video, in {sampling['windows']} window(s)")
+               f"{result['duration']:.1f} s of video, in {sampling['windows']} window(s)"
+               + (" (the video's encoding from an earlier question was reused)" if result.get("reused") else ""))
     if not result["moments"]:
         st.info("No moment found for this query.")
         return
@@ -184,6 +249,11 @@ def main() -> None:
         nms_iou = st.slider("NMS IoU threshold", 0.1, 0.95, float(model.config.nms_iou), 0.05)
         st.caption(f"Model: {checkpoint}")
 
+    index = index_argument()
+    if index is not None and st.radio("Page", ["One video", "Search the collection"], horizontal=True,
+                                      key="page") == "Search the collection":
+        search_page(checkpoint, index, top_k)
+        return
     source = st.radio("Video", ["Bundled sample", "Upload a video"], horizontal=True)
     video, media, name, truth_by_query, suggestion = None, None, None, {}, ""
     if source == "Bundled sample":
