@@ -9,7 +9,7 @@ from vmr.cli import main
 
 
 def _figures(report: dict):
-    for part in ("decode", "loader", "train", "infer", "features"):
+    for part in ("decode", "loader", "train", "infer", "features", "encode", "search"):
         for name, entry in report[part]["results"].items():
             for key, fig in ([(name, entry)] if "median" in entry else entry.items()):
                 yield f"{part}.{key}", fig
@@ -33,6 +33,10 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
             "peak_memory"} <= set(report["infer"]["results"])
     assert {"extract_frames_per_s", "extract_vs_decode_plus_forward", "frozen_step_from_videos_s",
             "frozen_step_from_features_s", "features_speedup"} <= set(report["features"]["results"])
+    assert {"first_query_s", "later_query_s", "later_query_speedup", "full_pass_per_query_s",
+            "encoding_mb_per_video_minute"} <= set(report["encode"]["results"])
+    assert {"index_videos_per_s", "search_300_videos_shortlist_s", "search_300_videos_exhaustive_s"} <= set(
+        report["search"]["results"])
     assert report["train"]["flops_per_step"] > 0
     names = []
     for name, fig in _figures(report):
@@ -45,7 +49,7 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| infer.latency_ms_p50 |" in table and "| features.features_speedup |" in table
     assert "| train.loop_overhead |" in table and "| loader.loader_workers_1.scaling_efficiency |" in table
-    assert "original promise" in table
+    assert "original promise" in table and "| encode.later_query_speedup |" in table
 
 
 def test_bench_rejects_bad_arguments(capsys):

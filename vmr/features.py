@@ -24,7 +24,9 @@ a video at random each time it is drawn.
 and ``manifest.json`` (the video shards' layout plus ``kind: features`` and ``extractor``: model,
 sampling spec, dtype, token count, width). Training, evaluation and prediction read them through the
 same loader and model (vmr/data/stream.py ``decode_features``; the model takes float tokens in place
-of frames) and refuse a cache that does not fit the model (``check_cache``).
+of frames) and refuse a cache that does not fit the model (``check_cache``). The same layout holds a
+saved encoding of one video and an index of a collection (vmr/encode.py, vmr/search.py): extraction
+works on ``Part``s, each one output shard, made from a video shard or from a group of video files.
 """
 
 from __future__ import annotations
