@@ -152,6 +152,34 @@ def test_an_index_built_in_parts_and_resumed_equals_one_built_at_once(bundle, sy
     assert len(Index.open(parted, model).videos) == len(files) + 1
 
 
+def test_two_processes_index_a_folder_and_list_a_broken_video(bundle, synth_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from vmr.bundle import load_model
+
+    from .conftest import free_port
+
+    videos = tmp_path / "videos"
+    shutil.copytree(synth_dir / "videos", videos)
+    good = sorted(p.stem for p in videos.glob("*.mp4"))
+    data = (videos / f"{good[0]}.mp4").read_bytes()
+    (videos / "broken.mp4").write_bytes(data[: len(data) // 3])
+    out = tmp_path / "index"
+    command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), "-m", "vmr.cli", "index", "--checkpoint", str(bundle), "--videos", str(videos),
+               "--videos-per-part", "2", "--out", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["key"] for s in manifest["skipped"]] == ["broken"]
+    model, _ = load_model(bundle)
+    index = Index.open(out, model)
+    assert sorted(v.video_id for v in index.videos) == good
+    assert json.loads((out / "index.json").read_text())["videos"] == str(videos.resolve())
+
+
 def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, tmp_path, capsys):
     """Over video shards: the search's best moment is the best of every video's own answer, and a
     shortlist as long as the collection changes nothing."""
