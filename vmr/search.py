@@ -196,9 +196,8 @@ def run_index(args: argparse.Namespace) -> int:
     else:
         urls = expand_shards(args.shards)
         if cache_of(urls) is not None:
-            raise UserError(f"{args.shards[0]}: these are feature shards already (an index of them needs no "
-                            "encoding: give their folder to 'vmr search --index' after adding index.json, or "
-                            "give video shards)")
+            raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards, or a folder "
+                            "of videos (--videos)")
         if args.out.resolve() in {Path(u).resolve().parent for u in urls if Path(u).is_file()}:
             raise UserError("--out: write the index to another folder than the shards'")
         parts, source = shard_parts(urls), {"shards": [str(Path(u).resolve()) if Path(u).is_file() else u for u in urls]}
