@@ -50,15 +50,19 @@ class Index:
         if model.config.text_feature_dim:
             raise UserError("this model reads imported query features, not sentences: it cannot search with text")
         self.model, self.videos, self.skipped, self.folder = model.eval(), videos, skipped or [], folder
+        # The encodings stay on the host (their windows go to the device as the rerank takes them);
+        # the shortlist's keys live where the model is, in float16 (half the memory), scored in float32.
+        self.device, dtype = model.patch_in.weight.device, model.patch_in.weight.dtype
         pool = model.pool
         self.heads = pool.heads
         with torch.no_grad():
             # (frames, slots, d) keys of each frame's patches (the pooled vector when there is no grid)
-            keys = [pool.to_k(pool.norm(model.patch_in(self._grid(v.tokens).to(model.patch_in.weight.dtype))))
+            keys = [pool.to_k(pool.norm(model.patch_in(self._grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
                     for v in videos]
             self.null_key = pool.to_k(pool.null)[0].float()  # (d,)
-        self.keys = torch.cat(keys).to(torch.float16)  # half the memory; scored in float32 chunks
-        self.frame_video = torch.repeat_interleave(torch.arange(len(videos)), torch.tensor([len(k) for k in keys]))
+        self.keys = torch.cat(keys)
+        self.frame_video = torch.repeat_interleave(torch.arange(len(videos)),
+                                                   torch.tensor([len(k) for k in keys])).to(self.device)
 
     @staticmethod
     def _grid(tokens):
@@ -76,7 +80,7 @@ class Index:
 
     def _sentence(self, query: str):
         """(word features (1, l, c), attention mask (1, l), the pooling layer's query (d,))."""
-        text = self.model.tokenize([query])
+        text = {k: v.to(self.device) for k, v in self.model.tokenize([query]).items()}
         words, sentence = self.model.towers.encode_text(text["input_ids"], text["attention_mask"].bool())
         return words, text["attention_mask"], self.model.pool.to_q(self.model.sentence_in(sentence))[0].float()
 
@@ -101,7 +105,7 @@ class Index:
         for chunk in self.keys.split(1 << 14):  # (f, p, d) in float16 -> float32, a chunk at a time
             logits = torch.einsum("fphe,he->fhp", chunk.float().view(len(chunk), slots, h, e), q)
             frame_scores.append((torch.logsumexp(logits, dim=-1) - null).mean(dim=-1))
-        scores = torch.full((len(self.videos),), -math.inf).scatter_reduce(
+        scores = torch.full((len(self.videos),), -math.inf, device=self.device).scatter_reduce(
             0, self.frame_video, torch.cat(frame_scores), reduce="amax")
         best = scores.topk(min(count, len(self.videos)))
         return list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
@@ -145,10 +149,12 @@ class Index:
                 tokens[row, :len(frames)] = frames
                 times[row, :len(frames)] = torch.as_tensor(at, dtype=torch.float) - start
                 frame_mask[row, :len(frames)] = True
-            b = len(batch)
-            outputs = self.model(tokens, {"features": words.expand(b, -1, -1), "attention_mask": mask.expand(b, -1)},
-                                 frame_mask=frame_mask, video_index=torch.arange(b), frame_times=times,
-                                 duration=torch.tensor([w[3] - w[2] for _, w in batch]))
+            b, device = len(batch), self.device
+            outputs = self.model(tokens.to(device), {"features": words.expand(b, -1, -1),
+                                                     "attention_mask": mask.expand(b, -1)},
+                                 frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
+                                 frame_times=times.to(device),
+                                 duration=torch.tensor([w[3] - w[2] for _, w in batch], device=device))
             video_length = torch.tensor([self.videos[indices[n]].duration for n, _ in batch], dtype=torch.float64)
             parts = frame_outputs(outputs, torch.tensor([w[4] for _, w in batch]),
                                   torch.tensor([w[2] for _, w in batch], dtype=torch.float64), video_length)
