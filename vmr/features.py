@@ -97,6 +97,15 @@ def shard_parts(urls: list[str]) -> list[Part]:
             for url in urls]
 
 
+def check_video_shards(urls: list[str], given: str, out: Path) -> None:
+    """What ``vmr features extract`` and ``vmr index`` read must be video shards, and not in the
+    folder they write: each feature shard takes its video shard's name and would replace it."""
+    if cache_of(urls) is not None:
+        raise UserError(f"{given}: these are feature shards already; give video shards")
+    if out.resolve() in {Path(u).resolve().parent for u in urls if Path(u).is_file()}:
+        raise UserError(f"--out: {out} holds the video shards being read; write to another folder")
+
+
 def video_parts(files: list[Path], per_part: int, split: str = "videos") -> list[Part]:
     """Video files (sorted by name), ``per_part`` to a feature shard ``<split>-NNNNNN.tar``; a video's
     key is its file name without the extension."""
@@ -310,11 +319,7 @@ def run_extract(args: argparse.Namespace) -> int:
     urls = expand_shards([a for a in args.shards if a not in overrides])
     if overrides and args.checkpoint:
         raise UserError(f"config overrides ({overrides[0]}) go with --config; a --checkpoint brings its own")
-    if cache_of(urls) is not None:
-        raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards")
-    inputs = {Path(u).resolve().parent for u in urls if Path(u).is_file()}
-    if args.out.resolve() in inputs:  # each feature shard takes its video shard's name: it would replace it
-        raise UserError(f"--out: {args.out} holds the video shards being read; write the features to another folder")
+    check_video_shards(urls, args.shards[0], args.out)
     if not 1 <= args.views <= 64:
         raise UserError(f"--views must be between 1 and 64, got {args.views}")
     state = process_state()

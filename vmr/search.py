@@ -181,10 +181,9 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     from vmr.bundle import resolve_bundle
-    from vmr.cache import cache_of
     from vmr.data.annotations import VIDEO_EXTENSIONS
     from vmr.data.sources import expand_shards
-    from vmr.features import extract_command, shard_parts, video_parts
+    from vmr.features import check_video_shards, extract_command, shard_parts, video_parts
     from vmr.runtime import process_group_scope, process_state
 
     bundle = resolve_bundle(args.checkpoint).resolve()
@@ -201,11 +200,7 @@ def run_index(args: argparse.Namespace) -> int:
         parts, source = video_parts(files, args.videos_per_part), {"videos": str(args.videos.resolve())}
     else:
         urls = expand_shards(args.shards)
-        if cache_of(urls) is not None:
-            raise UserError(f"{args.shards[0]}: these are feature shards already; give video shards, or a folder "
-                            "of videos (--videos)")
-        if args.out.resolve() in {Path(u).resolve().parent for u in urls if Path(u).is_file()}:
-            raise UserError("--out: write the index to another folder than the shards'")
+        check_video_shards(urls, args.shards[0], args.out)
         parts, source = shard_parts(urls), {"shards": [str(Path(u).resolve()) if Path(u).is_file() else u for u in urls]}
     if (args.out / INDEX).is_file():
         read_index(args.out)  # a damaged or foreign index.json is refused before any work
