@@ -45,6 +45,8 @@ class Index:
     def __init__(self, model, videos: list[EncodedVideo], skipped: list | None = None, folder: Path | None = None):
         import torch
 
+        from vmr.model import patch_grid
+
         if not videos:
             raise UserError(f"{folder or 'the index'}: holds no video")
         if model.config.text_feature_dim:
@@ -57,16 +59,12 @@ class Index:
         self.heads = pool.heads
         with torch.no_grad():
             # (frames, slots, d) keys of each frame's patches (the pooled vector when there is no grid)
-            keys = [pool.to_k(pool.norm(model.patch_in(self._grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
+            keys = [pool.to_k(pool.norm(model.patch_in(patch_grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
                     for v in videos]
             self.null_key = pool.to_k(pool.null)[0].float()  # (d,)
         self.keys = torch.cat(keys)
         self.frame_video = torch.repeat_interleave(torch.arange(len(videos)),
                                                    torch.tensor([len(k) for k in keys])).to(self.device)
-
-    @staticmethod
-    def _grid(tokens):
-        return tokens[:, 1:] if tokens.shape[1] > 1 else tokens
 
     @classmethod
     def open(cls, folder: str | Path, model) -> Index:
@@ -79,10 +77,9 @@ class Index:
         return tokens + self.keys.numel() * self.keys.element_size()
 
     def _sentence(self, query: str):
-        """(word features (1, l, c), attention mask (1, l), the pooling layer's query (d,))."""
-        text = {k: v.to(self.device) for k, v in self.model.tokenize([query]).items()}
-        words, sentence = self.model.towers.encode_text(text["input_ids"], text["attention_mask"].bool())
-        return words, text["attention_mask"], self.model.pool.to_q(self.model.sentence_in(sentence))[0].float()
+        """(the text as forward takes it, the pooling layer's query (d,))."""
+        text, sentence = self.model.encode_queries([query])
+        return text, self.model.pool.to_q(self.model.sentence_in(sentence))[0].float()
 
     def shortlist(self, query: str, count: int) -> list[tuple[int, float]]:
         """(video index, score) of the ``count`` best videos for ``query`` by the first stage alone."""
@@ -90,7 +87,7 @@ class Index:
 
         check_query(self.model.tokenizer, query)
         with torch.no_grad():
-            return self._shortlist(self._sentence(query)[2], count)
+            return self._shortlist(self._sentence(query)[1], count)
 
     def _shortlist(self, query_vector, count: int) -> list[tuple[int, float]]:
         """(video, score) of the ``count`` best videos by the shortlist's score (module docstring)."""
@@ -120,17 +117,17 @@ class Index:
 
         check_query(self.model.tokenizer, query)
         with torch.no_grad():
-            words, mask, pooled = self._sentence(query)
+            text, pooled = self._sentence(query)
             picked = self._shortlist(pooled, candidates or len(self.videos))
             results = []
-            for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], words, mask), strict=True):
+            for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], text), strict=True):
                 for start, end, score in rank_moments(scores, per_video, self.model.config.nms_iou):
                     results.append({"video": self.videos[index].video_id, "start": round(start, 4),
                                     "end": round(end, 4), "score": round(score, 4), "shortlist": round(prior, 4)})
         results.sort(key=lambda r: (-r["score"], -r["shortlist"]))
         return {"query": query, "videos": len(self.videos), "reranked": len(picked), "results": results[:top_k]}
 
-    def _rerank(self, indices: list[int], words, mask) -> list[dict]:
+    def _rerank(self, indices: list[int], text: dict) -> list[dict]:
         """The full model on the windows of the videos ``indices`` (WINDOWS_AT_ONCE windows per
         forward, padded to the longest): per video, its ``frame_outputs`` merged over its windows."""
         import torch
@@ -150,8 +147,7 @@ class Index:
                 times[row, :len(frames)] = torch.as_tensor(at, dtype=torch.float) - start
                 frame_mask[row, :len(frames)] = True
             b, device = len(batch), self.device
-            outputs = self.model(tokens.to(device), {"features": words.expand(b, -1, -1),
-                                                     "attention_mask": mask.expand(b, -1)},
+            outputs = self.model(tokens.to(device), {k: v.expand(b, *v.shape[1:]) for k, v in text.items()},
                                  frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
                                  frame_times=times.to(device),
                                  duration=torch.tensor([w[3] - w[2] for _, w in batch], device=device))

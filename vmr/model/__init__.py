@@ -9,8 +9,9 @@ from vmr.model.model import (
            batch_forward,
            decode_moments,
            frame_outputs,
+           patch_grid,
            rank_moments,
 )
 
 __all__ = ["FRAME_KEYS", "VideoMomentRetrievalModel", "batch_forward", "decode_moments", "frame_outputs", "moment_losses",
-           "rank_moments"]
+           "patch_grid", "rank_moments"]

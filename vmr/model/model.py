@@ -116,8 +116,7 @@ class VideoMomentRetrievalModel(nn.Module):
             tokens = video_frames.to(self.frame_in.weight.dtype)
         else:
             tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
-        # Pooled-only features: the frame's one vector is also the one slot the query pools over.
-        grid = tokens[:, :, 1:] if tokens.shape[2] > 1 else tokens
+        grid = patch_grid(tokens)
         frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(grid)  # (b,t,d) (b,t,p,d)
         if "features" in text_inputs:
             words = text_inputs["features"].to(self.word_in.weight.dtype)
@@ -153,6 +152,15 @@ class VideoMomentRetrievalModel(nn.Module):
         enc = self.tokenizer(queries, padding=True, truncation=True, max_length=limit, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
+    def encode_queries(self, queries: list[str]) -> tuple[dict, torch.Tensor]:
+        """The text tower on ``queries``, on the model's device: ``{"features" (q, l, c),
+        "attention_mask" (q, l)}`` (what forward takes in place of ids, to run the tower once for
+        many forwards) and the sentence embeddings (q, c)."""
+        device = next(self.parameters()).device
+        text = {k: v.to(device) for k, v in self.tokenize(queries).items()}
+        words, sentence = self.towers.encode_text(text["input_ids"], text["attention_mask"].bool())
+        return {"features": words, "attention_mask": text["attention_mask"]}, sentence
+
     @torch.no_grad()
     def score_windows(self, windows, queries: list[str], duration: float) -> list[dict]:
         """Whole-video scores of several queries, one window of frames at a time (memory bounded by a
@@ -163,10 +171,7 @@ class VideoMomentRetrievalModel(nn.Module):
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
-        text = {k: v.to(device) for k, v in self.tokenize(queries).items()}
-        # The text tower once for every window: its token features are what forward takes in place of ids.
-        text = {"features": self.towers.encode_text(text["input_ids"], text["attention_mask"].bool())[0],
-                "attention_mask": text["attention_mask"]}
+        text = self.encode_queries(queries)[0]  # the text tower once for every window
         merged = [{key: [] for key in FRAME_KEYS} for _ in queries]
         for frames, times, start, end, own in windows:
             local = torch.as_tensor(times, dtype=torch.float)[None] - start
@@ -307,6 +312,12 @@ class VideoMomentRetrievalModel(nn.Module):
         if (directory / CACHE_RECORD).is_file():
             model.features = read_json(directory / CACHE_RECORD)
         return model.to(map_location).eval()
+
+
+def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., k, c) frame tokens -> the slots a query pools over: the patch grid after the class
+    token, or for pooled-only features (k = 1) the frame's one vector."""
+    return tokens[..., 1:, :] if tokens.shape[-2] > 1 else tokens
 
 
 def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
