@@ -22,7 +22,7 @@ case $mode in videos|features|report) ;;
 esac
 out=${2:?the output folder}
 data=${DATA:-runs/quickstart-data/shards}
-read -r -a model <<< "${MODEL:-model.freeze_clip=true model.vision_width=256 model.vision_layers=12 model.vision_heads=4}"
+read -r -a model <<< "${MODEL:-model.freeze_backbone=true model.vision_width=256 model.vision_layers=12 model.vision_heads=4}"
 steps=${STEPS:-1000}
 bin=$(dirname "$(command -v python3)")
 launch=("$bin/accelerate" launch --config_file launch/cpu_2proc.yaml)

@@ -40,7 +40,7 @@ def test_output_shapes_with_several_queries_per_video():
 
 def test_original_constructor_arguments():
     model = VideoMomentRetrievalModel(model_name="unused-for-random-init", temporal_modeling=False,
-                                      freeze_clip=True, init="random", tokenizer="synthetic", image_size=32,
+                                      freeze_backbone=True, init="random", tokenizer="synthetic", image_size=32,
                                       patch_size=8, vision_width=32, vision_layers=1, vision_heads=2, text_width=32,
                                       text_layers=1, text_heads=2, projection_dim=32, hidden_dim=32, num_heads=2)
     assert not model.config.temporal_modeling
@@ -81,7 +81,7 @@ def _targets(q: int, t: int) -> dict:
 
 @pytest.mark.parametrize("freeze", [False, True])
 def test_gradients_reach_every_trainable_parameter(freeze):
-    model = tiny_model(freeze_clip=freeze, dropout=0.1).train()
+    model = tiny_model(freeze_backbone=freeze, dropout=0.1).train()
     text = model.tokenize(["a red circle spins", "a blue square jumps"])
     out = model(frames(b=1), text)
     moment_losses(out, _targets(2, 6), model.config)["loss"].backward()
@@ -196,10 +196,10 @@ def test_clip_from_pretrained_directory(tmp_path):
     """The pretrained path (hub name or local directory) on a tiny CLIP saved to disk."""
     from transformers import CLIPModel
 
-    from vmr.model.backbone import random_clip_config
+    from vmr.model.backbone import random_tower_config
 
     cfg = load_config(TINY).model
-    clip = CLIPModel(random_clip_config(cfg, load_tokenizer("synthetic")))
+    clip = CLIPModel(random_tower_config(cfg, load_tokenizer("synthetic")))
     clip.save_pretrained(tmp_path / "clip")
     model = VideoMomentRetrievalModel.from_config(dataclasses.replace(cfg, init="pretrained", name=str(tmp_path / "clip")))
     torch.testing.assert_close(model.towers.vision.state_dict(), clip.vision_model.state_dict())
@@ -210,13 +210,17 @@ def test_bundle_round_trip(tmp_path):
     model = tiny_model()
     model.save_pretrained(tmp_path / "bundle")
     files = {p.name for p in (tmp_path / "bundle").iterdir()}
-    assert {"model.safetensors", "config.yaml", "clip_config.json", "tokenizer.json",
+    assert {"model.safetensors", "config.yaml", "tower_config.json", "tokenizer.json",
             "preprocessor_config.json"} <= files
     loaded = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
     text = model.tokenize(["a red circle spins"])
     torch.testing.assert_close(loaded(frames(b=1), text), model(frames(b=1), text))
     model.save_pretrained(tmp_path / "bundle")  # overwriting an existing bundle works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+    # A bundle written before other backbones names its towers' config clip_config.json: still read.
+    (tmp_path / "bundle" / "tower_config.json").rename(tmp_path / "bundle" / "clip_config.json")
+    old = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    torch.testing.assert_close(old(frames(b=1), text), model(frames(b=1), text))
 
 
 def test_from_pretrained_names_a_missing_file(tmp_path):

@@ -72,8 +72,10 @@ def test_a_damaged_manifest_is_one_line_for_every_reader(shards, tmp_path, capsy
 
 
 @pytest.mark.parametrize("name, content, needle", [
-    ("clip_config.json", b"{ broken", "clip_config.json: not valid JSON"),
-    ("clip_config.json", b"[]", "clip_config.json: expected a JSON object"),
+    ("tower_config.json", b"{ broken", "tower_config.json: not valid JSON"),
+    ("tower_config.json", b"[]", "tower_config.json: expected a JSON object"),
+    ("tower_config.json", b'{"model_type": "siglip"}', "towers of kind 'siglip', but its config.yaml says model.backbone: clip"),
+    ("tower_config.json", b'{"model_type": "clip", "vision_config": 3}', "not a usable inference bundle"),
     ("config.yaml", b"model:\n  hidden_dim: 64\n  num_heads: 4\n", "do not fit its config.yaml"),
     ("config.yaml", b"\x00\x01\xff", "config.yaml: not a text file"),
     ("model.safetensors", b"not weights at all", "model.safetensors: not readable as safetensors"),

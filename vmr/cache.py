@@ -3,8 +3,9 @@ manifest of feature shards), whether it fits a model, and whether a model may re
 
 Feature shards are made by ``vmr features extract`` (the vision tower's output for every frame) and
 ``vmr features import`` (the field's released features); their layout is in vmr/data/layout.py.
-A cache fits a model when its width, token count and frame rate are the model's; features of
-CLIP's tower are valid only for the tower that made them (its weights' sha256). Training, ``vmr
+A cache fits a model when its width, token count and frame rate are the model's; features made by
+a tower (``kind`` clip, siglip or siglip2: the backbone) are valid only for a tower of that kind
+with the very weights that made them (their sha256). Training, ``vmr
 eval --checkpoint``, ``vmr predict`` and the demo all ask here. Takes model objects, imports no
 model code.
 """
@@ -37,14 +38,20 @@ def vision_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def clip_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
+def by_tower(extractor: dict | None) -> bool:
+    """Whether features were made by a model's own vision tower (``vmr features extract``, saved
+    encodings, indexes), not imported: their ``kind`` is the tower's backbone."""
+    return (extractor or {}).get("kind", "imported") != "imported"
+
+
+def tower_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
                    data: DataConfig | None = None) -> dict:
     """The ``extractor`` record of features made by this model's tower at ``spec``: what a cache,
     an index or a saved encoding holds, and what a model reading it is checked against."""
-    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
-    extractor = {"kind": "clip", "model": source, "vision_sha256": vision_fingerprint(model),
-                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + grid,
-                 "width": model.towers.width, "text": False}
+    towers = model.towers
+    extractor = {"kind": towers.kind, "model": source, "vision_sha256": vision_fingerprint(model),
+                 "sampling": dataclasses.asdict(spec), "dtype": "float16", "tokens": 1 if pooled_only else 1 + towers.grid,
+                 "width": towers.vision_width, "text": False}
     if views > 1:  # how many, and how they were drawn: part of what a resumed extraction must match
         data = data or DataConfig()
         extractor["views"] = views
@@ -58,17 +65,21 @@ def cache_of(urls: list[str]) -> dict | None:
 
 
 def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> None:
-    """A one-line UserError when the cache cannot feed this model: another width, token count or
-    frame rate. (The vision tower itself is checked where it matters: a model trained on a cache
-    reads videos only through the tower that made the cache, ``check_reads_videos``.)"""
-    width = model.config.feature_dim or model.towers.width
-    grid = (model.clip_config.vision_config.image_size // model.clip_config.vision_config.patch_size) ** 2
+    """A one-line UserError when the cache cannot feed this model: another backbone, width, token
+    count or frame rate. (The vision tower's weights are checked where they matter: a model trained
+    on a cache reads videos only through the tower that made the cache, ``check_reads_videos``.)"""
+    width = model.config.feature_dim or model.towers.vision_width
+    grid = model.towers.grid
+    if by_tower(extractor) and not model.config.feature_dim and extractor["kind"] != model.towers.kind:
+        raise UserError(f"{where}: this feature cache was made by a {extractor['kind']} tower "
+                        f"({extractor.get('model')}), the model's backbone is {model.towers.kind}; extract it "
+                        "with this model (vmr features extract --checkpoint ...)")
     problems = []
     if extractor["width"] != width:
         problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d"
                         + (" (set model.feature_dim)" if extractor["kind"] == "imported" else ""))
-    if extractor["kind"] == "clip" and extractor["tokens"] not in (1, 1 + grid):
-        problems.append(f"it has {extractor['tokens']} tokens per frame, the model's CLIP makes {1 + grid}")
+    if by_tower(extractor) and extractor["tokens"] not in (1, 1 + grid):
+        problems.append(f"it has {extractor['tokens']} tokens per frame, the model's tower makes {1 + grid}")
     fps = extractor["sampling"]["fps"]
     if abs(fps - spec.fps) > 1e-9:
         problems.append(f"it holds {fps:g} frames/s, the model samples {spec.fps:g} (data.sampling.fps)")
@@ -84,11 +95,8 @@ def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> Non
 def use_cache(model, extractor: dict) -> None:
     """Train the layers above a cache: its towers get no input (frozen, so that every rank agrees on
     which parameters have gradients), and the bundle records the cache."""
-    model.towers.vision.requires_grad_(False)
-    model.towers.visual_projection.requires_grad_(False)
-    if extractor.get("text"):
-        model.towers.text.requires_grad_(False)
-        model.towers.text_projection.requires_grad_(False)
+    for part in model.towers.vision_parts() + (model.towers.text_parts() if extractor.get("text") else []):
+        part.requires_grad_(False)
     model.features = extractor
 
 
@@ -125,11 +133,11 @@ def check_shards(model, cache: dict | None) -> None:
 
 
 def check_tower(cache: dict, model, where: str) -> None:
-    """Features of CLIP's tower are only valid for the model whose layers learned on that tower: the
+    """Features of a tower are only valid for the model whose layers learned on that tower: the
     tower that made the model's training cache, else the model's own (its weights as trained)."""
-    if cache.get("kind") != "clip":
+    if not by_tower(cache):
         return
-    trained_on = model.features if (model.features or {}).get("kind") == "clip" else None
+    trained_on = model.features if by_tower(model.features) else None
     expected = trained_on["vision_sha256"] if trained_on else vision_fingerprint(model)
     if cache.get("vision_sha256") != expected:
         raise UserError(f"{where}: these features were made by another vision tower ({cache.get('model')}) than the "
@@ -138,13 +146,13 @@ def check_tower(cache: dict, model, where: str) -> None:
 
 
 def check_reads_videos(model) -> None:
-    """A model of imported features cannot read videos; one trained on a cache of CLIP features reads
-    them only through the very tower that made the cache."""
+    """A model of imported features cannot read videos; one trained on a cache of its tower's features
+    reads them only through the very tower that made the cache."""
     if model.config.feature_dim or model.config.text_feature_dim:
         raise UserError(f"this model reads imported {model.config.feature_dim or ''}-d features, not videos "
                         "(give feature shards made by 'vmr features import')")
     cache = model.features or {}
-    if cache.get("kind") == "clip" and vision_fingerprint(model) != cache.get("vision_sha256"):
+    if by_tower(cache) and vision_fingerprint(model) != cache.get("vision_sha256"):
         raise UserError(f"this model was trained on features of another vision tower ({cache.get('model')}) "
                         "than its own: it reads only those feature shards, not videos")
 

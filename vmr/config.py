@@ -56,10 +56,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained)
-    init: Literal["pretrained", "random"] = "pretrained"  # random: a CLIP of the sizes below, untrained
+    # The image-text towers (vmr/model/backbone.py): clip (CLIPModel), siglip (SiglipModel, also SigLIP 2's
+    # fixed-resolution checkpoints) or siglip2 (Siglip2Model, the NaFlex checkpoints)
+    backbone: Literal["clip", "siglip", "siglip2"] = "clip"
+    name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained), of that kind
+    init: Literal["pretrained", "random"] = "pretrained"  # random: towers of the sizes below, untrained
     tokenizer: str = ""  # "" = the model's; "synthetic" = built locally for `vmr synth` data
-    # CLIP sizes for init=random (pretrained models bring their own); defaults are ViT-B/32's
+    # Tower sizes for init=random (pretrained towers bring their own); defaults are CLIP ViT-B/32's.
+    # projection_dim is CLIP's shared space; SigLIP's is the vision width.
     image_size: int = 224
     patch_size: int = 32
     vision_width: int = 768
@@ -70,14 +74,14 @@ class ModelConfig:
     text_heads: int = 8
     projection_dim: int = 512
     # Backbone handling
-    freeze_clip: bool = False
-    gradient_checkpointing: bool = False  # recompute the CLIP towers' activations in backward
+    freeze_backbone: bool = False  # the towers get no gradient (freeze_clip: its earlier name)
+    gradient_checkpointing: bool = False  # recompute the towers' activations in backward
     frame_chunk: int = 256  # frames per vision-tower call: bounds activation memory on long batches
     # Cached features (vmr features): widths of imported features the layers above read instead of
-    # CLIP's towers; 0 = CLIP's own (extracted caches, or videos)
+    # the towers'; 0 = the towers' own (extracted caches, or videos)
     feature_dim: int = 0  # per-frame video features, e.g. 2816 for SlowFast + CLIP (2304 + 512)
     text_feature_dim: int = 0  # per-token query features, e.g. 512 for CLIP's text tower
-    # Temporal and cross-attention layers on top of CLIP
+    # Temporal and cross-attention layers on top of the towers
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
     motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
     motion_span: int = 2  # with motion: changes over 1..motion_span frames on each side
@@ -105,7 +109,7 @@ class TrainConfig:
     batch_size: int = 8  # videos per process and micro-batch (each with up to data.queries_per_video queries)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-4
-    backbone_lr_mult: float = 0.1  # CLIP's learning rate is lr times this
+    backbone_lr_mult: float = 0.1  # the towers' learning rate is lr times this
     weight_decay: float = 1e-5
     warmup_steps: int = 1000  # linear warm-up, then cosine decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.0
@@ -264,20 +268,24 @@ def _coerce(value, kind, key: str):
 # Keys of earlier versions, still read (bundles and presets written before the sampling spec).
 RENAMED = {("data", "clip_fps"): ("data", "sampling", "fps"), ("data", "image_size"): ("data", "sampling", "size"),
            ("data", "frame_sampling"): ("data", "sampling", "frames"),
-           ("model", "max_frames"): ("data", "sampling", "window")}
+           ("model", "max_frames"): ("data", "sampling", "window"), ("model", "freeze_clip"): ("model", "freeze_backbone")}
 
 
 def _renamed(values: dict) -> dict:
     """``values`` (a whole config mapping) with the keys of earlier versions moved to their new place
     (a value given under the new key wins)."""
     values = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
-    for (section, key), (new_section, group, new_key) in RENAMED.items():
+    for (section, key), (*parents, new_key) in RENAMED.items():
         if isinstance(values.get(section), dict) and key in values[section]:
             value = values[section].pop(key)
-            target = values.setdefault(new_section, {})
-            if isinstance(target, dict):
-                target[group] = dict(target.get(group) or {})
-                target[group].setdefault(new_key, value)
+            target = values
+            for part in parents:
+                if not isinstance(target.get(part, {}), dict):
+                    break  # a section given as something else: the reader refuses it later
+                target[part] = dict(target.get(part) or {})
+                target = target[part]
+            else:
+                target.setdefault(new_key, value)
     return values
 
 

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmr.cache import check_cache, check_reads_videos, check_tower, clip_extractor
+from vmr.cache import by_tower, check_cache, check_reads_videos, check_tower, tower_extractor
 from vmr.config import SamplingConfig
 from vmr.data.manifest import MANIFEST, read_manifest
 from vmr.data.tars import TIMES, TOKENS, TarShard, npy_bytes, sanitise_key
@@ -190,7 +190,7 @@ def encode_video(model, source: str | Path | bytes, fps: float | None = None, vi
         raise UserError(f"{where}: cannot decode this video ({first_line(error)})") from None
     finally:
         model.train(was_training)
-    return EncodedVideo(name, info.duration, times, tokens, spec, extractor=clip_extractor(model, spec, False, where))
+    return EncodedVideo(name, info.duration, times, tokens, spec, extractor=tower_extractor(model, spec, False, where))
 
 
 # ----- reading encodings back: a folder of feature shards --------------------------------------------
@@ -208,7 +208,7 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
     if manifest["kind"] != "features":
         raise UserError(f"{folder}: holds video shards, not encodings (build an index with 'vmr index')")
     extractor = manifest["extractor"]
-    if extractor.get("kind") != "clip" and not model.config.feature_dim:
+    if not by_tower(extractor) and not model.config.feature_dim:
         raise UserError(f"{folder}: holds imported features, which only a model trained on them reads "
                         "(model.feature_dim)")
     check_cache(extractor, model, model.sampling, str(folder))

@@ -1,14 +1,15 @@
 """The frozen-feature cache: ``vmr features extract`` and ``vmr features import``.
 
-Most experiments keep CLIP's vision tower frozen; then what it computes for a frame never changes,
+Most experiments keep the vision tower (CLIP's or SigLIP's) frozen; then what it computes for a frame never changes,
 and decoding and re-encoding every video at every epoch is repeated work. ``extract`` decodes each
 video once at the model's sampling spec (the whole video: one frame at the centre of each 1/fps
 bin) and runs the vision tower once per frame; ``import`` packs the field's released
 per-clip features. Both write **feature shards**: WebDataset tars with the same sample keys and
 ``json`` as the video shards, where each sample holds instead of ``mp4``
 
-  tokens.npy   float16 (t, k, c)   per frame: CLIP's projected class token, then its patch grid
-                                   (k = 1 + patches), or the pooled vector only (k = 1)
+  tokens.npy   float16 (t, k, c)   per frame: the tower's pooled embedding (CLIP's projected class
+                                   token, SigLIP's pooling head), then its patch grid (k = 1 +
+                                   patches), or the pooled vector only (k = 1)
   times.npy    float64 (t,)        seconds from the video's start
   text.npz     float16, per qid    imported query features (tokens, c) (optional)
   views.npy    float16 (v, t, k, c) with ``--views 1+v``: augmented copies for training (optional)
@@ -40,7 +41,7 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from vmr.cache import cache_of, clip_extractor
+from vmr.cache import cache_of, tower_extractor
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.manifest import MANIFEST, check_shard, claim, shard_entry
 from vmr.data.sources import bounded_downloads
@@ -207,7 +208,7 @@ def extract_features(model, spec: SamplingConfig, parts: list[str] | list[Part],
     model.eval()
     (out / DONE).mkdir(parents=True, exist_ok=True)
     data = data or DataConfig()
-    extractor = clip_extractor(model, spec, pooled_only, source, views, data)
+    extractor = tower_extractor(model, spec, pooled_only, source, views, data)
     totals = {"shards": 0, "resumed": 0, "samples": 0, "frames": 0, "skipped": 0}
     mine = parts[rank::world]
     bar = tqdm(total=len(mine), desc="encoding", unit="shard", disable=not progress, file=sys.stderr)
@@ -294,8 +295,8 @@ def _same_extractor(entry: dict, extractor: dict, out: Path) -> None:
 
 def add_extract_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="an inference bundle or run directory: its CLIP and sampling spec")
-    source.add_argument("--config", help="a config preset: its CLIP (hub name, local directory, or random init) "
+    source.add_argument("--checkpoint", help="an inference bundle or run directory: its towers and sampling spec")
+    source.add_argument("--config", help="a config preset: its towers (model.backbone and model.name, or random init) "
                                          "and data.sampling")
     p.add_argument("--shards", nargs="+", required=True, help="video shards (folder, glob, brace pattern)")
     p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
@@ -344,7 +345,7 @@ def extract_command(args: argparse.Namespace, state, parts: list[Part], override
         source = str(args.checkpoint)
     else:
         cfg = load_config(args.config, overrides)
-        torch.manual_seed(cfg.train.seed)  # a random-init CLIP is the same in every process
+        torch.manual_seed(cfg.train.seed)  # random-init towers are the same in every process
         model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(state.device)
         source = cfg.model.name if cfg.model.init == "pretrained" else f"random init ({args.config}, seed {cfg.train.seed})"
     spec = model.sampling

@@ -202,7 +202,7 @@ def bench_features(shards: str, device: str, quick: bool, workdir: Path, options
 
     torch.set_num_threads(1 if device == "cpu" else torch.get_num_threads())
     cfg = bench_config(device, shards, options)
-    cfg.model.freeze_clip = True
+    cfg.model.freeze_backbone = True
     dev = torch.device(device)
     spec = cfg.data.sampling
     torch.manual_seed(0)

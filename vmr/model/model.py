@@ -1,7 +1,7 @@
-"""VideoMomentRetrievalModel: CLIP towers -> query-conditioned frame features -> temporal and
-cross-attention blocks -> per-frame heads; decoding to ranked moments in seconds; inference bundles.
+"""VideoMomentRetrievalModel: image-text towers (CLIP or SigLIP, vmr/model/backbone.py) ->
+query-conditioned frame features -> temporal and cross-attention blocks -> per-frame heads; decoding to ranked moments in seconds; inference bundles.
 
-Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c CLIP width,
+Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c the towers' width,
 d model width. A batch may hold several queries per video: each video is encoded once and
 its features are copied to its queries by ``video_index`` (q,).
 """
@@ -22,48 +22,52 @@ from torch import nn
 from vmr.config import Config, ModelConfig, SamplingConfig, load_config
 from vmr.errors import UserError
 from vmr.io import first_line, read_json
-from vmr.model.backbone import ClipTowers, frames_to_tokens, load_clip, load_processor
+from vmr.model.backbone import TOWERS, frames_to_tokens, load_processor, load_towers_model, tower_config
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
 from vmr.spans import nms, windows_over
 from vmr.text import load_tokenizer
 
-WEIGHTS, CONFIG, CLIP_CONFIG, CACHE_RECORD = "model.safetensors", "config.yaml", "clip_config.json", "features.json"
+WEIGHTS, CONFIG, TOWER_CONFIG, CACHE_RECORD = "model.safetensors", "config.yaml", "tower_config.json", "features.json"
+OLD_TOWER_CONFIG = "clip_config.json"  # bundles written before other backbones: CLIP's config, same contents
 
 
 class VideoMomentRetrievalModel(nn.Module):
-    """``VideoMomentRetrievalModel(model_name=..., temporal_modeling=True, freeze_clip=False,
+    """``VideoMomentRetrievalModel(model_name=..., temporal_modeling=True, freeze_backbone=False,
     **model_config_fields)``, or ``from_config(cfg.model, sampling=cfg.data.sampling)``, or
     ``from_pretrained(bundle_dir)``. ``sampling`` is the spec the model is trained at (frames per
     second, frames per window): ``retrieve_moments`` and ``score_windows`` read videos with it, and
     bundles carry it."""
 
     def __init__(self, model_name: str | None = None, temporal_modeling: bool = True,
-                 freeze_clip: bool = False, *, config: ModelConfig | None = None, tokenizer=None,
-                 clip_config=None, processor_source: str | None = None, sampling: SamplingConfig | None = None,
+                 freeze_backbone: bool = False, *, config: ModelConfig | None = None, tokenizer=None,
+                 tower_config=None, processor_source: str | None = None, sampling: SamplingConfig | None = None,
                  **options):
         super().__init__()
         if isinstance(tokenizer, str):  # the config field (a name), not a tokenizer object
             options["tokenizer"], tokenizer = tokenizer, None
         if config is None:
-            config = ModelConfig(temporal_modeling=temporal_modeling, freeze_clip=freeze_clip, **options)
+            freeze_backbone = options.pop("freeze_clip", freeze_backbone)  # its earlier name
+            config = ModelConfig(temporal_modeling=temporal_modeling, freeze_backbone=freeze_backbone, **options)
             if model_name is not None:
                 config.name = model_name
             Config(model=config).validate()
         self.config = config
         self.sampling = dataclasses.replace(sampling) if sampling is not None else SamplingConfig()
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer or config.name)
-        self.tokenizer.padding_side = "right"  # the causal text tower reads its padding-free prefix (encode_text)
-        clip = load_clip(config, self.tokenizer, clip_config)
-        if processor_source is None and clip_config is None and config.init == "pretrained":
+        self.tokenizer.padding_side = "right"  # the text towers read real tokens first (encode_text)
+        towers = load_towers_model(config, self.tokenizer, tower_config)
+        if processor_source is None and tower_config is None and config.init == "pretrained":
             processor_source = config.name
-        self.processor = load_processor(config, clip.config, processor_source)
-        self.clip_config = clip.config
-        self.towers = ClipTowers(clip, self.processor, config)
+        self.processor = load_processor(config, towers.config, processor_source)
+        self.tower_config = towers.config
+        self.towers = TOWERS[config.backbone](towers, self.processor, config)
 
-        c, d, heads, drop = self.towers.width, config.hidden_dim, config.num_heads, config.dropout
-        cv, ct = config.feature_dim or c, config.text_feature_dim or c
+        d, heads, drop = config.hidden_dim, config.num_heads, config.dropout
+        cv = config.feature_dim or self.towers.vision_width
+        ct, cs = (config.text_feature_dim,) * 2 if config.text_feature_dim else \
+            (self.towers.text_width, self.towers.sentence_width)
         self.frame_in, self.patch_in = nn.Linear(cv, d), nn.Linear(cv, d)
-        self.word_in, self.sentence_in = nn.Linear(ct, d), nn.Linear(ct, d)
+        self.word_in, self.sentence_in = nn.Linear(ct, d), nn.Linear(cs, d)
         self.features: dict | None = None  # the feature cache trained on (vmr features), saved in bundles
         self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
         self.norm_in = nn.LayerNorm(d)
@@ -88,7 +92,7 @@ class VideoMomentRetrievalModel(nn.Module):
         patches: the class token then the patch grid; or k = 1, pooled only, which the query then
         pools as its only slot); text_inputs {"input_ids", "attention_mask"} (q, l), or
         {"features" (q, l, c), "attention_mask"} from imported text features (the sentence is the
-        last valid token, as CLIP's end-of-text);
+        last valid token);
         frame_mask (b, t) False on padding; video_index (q,) the video of each query (default: one
         query per video, or every query on a single video); frame_times (b, t) seconds (default one
         frame per second) and duration (b,) seconds, carried through for losses and decoding.
@@ -148,7 +152,7 @@ class VideoMomentRetrievalModel(nn.Module):
         return decode_moments(outputs, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
 
     def tokenize(self, queries: list[str], max_length: int = 77) -> dict:
-        limit = min(max_length, self.clip_config.text_config.max_position_embeddings)
+        limit = min(max_length, self.tower_config.text_config.max_position_embeddings)
         enc = self.tokenizer(queries, padding=True, truncation=True, max_length=limit, return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
@@ -220,7 +224,7 @@ class VideoMomentRetrievalModel(nn.Module):
     # ----- optimisation -------------------------------------------------------------------------
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
-        """AdamW groups: CLIP at ``lr * backbone_lr_mult``, the rest at ``lr``; no weight decay on
+        """AdamW groups: the towers at ``lr * backbone_lr_mult``, the rest at ``lr``; no weight decay on
         biases, norms and embeddings (tensors with fewer than 2 dimensions)."""
         backbone = {id(p) for p in self.towers.parameters()}
         groups: dict[tuple[bool, bool], list] = {}
@@ -235,7 +239,7 @@ class VideoMomentRetrievalModel(nn.Module):
     # ----- inference bundles --------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path, config: Config | None = None, state_dict: dict | None = None) -> Path:
-        """Write an inference bundle: safetensors weights, the resolved config, CLIP's config,
+        """Write an inference bundle: safetensors weights, the resolved config, the towers' config,
         tokenizer and image-processor files. Written to a temporary folder, then renamed.
         ``state_dict`` replaces this module's own (e.g. weights gathered from ZeRO-3 shards)."""
         from safetensors.torch import save_file
@@ -257,7 +261,7 @@ class VideoMomentRetrievalModel(nn.Module):
             full = config or Config()
             full = dataclasses.replace(full, model=self.config, data=dataclasses.replace(full.data, sampling=self.sampling))
             save_config(full, tmp / CONFIG)
-            (tmp / CLIP_CONFIG).write_text(self.clip_config.to_json_string())
+            (tmp / TOWER_CONFIG).write_text(self.tower_config.to_json_string())
             self.tokenizer.save_pretrained(tmp)
             self.processor.save_pretrained(tmp)
             if self.features is not None:  # what the model was trained on: a cache's extractor
@@ -275,20 +279,26 @@ class VideoMomentRetrievalModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
         """Load an inference bundle written by ``save_pretrained`` (no training code, no pickles,
-        no network: CLIP is rebuilt from the bundle's own config)."""
+        no network: the towers are rebuilt from the bundle's own config)."""
         from safetensors.torch import load_file
-        from transformers import AutoTokenizer, CLIPConfig
+        from transformers import AutoTokenizer
 
         directory = Path(directory)
-        for name in (WEIGHTS, CONFIG, CLIP_CONFIG):
-            if not (directory / name).is_file():
-                raise UserError(f"{directory}: not an inference bundle ({name} is missing)")
+        towers_file = directory / (OLD_TOWER_CONFIG if (directory / OLD_TOWER_CONFIG).is_file() and
+                                   not (directory / TOWER_CONFIG).is_file() else TOWER_CONFIG)
+        for path in (directory / WEIGHTS, directory / CONFIG, towers_file):
+            if not path.is_file():
+                raise UserError(f"{directory}: not an inference bundle ({path.name} is missing)")
         full = load_config(directory / CONFIG)
         cfg = full.model
+        values = read_json(towers_file)
+        if values.get("model_type") != cfg.backbone:
+            raise UserError(f"{towers_file}: towers of kind {values.get('model_type')!r}, but its config.yaml says "
+                            f"model.backbone: {cfg.backbone}")
         try:
-            clip_config = CLIPConfig.from_dict(read_json(directory / CLIP_CONFIG))
+            towers = tower_config(cfg.backbone, values)
             tokenizer = AutoTokenizer.from_pretrained(directory)
-            model = cls(config=cfg, tokenizer=tokenizer, clip_config=clip_config, processor_source=str(directory),
+            model = cls(config=cfg, tokenizer=tokenizer, tower_config=towers, processor_source=str(directory),
                         sampling=full.data.sampling)
         except UserError:
             raise
