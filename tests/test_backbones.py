@@ -192,6 +192,11 @@ def test_a_cache_or_encoding_of_one_backbone_is_refused_by_another(shard_dir, sy
     code = main(["train", "--config", str(TINY), f"data.train_shards={cache}/train-*.tar", "data.val_shards=[]",
                  "model.backbone=siglip", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"])
     one_line_error(capsys, code, "data.train_shards", "made by a clip tower", "the model's backbone is siglip")
+    manifest = json.loads((cache / "manifest.json").read_text())  # a damaged extractor record: one line too
+    (cache / "manifest.json").write_text(json.dumps({**manifest, "extractor": {**manifest["extractor"], "kind": 3}}))
+    code = main(["train", "--config", str(TINY), f"data.train_shards={cache}/train-*.tar", "data.val_shards=[]",
+                 f"train.output_dir={tmp_path / 'run'}", "train.max_steps=1"])
+    one_line_error(capsys, code, "manifest.json: extractor: 'kind' must be str")
 
     torch.manual_seed(0)
     siglip = VideoMomentRetrievalModel.from_config(tiny_cfg("siglip"), sampling=load_config(TINY).data.sampling)
@@ -217,3 +222,22 @@ def test_a_batch_of_the_loader_runs_through_siglip(shard_dir):
     assert batch["text_ids"].shape[1] == cfg.data.max_text_len
     loss = moment_losses(batch_forward(model, batch), batch, model.config)["loss"]
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("preset", ["qvhighlights_siglip", "charades_sta_siglip"])
+def test_siglip_presets_build_their_checkpoints_sizes_offline(preset):
+    """Offline (init=random) the presets' towers have the published base checkpoints' sizes, which
+    are transformers' SiglipConfig defaults (google/siglip-base-patch16-224's config.json names
+    only what differs from them; google/siglip2-base-patch16-224 has the same sizes)."""
+    import transformers
+
+    cfg = load_config(preset, ["model.init=random", "model.tokenizer=synthetic"]).model
+    assert cfg.backbone == "siglip" and cfg.name.startswith(("google/siglip-base-patch16-224", "google/siglip2-base-patch16-224"))
+    built, published = random_tower_config(cfg, load_tokenizer("synthetic")), transformers.SiglipConfig()
+    sizes = {"vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "image_size", "patch_size"),
+             "text_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                             "max_position_embeddings")}
+    for part, keys in sizes.items():
+        for key in keys:
+            assert getattr(getattr(built, part), key) == getattr(getattr(published, part), key), (part, key)

@@ -9,7 +9,7 @@ from vmr.cli import main
 
 
 def _figures(report: dict):
-    for part in ("decode", "loader", "train", "infer", "features", "encode", "search"):
+    for part in ("decode", "loader", "train", "infer", "features", "encode", "search", "backbones", "backbones_quality"):
         for name, entry in report[part]["results"].items():
             for key, fig in ([(name, entry)] if "median" in entry else entry.items()):
                 yield f"{part}.{key}", fig
@@ -37,12 +37,19 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
             "encoding_mb_per_video_minute"} <= set(report["encode"]["results"])
     assert {"index_videos_per_s", "search_300_videos_shortlist_s", "search_300_videos_exhaustive_s"} <= set(
         report["search"]["results"])
+    costs = report["backbones"]["results"]
+    for tower in ("clip_b32", "siglip_b16"):
+        assert {f"{tower}_{k}" for k in ("params_m", "vision_frames_per_s", "text_queries_per_s", "infer_window_s",
+                                         "train_step_s")} <= set(costs)
+    assert costs["clip_b32_patches_per_frame"]["median"] == 49 and costs["siglip_b16_patches_per_frame"]["median"] == 196
+    assert {"clip_tiny_r1_at_0.5", "siglip_tiny_r1_at_0.5"} <= set(report["backbones_quality"]["results"])
     assert report["train"]["flops_per_step"] > 0
     names = []
     for name, fig in _figures(report):
         names.append(name)
         assert fig["unit"] and fig["repetitions"] >= 1, name
-        assert fig["median"] > 0 or "overhead" in name, name  # an overhead may be negative
+        # an overhead may be negative; 10 steps of the quick quality run may find nothing yet
+        assert fig["median"] > 0 or "overhead" in name or name.startswith("backbones_quality."), name
         if "min" in fig and not name.startswith("infer.latency_ms_p"):
             assert fig["min"] <= fig["median"] <= fig["max"], name
     assert len(names) >= 15
@@ -50,6 +57,7 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
     assert "| infer.latency_ms_p50 |" in table and "| features.features_speedup |" in table
     assert "| train.loop_overhead |" in table and "| loader.loader_workers_1.scaling_efficiency |" in table
     assert "original promise" in table and "| encode.later_query_speedup |" in table
+    assert "| backbones.siglip_vs_clip_train_step_s |" in table and "| backbones_quality.siglip_tiny_r1_at_0.5 |" in table
 
 
 def test_bench_rejects_bad_arguments(capsys):

@@ -212,7 +212,7 @@ def test_a_cache_that_does_not_fit_the_model_is_refused(features, tmp_path, caps
     assert main(train_args(features, tmp_path / "b", "model.projection_dim=32")) == 2
     assert "its features are 64-d, the model reads 32-d" in capsys.readouterr().err
     assert main(train_args(features, tmp_path / "c", "model.patch_size=16")) == 2
-    assert "it has 17 tokens per frame, the model's CLIP makes 5" in capsys.readouterr().err
+    assert "it has 17 tokens per frame, the model's tower makes 5" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -16,6 +16,10 @@ features  the frozen-feature cache: extraction rate against decode + one forward
 search  encode once and ask many (first query, later queries, their ratio, memory per video minute;
         the default architecture), and searching a collection (index build rate, search latency
         against the number of videos, up to 1,000; the tiny preset): vmr/bench/search.py.
+backbones  CLIP ViT-B/32 against SigLIP B/16 towers under the default architecture (parameters,
+        tower throughput, inference and training step; random weights), and the quickstart's task
+        trained the same steps with the tiny CLIP and a tiny SigLIP, held-out R1@0.5 of both:
+        vmr/bench/backbones.py.
 infer   latency of one window (the config's frames per window) at batch 1 (p50, p95) and batched throughput from decoded
         frames, end-to-end latency from a video file, peak memory.
 
@@ -74,7 +78,7 @@ def _target_key(name: str) -> str:
 
 
 def _rows(report: dict):
-    for part in ("decode", "loader", "train", "infer", "features", "encode", "search"):
+    for part in ("decode", "loader", "train", "infer", "features", "encode", "search", "backbones", "backbones_quality"):
         if part not in report:
             continue
         sections = [(part, report[part]["results"])]
@@ -117,12 +121,14 @@ def _table(report: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "features", "search", "all"),
+    p.add_argument("suite", choices=("decode", "loader", "train", "infer", "features", "search", "backbones", "all"),
                    help="what to measure")
     p.add_argument("--quick", action="store_true", help="small data and few repetitions (under 3 minutes on 2 cores)")
     p.add_argument("--shards", help="shards to read (path, glob or folder); default: make sample shards")
     p.add_argument("--videos", type=Path, help="the original video files of --shards (decode baseline, end-to-end)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train/infer device (default: auto)")
+    p.add_argument("--task-shards", type=Path, help="backbones: a folder of train-*.tar and val-*.tar to train and "
+                                                     "score on (default: the quickstart's data, made here)")
     p.add_argument("--max-workers", type=int, default=2, help="loader: measure 0..N workers (default: 2)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--config", type=Path, help="train/infer/features: this preset instead of tiny (CPU) or the "
@@ -152,6 +158,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--device cuda: no CUDA device here")
     if args.overrides and args.config is None:
         raise UserError(f"config overrides ({args.overrides[0]}) need --config")
+    if args.task_shards is not None and not (list(args.task_shards.glob("train-*.tar")) and
+                                             list(args.task_shards.glob("val-*.tar"))):
+        raise UserError(f"--task-shards {args.task_shards}: needs train-*.tar and val-*.tar shards in it "
+                        "(vmr shards build --split train, then --split val)")
     if args.batch_size and min(args.batch_size) < 1:
         raise UserError(f"--batch-size must be at least 1, got {min(args.batch_size)}")
     options = Options(args.config, tuple(args.overrides), tuple(args.batch_size or ()), args.compile,
@@ -161,12 +171,14 @@ def run(args: argparse.Namespace) -> int:
     from vmr.bench.data import bench_decode, bench_loader
     from vmr.bench.model import bench_features, bench_infer, bench_train
 
-    parts = ("decode", "loader", "train", "infer", "features", "search") if args.suite == "all" else (args.suite,)
+    parts = ("decode", "loader", "train", "infer", "features", "search", "backbones") if args.suite == "all" else (args.suite,)
     repeats = 2 if args.quick else 5
     with tempfile.TemporaryDirectory(prefix="vmr-bench-") as tmp:
         videos = args.videos
         if args.shards:
             shards = args.shards
+        elif set(parts) <= {"search", "backbones"}:  # these make their own data
+            shards = None
         else:
             print("making sample shards ...", file=sys.stderr)
             shards = str(make_shards(Path(tmp), args.quick))
@@ -188,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
 
                 report["encode"] = bench_encode(device, args.quick, Path(tmp), options)
                 report["search"] = bench_search(args.quick, Path(tmp))
+            elif part == "backbones":
+                from vmr.bench.backbones import bench_backbone_cost, bench_backbone_quality
+
+                report["backbones"] = bench_backbone_cost(args.quick)
+                report["backbones_quality"] = bench_backbone_quality(args.task_shards, args.quick, Path(tmp))
             else:
                 report["infer"] = bench_infer(shards, videos, device, args.quick, repeats, options)
     print(_table(report))

@@ -119,7 +119,7 @@ class Collator:
         query_mask = torch.arange(n_queries) < len(queries)
         sentences = [q["query"] for _, q in queries] + [""] * (n_queries - len(queries))
         text = self.tokenizer(sentences, padding="max_length" if shape is not None else True, truncation=True,
-                              max_length=self.max_text_len, return_tensors="pt")
+                              max_length=min(self.max_text_len, self.tokenizer.model_max_length), return_tensors="pt")
         extra = {}
         if "text_features" in queries[0][1]:  # imported query features replace the text tower
             feats = [torch.as_tensor(q["text_features"], dtype=torch.float32).reshape(-1, q["text_features"].shape[-1])

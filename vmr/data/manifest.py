@@ -53,8 +53,24 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict:
             check_shard(folder, shard, f"{at}.shards[{number}]", complete=False)
     field(manifest, "skipped", list, where, default=[])
     if found == "features":
-        field(manifest, "extractor", dict, where)
+        check_extractor(field(manifest, "extractor", dict, where), f"{where}: extractor")
     return manifest
+
+
+def check_extractor(extractor: dict, where: str) -> None:
+    """What readers of feature shards use of the ``extractor`` record, type-checked: its ``kind``
+    (``imported``, or the backbone of the tower that made them), ``width``, ``tokens`` per frame,
+    the ``sampling`` spec's ``fps``, and for a tower's features the ``vision_sha256``."""
+    field(extractor, "kind", str, where)
+    for key in ("width", "tokens"):
+        if field(extractor, key, int, where) < 1:
+            raise UserError(f"{where}: '{key}' must be >= 1")
+    fps = field(field(extractor, "sampling", dict, where), "fps", (int, float), f"{where}.sampling")
+    if not fps > 0:
+        raise UserError(f"{where}.sampling: 'fps' must be positive")
+    if extractor["kind"] != "imported":
+        field(extractor, "vision_sha256", str, where)
+    field(extractor, "text", bool, where, default=False)
 
 
 def check_shard(folder: Path, shard, where: str, complete: bool = True) -> Path:

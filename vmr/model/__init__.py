@@ -1,4 +1,4 @@
-"""The moment retrieval model: CLIP towers (backbone.py), einops attention blocks (blocks.py),
+"""The moment retrieval model: CLIP or SigLIP towers (backbone.py), einops attention blocks (blocks.py),
 losses (losses.py) and VideoMomentRetrievalModel with decoding and inference bundles (model.py).
 Never imports vmr.data."""
 

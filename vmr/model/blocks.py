@@ -1,4 +1,4 @@
-"""Attention blocks on top of CLIP, written with einops and scaled_dot_product_attention
+"""Attention blocks on top of the image-text towers, written with einops and scaled_dot_product_attention
 (flash / memory-efficient kernels on GPU).
 
 Legend: q queries (one row per query; its video's frames are copied to it), t frames,

@@ -60,6 +60,8 @@ class VideoMomentRetrievalModel(nn.Module):
             processor_source = config.name
         self.processor = load_processor(config, towers.config, processor_source)
         self.tower_config = towers.config
+        # Sentences longer than the text tower's positions are cut (the loader's data.max_text_len too).
+        self.tokenizer.model_max_length = towers.config.text_config.max_position_embeddings
         self.towers = TOWERS[config.backbone](towers, self.processor, config)
 
         d, heads, drop = config.hidden_dim, config.num_heads, config.dropout
