@@ -81,6 +81,27 @@ def test_the_interface_matches_transformers_called_directly(backbone, tmp_path):
     torch.testing.assert_close(text["features"][mask], direct.last_hidden_state[:, :length][mask], atol=1e-5, rtol=1e-5)
 
 
+def test_clip_keeps_its_outputs(tmp_path):
+    """CLIP's towers behind the interface give what CLIPModel itself gives for the same weights: the
+    projected class token (its image embedding) then the projected patches, and the text
+    embedding read at the end-of-text token."""
+    from PIL import Image
+
+    reference = saved_towers("clip", tmp_path / "towers")
+    model = pretrained("clip", tmp_path / "towers").eval()
+    frames = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    inputs = model.processor([Image.fromarray(f.permute(1, 2, 0).numpy()) for f in frames], return_tensors="pt")
+    ids = load_tokenizer("synthetic")(QUERIES, padding=True, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        hidden = reference.vision_model(**inputs).last_hidden_state
+        direct = reference.visual_projection(reference.vision_model.post_layernorm(hidden))
+        sentences = reference.text_projection(reference.text_model(input_ids=ids).pooler_output)
+        tokens = model.towers.encode_frames(frames)
+        sentence = model.encode_queries(QUERIES)[1]
+    torch.testing.assert_close(tokens, direct, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sentence, sentences, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backbone", ["clip", *SIGLIPS])
 def test_padding_does_not_change_a_sentence(backbone):
     """A sentence's features are the same alone and beside a longer one (CLIP: causal, padding after
@@ -176,6 +197,14 @@ def test_train_export_predict_and_eval(backbone, shard_dir, synth_dir, tmp_path,
     assert main(["eval", "--checkpoint", str(out / "export"), "--shards", f"{shard_dir}/val-*.tar",
                  "--json", str(tmp_path / "metrics.json")]) == 0
     assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["brief"]["MR-full-R1@0.5"] <= 100
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(out / "export"), "--videos", str(synth_dir / "videos"),
+                 "--out", str(index)]) == 0
+    assert json.loads((index / "manifest.json").read_text())["extractor"]["kind"] == backbone
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--query", "a red circle grows", "--top-k", "2"]) == 0
+    found = json.loads(capsys.readouterr().out)["results"]
+    assert 1 <= len(found) <= 2 and {"video", "start", "end", "score"} <= set(found[0])
 
 
 @pytest.mark.slow

@@ -91,6 +91,25 @@ def test_the_search_page_finds_moments_over_an_indexed_collection(bundle, monkey
     assert not at.exception and any("query" in e.lower() for e in errors(at))
 
 
+def test_a_siglip2_bundle_answers_and_searches(monkeypatch, synth_dir, tmp_path):
+    """The demo on SigLIP 2 towers: a question on a sample, and the search page over an index the
+    bundle built; nothing in the app knows which towers it runs."""
+    from vmr.cli import main
+
+    cfg = load_config(TINY, ["model.backbone=siglip2"])
+    bundle = VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "export", cfg)
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(synth_dir / "videos"), "--out", str(index)]) == 0
+    monkeypatch.setenv("VMR_DEMO_INDEX", str(index))
+    at = app(bundle, monkeypatch)
+    at.button[0].click().run()
+    assert not at.exception and not errors(at) and len(at.dataframe[0].value) >= 1
+    at.radio(key="page").set_value("Search the collection").run()
+    at.text_input(key="search_query").set_value("a red circle moves left").run()
+    at.button[0].click().run()
+    assert not at.exception and not errors(at) and len(at.dataframe[0].value) >= 1
+
+
 def test_upload_a_video(bundle, monkeypatch, synth_dir):
     at = app(bundle, monkeypatch)
     at.radio[0].set_value("Upload a video").run()

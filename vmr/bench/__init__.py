@@ -129,6 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="train/infer device (default: auto)")
     p.add_argument("--task-shards", type=Path, help="backbones: a folder of train-*.tar and val-*.tar to train and "
                                                      "score on (default: the quickstart's data, made here)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="backbones: train the task once per seed with each backbone (default: 0)")
     p.add_argument("--max-workers", type=int, default=2, help="loader: measure 0..N workers (default: 2)")
     p.add_argument("--json", type=Path, help="write the full report here")
     p.add_argument("--config", type=Path, help="train/infer/features: this preset instead of tiny (CPU) or the "
@@ -204,7 +206,8 @@ def run(args: argparse.Namespace) -> int:
                 from vmr.bench.backbones import bench_backbone_cost, bench_backbone_quality
 
                 report["backbones"] = bench_backbone_cost(args.quick)
-                report["backbones_quality"] = bench_backbone_quality(args.task_shards, args.quick, Path(tmp))
+                report["backbones_quality"] = bench_backbone_quality(args.task_shards, args.quick, Path(tmp),
+                                                                     tuple(args.seeds))
             else:
                 report["infer"] = bench_infer(shards, videos, device, args.quick, repeats, options)
     print(_table(report))

@@ -98,10 +98,11 @@ def _quickstart_data(workdir: Path, quick: bool) -> Path:
     return out
 
 
-def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path) -> dict:
+def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path, seeds: tuple[int, ...] = (0,)) -> dict:
     """configs/tiny.yaml trained in one process (its two processes' videos per step in one batch),
-    once with its CLIP towers and once with SigLIP towers of the same sizes, same seed and steps;
-    then each export scored on the held-out shards as ``vmr eval --checkpoint`` scores it."""
+    once with its CLIP towers and once with SigLIP towers of the same sizes, with the same seeds
+    (``train.seed`` and ``data.seed``) and steps; then each export scored on the held-out shards as
+    ``vmr eval --checkpoint`` scores it. A figure's spread is over the seeds."""
     from vmr.config import load_config, preset
     from vmr.eval.metrics import evaluate
     from vmr.eval.predict import predict_shards
@@ -110,25 +111,29 @@ def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path) -> d
 
     data = shards or _quickstart_data(workdir, quick)
     steps = 10 if quick else load_config(preset("tiny")).train.max_steps
-    results, minutes = {}, {}
+    runs: dict[str, dict[str, list[float]]] = {}
     for backbone in ("clip", "siglip"):
-        out = workdir / f"quality-{backbone}"
-        cfg = load_config(preset("tiny"), [f"data.train_shards={data}/train-*.tar", f"data.val_shards={data}/val-*.tar",
-                                           f"model.backbone={backbone}", f"train.output_dir={out}",
-                                           f"train.max_steps={steps}", "train.batch_size=8", "train.eval_every=0",
-                                           "train.save_every=0", "train.log_every=50"])
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):
-            train(cfg)
-        minutes[backbone] = (time.perf_counter() - start) / 60
-        model = VideoMomentRetrievalModel.from_pretrained(out / "export")  # what vmr eval --checkpoint scores
-        predictions, truth, _, _ = predict_shards(model, f"{data}/val-*.tar", cfg, model.tokenizer, progress=False)
-        brief = evaluate(predictions, truth)[0]["brief"]
-        results[f"{backbone}_tiny_r1_at_0.5"] = figure([brief["MR-full-R1@0.5"]], "R1@0.5 %")
-        results[f"{backbone}_tiny_mr_map"] = figure([brief["MR-full-mAP"]], "mAP %")
-        results[f"{backbone}_tiny_train_minutes"] = figure([minutes[backbone]], "min")
+        for seed in seeds:
+            out = workdir / f"quality-{backbone}-{seed}"
+            cfg = load_config(preset("tiny"), [
+                f"data.train_shards={data}/train-*.tar", f"data.val_shards={data}/val-*.tar", f"model.backbone={backbone}",
+                f"train.output_dir={out}", f"train.max_steps={steps}", "train.batch_size=8", "train.eval_every=0",
+                "train.save_every=0", "train.log_every=50", f"train.seed={seed}", f"data.seed={seed}"])
+            start = time.perf_counter()
+            with contextlib.redirect_stdout(sys.stderr):
+                train(cfg)
+            minutes = (time.perf_counter() - start) / 60
+            model = VideoMomentRetrievalModel.from_pretrained(out / "export")  # what vmr eval --checkpoint scores
+            predictions, truth, _, _ = predict_shards(model, f"{data}/val-*.tar", cfg, model.tokenizer, progress=False)
+            brief = evaluate(predictions, truth)[0]["brief"]
+            for key, value in (("r1_at_0.5", brief["MR-full-R1@0.5"]), ("r1_at_0.7", brief["MR-full-R1@0.7"]),
+                               ("mr_map", brief["MR-full-mAP"]), ("train_minutes", minutes)):
+                runs.setdefault(f"{backbone}_tiny_{key}", []).append(value)
+    units = {"r1_at_0.5": "R1@0.5 %", "r1_at_0.7": "R1@0.7 %", "mr_map": "mAP %", "train_minutes": "min"}
+    results = {name: figure(values, units[name.split("_tiny_")[1]]) for name, values in runs.items()}
     return {"config": "configs/tiny.yaml, model.backbone clip and siglip, one process, train.batch_size 8",
             "shards": str(shards) if shards else "the quickstart's data (vmr synth, made here)", "steps": steps,
+            "seeds": list(seeds), "per_seed": runs,
             "sizes": {k: v for k, v in dataclasses.asdict(load_config(preset("tiny")).model).items()
                       if k.endswith(("_width", "_layers", "_heads", "_size"))},
             "results": results}
