@@ -1,5 +1,6 @@
 """VideoMomentRetrievalModel: image-text towers (CLIP or SigLIP, vmr/model/backbone.py) ->
-query-conditioned frame features -> temporal and cross-attention blocks -> per-frame heads; decoding to ranked moments in seconds; inference bundles.
+query-conditioned frame features -> temporal and cross-attention blocks -> per-frame heads;
+decoding to ranked moments in seconds; inference bundles.
 
 Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c the towers' width,
 d model width. A batch may hold several queries per video: each video is encoded once and
@@ -91,8 +92,8 @@ class VideoMomentRetrievalModel(nn.Module):
         """Per-clip outputs for every query.
 
         video_frames uint8 (b, t, 3, s, s), or float (b, t, k, c) tokens from a feature cache (k = 1 +
-        patches: the class token then the patch grid; or k = 1, pooled only, which the query then
-        pools as its only slot); text_inputs {"input_ids", "attention_mask"} (q, l), or
+        patches: the frame's pooled embedding then the patch grid; or k = 1, pooled only, which the
+        query then pools as its only slot); text_inputs {"input_ids", "attention_mask"} (q, l), or
         {"features" (q, l, c), "attention_mask"} from imported text features (the sentence is the
         last valid token);
         frame_mask (b, t) False on padding; video_index (q,) the video of each query (default: one
@@ -327,8 +328,8 @@ class VideoMomentRetrievalModel(nn.Module):
 
 
 def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """(..., k, c) frame tokens -> the slots a query pools over: the patch grid after the class
-    token, or for pooled-only features (k = 1) the frame's one vector."""
+    """(..., k, c) frame tokens -> the slots a query pools over: the patch grid after the pooled
+    embedding, or for pooled-only features (k = 1) the frame's one vector."""
     return tokens[..., 1:, :] if tokens.shape[-2] > 1 else tokens
 
 
