@@ -16,7 +16,7 @@ import dataclasses
 import hashlib
 
 from vmr.config import Config, DataConfig, SamplingConfig
-from vmr.data.manifest import extractor_of
+from vmr.data.manifest import by_tower, extractor_of
 from vmr.data.sources import expand_shards
 from vmr.errors import UserError
 
@@ -36,12 +36,6 @@ def vision_fingerprint(model) -> str:
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     model._vision_fingerprint = (key, digest.hexdigest())
     return digest.hexdigest()
-
-
-def by_tower(extractor: dict | None) -> bool:
-    """Whether features were made by a model's own vision tower (``vmr features extract``, saved
-    encodings, indexes), not imported: their ``kind`` is the tower's backbone."""
-    return (extractor or {}).get("kind", "imported") != "imported"
 
 
 def tower_extractor(model, spec: SamplingConfig, pooled_only: bool, source: str, views: int = 1,
@@ -77,7 +71,7 @@ def check_cache(extractor: dict, model, spec: SamplingConfig, where: str) -> Non
     problems = []
     if extractor["width"] != width:
         problems.append(f"its features are {extractor['width']}-d, the model reads {width}-d"
-                        + (" (set model.feature_dim)" if extractor["kind"] == "imported" else ""))
+                        + ("" if by_tower(extractor) else " (set model.feature_dim)"))
     if by_tower(extractor) and extractor["tokens"] not in (1, 1 + grid):
         problems.append(f"it has {extractor['tokens']} tokens per frame, the model's tower makes {1 + grid}")
     fps = extractor["sampling"]["fps"]

@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmr.cache import by_tower, check_cache, check_reads_videos, check_tower, tower_extractor
+from vmr.cache import check_cache, check_reads_videos, check_tower, tower_extractor
 from vmr.config import SamplingConfig
-from vmr.data.manifest import MANIFEST, read_manifest
+from vmr.data.manifest import MANIFEST, by_tower, read_manifest
 from vmr.data.tars import TIMES, TOKENS, TarShard, npy_bytes, sanitise_key
 from vmr.errors import UserError
 from vmr.io import FolderLock, first_line, write_text_atomic

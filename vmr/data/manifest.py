@@ -57,6 +57,12 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict:
     return manifest
 
 
+def by_tower(extractor: dict | None) -> bool:
+    """Whether features were made by a model's own vision tower (``vmr features extract``, saved
+    encodings, indexes), not imported: their ``kind`` is the tower's backbone."""
+    return (extractor or {}).get("kind", "imported") != "imported"
+
+
 def check_extractor(extractor: dict, where: str) -> None:
     """What readers of feature shards use of the ``extractor`` record, type-checked: its ``kind``
     (``imported``, or the backbone of the tower that made them), ``width``, ``tokens`` per frame,
@@ -68,7 +74,7 @@ def check_extractor(extractor: dict, where: str) -> None:
     fps = field(field(extractor, "sampling", dict, where), "fps", (int, float), f"{where}.sampling")
     if not fps > 0:
         raise UserError(f"{where}.sampling: 'fps' must be positive")
-    if extractor["kind"] != "imported":
+    if by_tower(extractor):
         field(extractor, "vision_sha256", str, where)
     field(extractor, "text", bool, where, default=False)
 

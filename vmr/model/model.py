@@ -287,8 +287,9 @@ class VideoMomentRetrievalModel(nn.Module):
         from transformers import AutoTokenizer
 
         directory = Path(directory)
-        towers_file = directory / (OLD_TOWER_CONFIG if (directory / OLD_TOWER_CONFIG).is_file() and
-                                   not (directory / TOWER_CONFIG).is_file() else TOWER_CONFIG)
+        towers_file = directory / TOWER_CONFIG
+        if not towers_file.is_file() and (directory / OLD_TOWER_CONFIG).is_file():
+            towers_file = directory / OLD_TOWER_CONFIG
         for path in (directory / WEIGHTS, directory / CONFIG, towers_file):
             if not path.is_file():
                 raise UserError(f"{directory}: not an inference bundle ({path.name} is missing)")
