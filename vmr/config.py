@@ -55,7 +55,47 @@ class DataConfig:
 
 
 @dataclass
+class DetrConfig:
+    """The published DETR heads (model.head: moment_detr | qd_detr, vmr/model/heads/), with their
+    reference implementations' defaults (jayleicn/moment_detr and wjun0830/QD-DETR, config.py)."""
+
+    hidden_dim: int = 256  # QD-DETR's anchor embedding is fixed at 256
+    nheads: int = 8
+    enc_layers: int = 2
+    dec_layers: int = 2
+    dim_feedforward: int = 1024
+    dropout: float = 0.1
+    input_dropout: float = 0.5
+    n_input_proj: int = 2  # layers of the video and text input projections (1-3)
+    num_queries: int = 10  # moment slots per query
+    use_txt_pos: bool = False
+    max_q_l: int = 32  # text positions of the (unused unless use_txt_pos) text position embedding
+    aux_loss: bool = True  # losses on every decoder layer
+    tef: bool = True  # ctx_mode video_tef: each frame's [start, end) as a share of the window, appended
+    normalize_video: bool = True  # L2 per frame (imported features were normalised per source at import)
+    normalize_text: bool = True  # L2 per token
+    # Matching costs and loss weights
+    set_cost_span: float = 10.0
+    set_cost_giou: float = 1.0
+    set_cost_class: float = 4.0
+    span_loss_coef: float = 10.0
+    giou_loss_coef: float = 1.0
+    label_loss_coef: float = 4.0
+    eos_coef: float = 0.1  # the background class's weight in the label loss
+    lw_saliency: float = 1.0
+    saliency_margin: float = 0.2
+    # Decoding (the references' inference): spans rounded to multiples of clip_length seconds
+    # (0 = one frame interval, 1 / data.sampling.fps); nms_thd < 0: no NMS (their default)
+    clip_length: float = 0.0
+    nms_thd: float = -1.0
+
+
+@dataclass
 class ModelConfig:
+    # The head on top of the towers (vmr/model/heads/): vmr's own, or a published one, numerically
+    # identical to its reference code (Moment-DETR, QD-DETR; their settings in model.detr)
+    head: Literal["vmr", "moment_detr", "qd_detr"] = "vmr"
+    detr: DetrConfig = field(default_factory=DetrConfig)
     # The image-text towers (vmr/model/backbone.py): clip (CLIPModel), siglip (SiglipModel, also SigLIP 2's
     # fixed-resolution checkpoints) or siglip2 (Siglip2Model, the NaFlex checkpoints)
     backbone: Literal["clip", "siglip", "siglip2"] = "clip"
@@ -190,6 +230,19 @@ class Config:
             (m.feature_dim >= 0 and m.text_feature_dim >= 0, "model.feature_dim", "must be >= 0"),
             (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),
+            *((getattr(m.detr, k) >= 1, f"model.detr.{k}", "must be at least 1")
+              for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
+                        "max_q_l")),
+            (1 <= m.detr.n_input_proj <= 3, "model.detr.n_input_proj", "must be 1, 2 or 3"),
+            (m.detr.hidden_dim % m.detr.nheads == 0, "model.detr.hidden_dim", "must be a multiple of model.detr.nheads"),
+            (m.head != "qd_detr" or m.detr.hidden_dim == 256, "model.detr.hidden_dim",
+             "must be 256 with model.head qd_detr (its anchor embedding is 2 x 128 wide)"),
+            (0 <= m.detr.dropout < 1 and 0 <= m.detr.input_dropout < 1, "model.detr.dropout",
+             "and model.detr.input_dropout must be in [0, 1)"),
+            (min(m.detr.set_cost_span, m.detr.set_cost_giou, m.detr.set_cost_class, m.detr.span_loss_coef,
+                 m.detr.giou_loss_coef, m.detr.label_loss_coef, m.detr.eos_coef, m.detr.lw_saliency,
+                 m.detr.saliency_margin, m.detr.clip_length) >= 0, "model.detr",
+             "costs, loss weights, saliency_margin and clip_length must be >= 0"),
             (t.max_steps >= 0, "train.max_steps", "must be >= 0"),
             (t.epochs >= 1, "train.epochs", "must be at least 1"),
             (t.batch_size >= 1, "train.batch_size", "must be at least 1"),
