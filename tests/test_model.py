@@ -110,8 +110,8 @@ def test_queries_without_moments_train_the_saliency_head_alone():
     none = moment_losses(out, {**targets, "has_moments": torch.tensor([False, False])}, model.config)
     assert none["relevance"] == 0 and none["l1"] == 0 and none["saliency"] > 0
     none["loss"].backward()
-    assert model.relevance_head.weight.grad is None or model.relevance_head.weight.grad.abs().sum() == 0
-    assert model.saliency_head.weight.grad.abs().sum() > 0
+    assert model.head.relevance_head.weight.grad is None or model.head.relevance_head.weight.grad.abs().sum() == 0
+    assert model.head.saliency_head.weight.grad.abs().sum() > 0
 
 
 def test_decoding_hand_built_outputs():

@@ -44,6 +44,6 @@ def load_model(path: str | Path, device=None, fast: bool = True):
 
     bundle = resolve_bundle(path)
     model = VideoMomentRetrievalModel.from_pretrained(bundle).to(device or best_device()).eval()
-    if fast and model.features is None and model.frame_in.weight.device.type == "cuda" and torch.cuda.is_bf16_supported():
+    if fast and model.features is None and next(model.head.parameters()).device.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)  # bf16 weights: faster than fp32 weights under autocast
     return model, load_config(bundle / "config.yaml")

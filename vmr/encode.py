@@ -108,7 +108,7 @@ class EncodedVideo:
         queries = [queries] if isinstance(queries, str) else list(queries)
         if not queries:
             raise UserError("no query given")
-        nms_iou = model.config.nms_iou if nms_iou is None else nms_iou
+        nms_iou = model.nms_iou if nms_iou is None else nms_iou
         size = window or self.spec.window
         count = len(windows_over(self.times, self.duration, size, self.spec.overlap))
         answers = []

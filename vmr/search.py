@@ -38,6 +38,14 @@ CANDIDATES = 20  # videos the full model reranks (0: all)
 WINDOWS_AT_ONCE = 64  # windows of the rerank in one forward: memory bounded whatever the shortlist
 
 
+def check_searchable(model) -> None:
+    """The collection search's shortlist scores a video by vmr's head's query pooling over its
+    stored patch keys; a published head has no such first stage."""
+    if model.config.head != "vmr":
+        raise UserError(f"a model with model.head {model.config.head} cannot search a collection: the shortlist "
+                        "reads vmr's head (its query pooling over patches); use vmr predict or vmr eval per video")
+
+
 class Index:
     """An opened index: its videos' encodings, and the shortlist's keys of every frame's patches.
     ``Index.open(folder, model)``; ``search(query)``."""
@@ -49,17 +57,18 @@ class Index:
 
         if not videos:
             raise UserError(f"{folder or 'the index'}: holds no video")
+        check_searchable(model)
         if model.config.text_feature_dim:
             raise UserError("this model reads imported query features, not sentences: it cannot search with text")
         self.model, self.videos, self.skipped, self.folder = model.eval(), videos, skipped or [], folder
         # The encodings stay on the host (their windows go to the device as the rerank takes them);
         # the shortlist's keys live where the model is, in float16 (half the memory), scored in float32.
-        self.device, dtype = model.patch_in.weight.device, model.patch_in.weight.dtype
-        pool = model.pool
+        self.device, dtype = model.head.patch_in.weight.device, model.head.patch_in.weight.dtype
+        pool = model.head.pool
         self.heads = pool.heads
         with torch.no_grad():
             # (frames, slots, d) keys of each frame's patches (the pooled vector when there is no grid)
-            keys = [pool.to_k(pool.norm(model.patch_in(patch_grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
+            keys = [pool.to_k(pool.norm(model.head.patch_in(patch_grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
                     for v in videos]
             self.null_key = pool.to_k(pool.null)[0].float()  # (d,)
         self.keys = torch.cat(keys)
@@ -79,7 +88,7 @@ class Index:
     def _sentence(self, query: str):
         """(the text as forward takes it, the pooling layer's query (d,))."""
         text, sentence = self.model.encode_queries([query])
-        return text, self.model.pool.to_q(self.model.sentence_in(sentence))[0].float()
+        return text, self.model.head.pool.to_q(self.model.head.sentence_in(sentence))[0].float()
 
     def shortlist(self, query: str, count: int) -> list[tuple[int, float]]:
         """(video index, score) of the ``count`` best videos for ``query`` by the first stage alone."""
@@ -136,7 +145,7 @@ class Index:
 
         windows = [(n, window) for n, i in enumerate(indices) for window in self.videos[i].windows()]
         merged = [{key: [] for key in FRAME_KEYS} for _ in indices]
-        dtype = self.model.frame_in.weight.dtype
+        dtype = self.model.head.frame_in.weight.dtype
         for first in range(0, len(windows), WINDOWS_AT_ONCE):
             batch = windows[first:first + WINDOWS_AT_ONCE]
             t = max(len(w[0]) for _, w in batch)
@@ -153,7 +162,8 @@ class Index:
                                  duration=torch.tensor([w[3] - w[2] for _, w in batch], device=device))
             video_length = torch.tensor([self.videos[indices[n]].duration for n, _ in batch], dtype=torch.float64)
             parts = frame_outputs(outputs, torch.tensor([w[4] for _, w in batch]),
-                                  torch.tensor([w[2] for _, w in batch], dtype=torch.float64), video_length)
+                                  torch.tensor([w[2] for _, w in batch], dtype=torch.float64), video_length,
+                                  self.model.config)
             for (n, _), part in zip(batch, parts, strict=True):
                 for key in FRAME_KEYS:
                     merged[n][key] += part[key]
@@ -177,12 +187,17 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     from vmr.bundle import resolve_bundle
+    from vmr.config import load_config
     from vmr.data.annotations import VIDEO_EXTENSIONS
     from vmr.data.sources import expand_shards
     from vmr.features import check_video_shards, extract_command, shard_parts, video_parts
     from vmr.runtime import process_group_scope, process_state
 
     bundle = resolve_bundle(args.checkpoint).resolve()
+    head = load_config(bundle / "config.yaml").model.head
+    if head != "vmr":  # refused before any encoding: its index could never be searched
+        raise UserError(f"{bundle}: a model with model.head {head} cannot search a collection: the shortlist reads "
+                        "vmr's head (its query pooling over patches); use vmr predict or vmr eval per video")
     if not 1 <= args.videos_per_part <= 100_000:
         raise UserError(f"--videos-per-part must be between 1 and 100000, got {args.videos_per_part}")
     if args.videos is not None:

@@ -41,12 +41,13 @@ def clip_saliency(times: list[float], scores: list[float], duration: float) -> l
 
 
 def prediction_row(qid, query: str, vid: str, frames: dict, duration: float, nms_iou: float,
-                   top_k: int = TOP_K) -> dict:
+                   top_k: int = TOP_K, sigmoid: bool = True) -> dict:
     """One query's whole-video frame outputs (``frame_outputs``, merged over its windows) -> its
-    prediction row in the official schema."""
+    prediction row in the official schema. Saliency through a sigmoid (vmr's head), or as the
+    head gives it (``sigmoid=False``: the published heads' files hold their raw scores)."""
     from vmr.model import rank_moments
 
-    saliency = [1 / (1 + math.exp(-s)) for s in frames["saliency"]]
+    saliency = [1 / (1 + math.exp(-s)) for s in frames["saliency"]] if sigmoid else frames["saliency"]
     return {"qid": qid, "query": query, "vid": vid,
             "pred_relevant_windows": [[round(s, 4), round(e, 4), round(p, 4)]
                                       for s, e, p in rank_moments(frames, top_k, nms_iou)],
@@ -58,8 +59,10 @@ class WindowMerger:
     one loader worker, possibly over several batches) and gives its queries' prediction rows once
     its last window is in."""
 
-    def __init__(self, nms_iou: float):
-        self.nms_iou, self.open = nms_iou, {}
+    def __init__(self, config):
+        from vmr.model import decoding_nms
+
+        self.config, self.nms_iou, self.open = config, decoding_nms(config), {}
 
     def add(self, model, batch: dict, device) -> list[tuple[dict, dict]]:
         """Forward one batch; returns (prediction, ground truth) pairs of the videos it completes.
@@ -72,7 +75,8 @@ class WindowMerger:
         index = batch["video_index"]
         with torch.no_grad():
             outputs = batch_forward(model, to_device(batch, device))
-        parts = frame_outputs(outputs, batch["own"][index], batch["offset"][index], batch["video_duration"][index])
+        parts = frame_outputs(outputs, batch["own"][index], batch["offset"][index], batch["video_duration"][index],
+                              self.config)
         done = []
         for j, part in enumerate(parts):
             v = int(index[j])
@@ -98,7 +102,8 @@ class WindowMerger:
         return done
 
     def _finish(self, entry: dict) -> list[tuple[dict, dict]]:
-        return [(prediction_row(*q["row"][:3], q["frames"], q["row"][3], self.nms_iou), q["truth"])
+        return [(prediction_row(*q["row"][:3], q["frames"], q["row"][3], self.nms_iou,
+                                sigmoid=self.config.head == "vmr"), q["truth"])
                 for q in entry["queries"].values()]
 
 
@@ -120,7 +125,7 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
 
     device = device or next(model.parameters()).device
     loader = make_loader(shards, cfg.data, tokenizer, batch_size=batch_size, train=False, rank=rank, world=world)
-    merger, pairs, last = WindowMerger(cfg.model.nms_iou), [], None
+    merger, pairs, last = WindowMerger(cfg.model), [], None
     was_training = model.training
     model.eval()
     batches = iter(tqdm(loader, desc="predicting", unit="batch", disable=not progress, leave=False))
@@ -132,7 +137,7 @@ def predict_shards(model, shards, cfg, tokenizer, batch_size: int = 8, device=No
                 break
             if batch is None:
                 if last is not None:
-                    WindowMerger(cfg.model.nms_iou).add(model, last, device)
+                    WindowMerger(cfg.model).add(model, last, device)
                 continue
         elif batch is None:
             break

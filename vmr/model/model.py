@@ -1,6 +1,6 @@
-"""VideoMomentRetrievalModel: image-text towers (CLIP or SigLIP, vmr/model/backbone.py) ->
-query-conditioned frame features -> temporal and cross-attention blocks -> per-frame heads;
-decoding to ranked moments in seconds; inference bundles.
+"""VideoMomentRetrievalModel: image-text towers (CLIP or SigLIP, vmr/model/backbone.py), or a feature
+cache in their place -> the head chosen by ``model.head`` (vmr/model/heads/: vmr's own, Moment-DETR,
+QD-DETR); windows over whole videos, decoding to ranked moments in seconds; inference bundles.
 
 Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c the towers' width,
 d model width. A batch may hold several queries per video: each video is encoded once and
@@ -16,15 +16,16 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from vmr.config import Config, ModelConfig, SamplingConfig, load_config
 from vmr.errors import UserError
 from vmr.io import first_line, read_json
 from vmr.model.backbone import TOWERS, frames_to_tokens, load_processor, load_towers_model, tower_config
-from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
+from vmr.model.heads import HEADS
+from vmr.model.heads.detr import proposals as detr_proposals
+from vmr.model.heads.vmr_head import frame_outputs as vmr_frame_outputs
+from vmr.model.heads.vmr_head import patch_grid  # noqa: F401  (re-exported by vmr.model)
 from vmr.spans import nms, windows_over
 from vmr.text import load_tokenizer
 
@@ -65,20 +66,15 @@ class VideoMomentRetrievalModel(nn.Module):
         self.tokenizer.model_max_length = towers.config.text_config.max_position_embeddings
         self.towers = TOWERS[config.backbone](towers, self.processor, config)
 
-        d, heads, drop = config.hidden_dim, config.num_heads, config.dropout
         cv = config.feature_dim or self.towers.vision_width
         ct, cs = (config.text_feature_dim,) * 2 if config.text_feature_dim else \
             (self.towers.text_width, self.towers.sentence_width)
-        self.frame_in, self.patch_in = nn.Linear(cv, d), nn.Linear(cv, d)
-        self.word_in, self.sentence_in = nn.Linear(ct, d), nn.Linear(cs, d)
         self.features: dict | None = None  # the feature cache trained on (vmr features), saved in bundles
-        self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
-        self.norm_in = nn.LayerNorm(d)
-        self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
-        self.norm_out = nn.LayerNorm(d)
-        self.relevance_head = nn.Linear(d, 1)
-        self.boundary_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
-        self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
+        # The head, built after the towers (the random-init order of earlier bundles is unchanged).
+        if config.head == "vmr":
+            self.head = HEADS["vmr"](config, cv, ct, cs)
+        else:
+            self.head = HEADS[config.head](config.detr, cv, ct)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, **kwargs) -> VideoMomentRetrievalModel:
@@ -100,9 +96,8 @@ class VideoMomentRetrievalModel(nn.Module):
         query per video, or every query on a single video); frame_times (b, t) seconds (default one
         frame per second) and duration (b,) seconds, carried through for losses and decoding.
 
-        Returns (q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances
-        from each frame to its moment's start and end, over the duration), and each query's
-        ``frame_mask``, ``frame_times`` and ``duration``. Values at padded frames mean nothing.
+        Returns the head's outputs (vmr/model/heads/) and each query's ``frame_mask``,
+        ``frame_times`` and ``duration``. Values at padded frames mean nothing.
         """
         b, t = video_frames.shape[:2]
         device = video_frames.device
@@ -120,39 +115,29 @@ class VideoMomentRetrievalModel(nn.Module):
             video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
 
         if video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
-            tokens = video_frames.to(self.frame_in.weight.dtype)
+            tokens = video_frames.float() if self.config.head != "vmr" else video_frames
         else:
             tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
-        grid = patch_grid(tokens)
-        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(grid)  # (b,t,d) (b,t,p,d)
         if "features" in text_inputs:
-            words = text_inputs["features"].to(self.word_in.weight.dtype)
+            words = text_inputs["features"]
             last = word_mask.long().sum(dim=1).clamp(min=1) - 1
             sentence = words[torch.arange(q, device=device), last]
         else:
             words, sentence = self.towers.encode_text(text_inputs["input_ids"], word_mask)  # (q, l, c), (q, c)
-        words, sentence = self.word_in(words), self.sentence_in(sentence)
-
-        # At this point each query sees its video's frames through what it asks for.
-        x = self.pool(sentence, patches, video_index, frame_mask) + frames[video_index]  # (q, t, d)
-        x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=device, dtype=x.dtype)
-        mask = frame_mask[video_index]
-        for block in self.blocks:
-            x = block(x, mask, words, word_mask)
-        x = self.norm_out(x)
-        return {
-            "relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
-            "boundaries": F.softplus(self.boundary_head(x)),
-            "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t"),
-            "frame_mask": mask,
-            "frame_times": frame_times[video_index],
-            "duration": duration[video_index],
-        }
+        # At this point every video has its tokens and every query its words: the head does the rest.
+        outputs = self.head(tokens, words, sentence, frame_mask, word_mask, video_index)
+        outputs.update(frame_mask=frame_mask[video_index], frame_times=frame_times[video_index],
+                       duration=duration[video_index])
+        return outputs
 
     # ----- decoding -----------------------------------------------------------------------------
 
     def decode(self, outputs: dict, top_k: int = 5, nms_iou: float | None = None) -> list[dict]:
-        return decode_moments(outputs, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+        return decode_moments(outputs, top_k, self.nms_iou if nms_iou is None else nms_iou, self.config)
+
+    @property
+    def nms_iou(self) -> float:
+        return decoding_nms(self.config)
 
     def tokenize(self, queries: list[str], max_length: int = 77) -> dict:
         limit = min(max_length, self.tower_config.text_config.max_position_embeddings)
@@ -186,8 +171,8 @@ class VideoMomentRetrievalModel(nn.Module):
                            duration=torch.tensor([end - start], device=device),
                            video_index=torch.zeros(len(queries), dtype=torch.long, device=device))
             n = len(queries)
-            for row, part in zip(merged, frame_outputs(outputs, torch.tensor([own] * n), torch.full((n,), start),
-                                                       torch.full((n,), duration)), strict=True):
+            for row, part in zip(merged, self.head.frame_outputs(outputs, torch.tensor([own] * n), torch.full((n,), start),
+                                                                 torch.full((n,), duration)), strict=True):
                 for key in FRAME_KEYS:
                     row[key] += part[key]
         self.train(was_training)
@@ -221,19 +206,22 @@ class VideoMomentRetrievalModel(nn.Module):
                    for first, end, own, start, stop in windows_over(times.tolist(), duration, self.sampling.window,
                                                                     self.sampling.overlap))
         scores = self.score_windows(windows, [query], duration)[0]
-        moments = rank_moments(scores, top_k, self.config.nms_iou if nms_iou is None else nms_iou)
+        moments = rank_moments(scores, top_k, self.nms_iou if nms_iou is None else nms_iou)
         return [{"start": s, "end": e, "score": p} for s, e, p in moments], scores["relevance"]
 
     # ----- optimisation -------------------------------------------------------------------------
 
     def parameter_groups(self, lr: float, weight_decay: float, backbone_lr_mult: float = 1.0) -> list[dict]:
         """AdamW groups: the towers at ``lr * backbone_lr_mult``, the rest at ``lr``; no weight decay on
-        biases, norms and embeddings (tensors with fewer than 2 dimensions)."""
+        biases, norms and embeddings (tensors with fewer than 2 dimensions), except in a published
+        head, whose reference decays every parameter."""
         backbone = {id(p) for p in self.towers.parameters()}
+        every = self.config.head != "vmr"  # the published heads' optimizer decays every parameter
         groups: dict[tuple[bool, bool], list] = {}
         for p in self.parameters():
             if p.requires_grad:
-                groups.setdefault((id(p) in backbone, p.ndim >= 2), []).append(p)
+                is_backbone = id(p) in backbone
+                groups.setdefault((is_backbone, p.ndim >= 2 or (every and not is_backbone)), []).append(p)
         return [{"params": params, "lr": lr * (backbone_lr_mult if is_backbone else 1.0),
                  "weight_decay": weight_decay if decays else 0.0,
                  "name": f"{'backbone' if is_backbone else 'head'}{'' if decays else '_no_decay'}"}
@@ -313,6 +301,7 @@ class VideoMomentRetrievalModel(nn.Module):
         except Exception as error:  # a truncated or foreign file: safetensors' own error types
             raise UserError(f"{directory / WEIGHTS}: not readable as safetensors weights "
                             f"({first_line(error, 160)})") from None
+        weights = legacy_names(weights)
         missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
         if missing or unexpected:
             raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
@@ -328,10 +317,20 @@ class VideoMomentRetrievalModel(nn.Module):
         return model.to(map_location).eval()
 
 
-def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """(..., k, c) frame tokens -> the slots a query pools over: the patch grid after the pooled
-    embedding, or for pooled-only features (k = 1) the frame's one vector."""
-    return tokens[..., 1:, :] if tokens.shape[-2] > 1 else tokens
+def decoding_nms(config: ModelConfig) -> float:
+    """The decoding's NMS threshold: model.nms_iou, or a published head's own setting
+    (model.detr.nms_thd; below 0, its reference's default: no NMS, i.e. 1.0)."""
+    if config.head == "vmr":
+        return config.nms_iou
+    return config.detr.nms_thd if config.detr.nms_thd >= 0 else 1.0
+
+
+def legacy_names(weights: dict) -> dict:
+    """Bundles written before heads were a choice name vmr's head layers at the top level
+    (``frame_in.weight``); today they live under ``head.``."""
+    if any(k.startswith("head.") for k in weights):
+        return weights
+    return {k if k.startswith("towers.") else f"head.{k}": v for k, v in weights.items()}
 
 
 def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
@@ -346,48 +345,31 @@ def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
                  frame_times=batch["frame_times"], duration=batch["duration"])
 
 
-FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends")
+FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends", "scores")
 
 
 def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                  video_duration: torch.Tensor | None = None) -> list[dict]:
-    """Per query, the frames it reports as plain lists in seconds of the whole video: ``times``,
-    ``relevance`` probabilities, ``saliency`` scores, and the ``starts``/``ends`` of the moment each
-    frame proposes (its boundary head, clipped to the window and the video). ``own`` (q, 2) picks the
-    frames of each query's window that it reports (default: every valid frame), ``offset`` (q,) is
-    where the window starts in its video, ``video_duration`` (q,) the video's length."""
-    probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
-    saliency = outputs["saliency"].float().cpu()
-    bounds = outputs["boundaries"].float().cpu()
-    times, duration = outputs["frame_times"].double().cpu(), outputs["duration"].double().cpu()
-    mask = outputs["frame_mask"].cpu().clone()
-    q, t = mask.shape
-    if own is not None:
-        index = torch.arange(t)
-        mask &= (own[:, :1] <= index) & (index < own[:, 1:])
-    offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
-    total = duration + offset if video_duration is None else video_duration.double().cpu()
-    results = []
-    for i in range(q):
-        valid, length = mask[i], float(duration[i])
-        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length) + offset[i]
-        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length) + offset[i]
-        results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": probs[i][valid].tolist(),
-                        "saliency": saliency[i][valid].tolist(),
-                        "starts": start.clamp(0, float(total[i])).tolist(), "ends": end.clamp(0, float(total[i])).tolist()})
-    return results
+                  video_duration: torch.Tensor | None = None, config: ModelConfig | None = None) -> list[dict]:
+    """Per query, plain lists in seconds of the whole video: per reported frame ``times``,
+    ``relevance``, ``saliency``; and its moment proposals ``starts``, ``ends``, ``scores`` (the
+    head's ``frame_outputs``; a published head's need ``config``, the model's ModelConfig)."""
+    if "pred_logits" in outputs:
+        if config is None:
+            raise ValueError("the outputs of a published head need its config to be decoded")
+        return detr_proposals(outputs, own, offset, video_duration, config.detr)
+    return vmr_frame_outputs(outputs, own, offset, video_duration)
 
 
 def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, float, float]]:
-    """Every reported frame proposes its moment, scored by its relevance probability; overlapping
-    proposals are suppressed (NMS over the whole video, across windows) and the ``top_k`` kept."""
-    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], frames["relevance"], strict=True)
-                  if e > s]
+    """Every proposal (``starts``, ``ends``, ``scores``) of a whole video, merged over its windows:
+    overlapping proposals are suppressed (NMS; 1.0 keeps them all) and the ``top_k`` best kept."""
+    scores = frames["scores"] if "scores" in frames else frames["relevance"]  # vmr's head: a frame's relevance
+    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], scores, strict=True) if e > s]
     return nms(candidates, nms_iou, top_k)
 
 
-def decode_moments(outputs: dict, top_k: int, nms_iou: float) -> list[dict]:
+def decode_moments(outputs: dict, top_k: int, nms_iou: float, config: ModelConfig | None = None) -> list[dict]:
     """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
     ``frame_scores`` (relevance), ``saliency`` and ``frame_times`` of the valid frames."""
     return [{"moments": rank_moments(f, top_k, nms_iou), "frame_scores": f["relevance"], "saliency": f["saliency"],
-             "frame_times": f["times"]} for f in frame_outputs(outputs)]
+             "frame_times": f["times"]} for f in frame_outputs(outputs, config=config)]

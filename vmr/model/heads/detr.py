@@ -53,7 +53,7 @@ class MLP(nn.Module):
     def __init__(self, width_in: int, width: int, width_out: int, layers: int):
         super().__init__()
         sizes = [width_in] + [width] * (layers - 1)
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:] + [width_out]))
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes, sizes[1:] + [width_out], strict=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -172,7 +172,7 @@ def set_losses(logits: torch.Tensor, spans: torch.Tensor, targets: DetrTargets, 
     classes[rows, slots] = FOREGROUND
     loss_label = F.cross_entropy(rearrange(logits, "q n c -> q c n"), classes, weight, reduction="none").mean()
     predicted = spans[rows, slots]
-    wanted = torch.cat([t[j] for t, (_, j) in zip(targets.spans, matched)]).to(predicted)
+    wanted = torch.cat([t[j] for t, (_, j) in zip(targets.spans, matched, strict=True)]).to(predicted)
     if len(wanted):
         loss_span = F.l1_loss(predicted, wanted, reduction="none").mean()
         loss_giou = (1 - torch.diag(generalized_iou(cxw_to_xx(predicted), cxw_to_xx(wanted)))).mean()
@@ -200,7 +200,7 @@ def detr_losses(outputs: dict, targets: DetrTargets, cfg: DetrConfig, saliency_l
     terms["loss_saliency"] = saliency_loss(outputs, targets)
     layers = [matched]
     if cfg.aux_loss:
-        for i, (logits, spans) in enumerate(zip(outputs["aux_pred_logits"], outputs["aux_pred_spans"])):
+        for i, (logits, spans) in enumerate(zip(outputs["aux_pred_logits"], outputs["aux_pred_spans"], strict=True)):
             aux, matched = set_losses(logits.float(), spans.float(), targets, cfg, weight)
             terms.update({f"{k}_{i}": v for k, v in aux.items()})
             layers.append(matched)
@@ -266,7 +266,7 @@ def ranked_windows(logits: torch.Tensor, spans: torch.Tensor, duration: float, c
     windows = torch.clamp(rows[:, :2], min=0, max=duration)
     if clip_length > 0:
         windows = torch.round(windows / clip_length) * clip_length
-    return [[float(s), float(e), float(f"{p:.4f}")] for (s, e), p in zip(windows.tolist(), rows[:, 2].tolist())]
+    return [[float(s), float(e), float(f"{p:.4f}")] for (s, e), p in zip(windows.tolist(), rows[:, 2].tolist(), strict=True)]
 
 
 def decoder_layers_output(outputs_class: torch.Tensor, outputs_coord: torch.Tensor, aux: bool) -> dict:
@@ -312,7 +312,8 @@ class DetrHead(nn.Module):
     def reference_forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask, video_index=None) -> dict:
         raise NotImplementedError
 
-    def saliency_loss(self, outputs: dict, targets: DetrTargets) -> torch.Tensor:
+    @staticmethod
+    def saliency_loss_of(outputs: dict, targets: DetrTargets, cfg: DetrConfig) -> torch.Tensor:
         raise NotImplementedError
 
     def forward(self, tokens: torch.Tensor, words: torch.Tensor, sentence: torch.Tensor, frame_mask: torch.Tensor,
@@ -335,49 +336,63 @@ class DetrHead(nn.Module):
         return self.reference_forward(text, text_mask, video, mask, video_index)
 
     def losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
-        """The references' weighted criterion on the loader's batch (padding queries left out)."""
-        keep = batch["query_mask"].bool() if "query_mask" in batch else torch.ones(
-            len(outputs["frame_mask"]), dtype=torch.bool, device=outputs["frame_mask"].device)
-        index = keep.nonzero().squeeze(1)
-        picked = {k: v[index] for k, v in outputs.items() if torch.is_tensor(v) and not k.startswith("aux_")}
-        for key in ("aux_pred_logits", "aux_pred_spans"):
-            if key in outputs:
-                picked[key] = outputs[key][:, index]
-        rows = {k: v[index] for k, v in batch.items() if torch.is_tensor(v) and v.ndim >= 1 and len(v) == len(keep)}
-        targets = batch_targets(rows, picked["duration"], picked["frame_mask"])
-        result = detr_losses(picked, targets, self.cfg, self.saliency_loss)
-        result.pop("matched")
-        return result
+        return batch_losses(outputs, batch, self.cfg, type(self).saliency_loss_of)
 
-    def frame_outputs(self, outputs: dict, own: torch.Tensor | None, offset: torch.Tensor | None,
-                      video_duration: torch.Tensor | None) -> list[dict]:
-        """Per query: its moment slots as proposals in seconds of the whole video (``starts``,
-        ``ends``, ``scores``: the references' post-processing), and per valid frame ``times``,
-        ``saliency`` and ``relevance`` (the sigmoid of the saliency score, for display). With
-        several windows a proposal is kept by the window that owns its centre."""
-        mask, times = outputs["frame_mask"].cpu(), outputs["frame_times"].double().cpu()
-        duration = outputs["duration"].double().cpu()
-        saliency = outputs["saliency_scores"].float().cpu()
-        q, t = mask.shape
-        offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
-        total = duration + offset if video_duration is None else video_duration.double().cpu()
-        frames = torch.arange(t)
-        clip = self.cfg.clip_length
-        results = []
-        for i in range(q):
-            valid = mask[i]
-            reported = valid if own is None else valid & (own[i, 0] <= frames) & (frames < own[i, 1])
-            step = float(times[i][valid][1:].sub(times[i][valid][:-1]).median()) if int(valid.sum()) > 1 else 0.0
-            windows = ranked_windows(outputs["pred_logits"][i], outputs["pred_spans"][i], float(duration[i]),
-                                     clip if clip > 0 else step)
-            span = (float(times[i][reported].min()) - step / 2, float(times[i][reported].max()) + step / 2) \
-                if own is not None and bool(reported.any()) else (-math.inf, math.inf)
-            kept = [(s, e, p) for s, e, p in windows if own is None or span[0] <= (s + e) / 2 < span[1]]
-            shift, end = float(offset[i]), float(total[i])
-            results.append({
-                "times": (times[i][reported] + shift).tolist(),
-                "relevance": torch.sigmoid(saliency[i][reported]).tolist(),
-                "saliency": saliency[i][reported].tolist(),
-                "starts": [min(s + shift, end) for s, _, _ in kept], "ends": [min(e + shift, end) for _, e, _ in kept],
-                "scores": [p for _, _, p in kept]})
-        return results
+    def saliency_loss(self, outputs: dict, targets: DetrTargets) -> torch.Tensor:
+        return type(self).saliency_loss_of(outputs, targets, self.cfg)
+
+    def frame_outputs(self, outputs: dict, own=None, offset=None, video_duration=None) -> list[dict]:
+        return proposals(outputs, own, offset, video_duration, self.cfg)
+
+
+def batch_losses(outputs: dict, batch: dict, cfg: DetrConfig, saliency_loss) -> dict[str, torch.Tensor]:
+    """The references' weighted criterion on the loader's batch (padding queries left out)."""
+    keep = batch["query_mask"].bool() if "query_mask" in batch else torch.ones(
+        len(outputs["frame_mask"]), dtype=torch.bool, device=outputs["frame_mask"].device)
+    index = keep.nonzero().squeeze(1)
+    picked = {k: v[index] for k, v in outputs.items() if torch.is_tensor(v) and not k.startswith("aux_")}
+    for key in ("aux_pred_logits", "aux_pred_spans"):
+        if key in outputs:
+            picked[key] = outputs[key][:, index]
+    rows = {k: v[index] for k, v in batch.items() if torch.is_tensor(v) and v.ndim >= 1 and len(v) == len(keep)}
+    targets = batch_targets(rows, picked["duration"], picked["frame_mask"])
+    result = detr_losses(picked, targets, cfg, lambda o, t: saliency_loss(o, t, cfg))
+    result.pop("matched")
+    return result
+
+
+def proposals(outputs: dict, own: torch.Tensor | None, offset: torch.Tensor | None,
+              video_duration: torch.Tensor | None, cfg: DetrConfig) -> list[dict]:
+    """Per query: its moment slots as proposals in seconds of the whole video (``starts``,
+    ``ends``, ``scores``: the references' post-processing), and per valid frame ``times``,
+    ``saliency`` (rounded to float16, as the references write it) and ``relevance`` (its sigmoid,
+    for display). With several windows a proposal is kept by the window that owns its centre."""
+    mask, times = outputs["frame_mask"].cpu(), outputs["frame_times"].double().cpu()
+    duration = outputs["duration"].double().cpu()
+    saliency = outputs["saliency_scores"].float().cpu().half().float()
+    q, t = mask.shape
+    offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
+    total = duration + offset if video_duration is None else video_duration.double().cpu()
+    frames = torch.arange(t)
+    clip = cfg.clip_length
+    results = []
+    for i in range(q):
+        valid = mask[i]
+        reported = valid if own is None else valid & (own[i, 0] <= frames) & (frames < own[i, 1])
+        step = float(times[i][valid][1:].sub(times[i][valid][:-1]).median()) if int(valid.sum()) > 1 else 0.0
+        windows = ranked_windows(outputs["pred_logits"][i], outputs["pred_spans"][i], float(duration[i]),
+                                 clip if clip > 0 else step)
+        # The window owns the centres between its first and last reported frames, and beyond them
+        # where it reports the first (last) valid frame: a whole video in one window keeps every slot.
+        first, last = (int(x) for x in valid.nonzero()[[0, -1], 0]) if bool(valid.any()) else (0, -1)
+        lo = -math.inf if own is None or own[i, 0] <= first else float(times[i][reported].min()) - step / 2
+        hi = math.inf if own is None or own[i, 1] > last else float(times[i][reported].max()) + step / 2
+        kept = [(s, e, p) for s, e, p in windows if lo <= (s + e) / 2 < hi]
+        shift, end = float(offset[i]), float(total[i])
+        results.append({
+            "times": (times[i][reported] + shift).tolist(),
+            "relevance": torch.sigmoid(saliency[i][reported]).tolist(),
+            "saliency": saliency[i][reported].tolist(),
+            "starts": [min(s + shift, end) for s, _, _ in kept], "ends": [min(e + shift, end) for _, e, _ in kept],
+            "scores": [p for _, _, p in kept]})
+    return results

@@ -142,5 +142,6 @@ class MomentDETRHead(DetrHead):
         out["saliency_scores"] = rearrange(self.saliency_proj(memory[:, :t]), "q t 1 -> q t")
         return out
 
-    def saliency_loss(self, outputs: dict, targets: DetrTargets) -> torch.Tensor:
-        return saliency_hinge(outputs["saliency_scores"].float(), targets, self.cfg.saliency_margin)
+    @staticmethod
+    def saliency_loss_of(outputs: dict, targets: DetrTargets, cfg: DetrConfig) -> torch.Tensor:
+        return saliency_hinge(outputs["saliency_scores"].float(), targets, cfg.saliency_margin)

@@ -11,7 +11,6 @@ sine embedding is 2 x 128), h heads. Inside the transformer tensors are sequence
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
@@ -242,7 +241,8 @@ class QDDETRHead(DetrHead):
         out["video_mask"] = src_vid_mask
         return out
 
-    def saliency_loss(self, outputs: dict, targets: DetrTargets) -> torch.Tensor:
+    @staticmethod
+    def saliency_loss_of(outputs: dict, targets: DetrTargets, cfg: DetrConfig) -> torch.Tensor:
         """The reference's loss_saliency: negative-pair BCE + rank-contrastive (thresholds 1..11 of
         the 0-12 scores, temperature 0.5, over the query's and its negative pair's frames) + hinge."""
         mask = outputs["video_mask"].float()
@@ -267,4 +267,4 @@ class QDDETRHead(DetrHead):
             mean_positive = (positive * log_prob * both).sum(1) / (positive.sum(1) + 1e-6)
             rank = rank + (-mean_positive * has_positive).sum() / valid.sum().clamp(min=1)
         rank = rank / 12
-        return saliency_hinge(outputs["saliency_scores"].float(), targets, self.cfg.saliency_margin) + rank + loss_neg_pair
+        return saliency_hinge(outputs["saliency_scores"].float(), targets, cfg.saliency_margin) + rank + loss_neg_pair

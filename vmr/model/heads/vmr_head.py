@@ -1,0 +1,98 @@
+"""vmr's own head: the query pools each frame's patch grid (spatial conditioning, with the patches'
+changes over neighbouring frames), einops temporal self-attention and text cross-attention blocks,
+then per frame a relevance logit, distances to its moment's boundaries and a saliency score. Every
+frame proposes the moment its boundaries span, scored by its relevance.
+
+Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c the towers' width,
+d the head's width. Each video's features are copied to its queries by ``video_index`` (q,).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vmr.config import ModelConfig
+from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
+from vmr.model.losses import moment_losses
+
+
+def patch_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(..., k, c) frame tokens -> the slots a query pools over: the patch grid after the pooled
+    embedding, or for pooled-only features (k = 1) the frame's one vector."""
+    return tokens[..., 1:, :] if tokens.shape[-2] > 1 else tokens
+
+
+class VmrHead(nn.Module):
+    def __init__(self, config: ModelConfig, video_width: int, text_width: int, sentence_width: int):
+        super().__init__()
+        self.config = config
+        d, heads, drop = config.hidden_dim, config.num_heads, config.dropout
+        self.frame_in, self.patch_in = nn.Linear(video_width, d), nn.Linear(video_width, d)
+        self.word_in, self.sentence_in = nn.Linear(text_width, d), nn.Linear(sentence_width, d)
+        self.pool = QueryPool(d, heads, motion=config.motion, span=config.motion_span)
+        self.norm_in = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(Block(d, heads, drop, config.temporal_modeling) for _ in range(config.num_layers))
+        self.norm_out = nn.LayerNorm(d)
+        self.relevance_head = nn.Linear(d, 1)
+        self.boundary_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
+        self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
+
+    def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index) -> dict[str, torch.Tensor]:
+        """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
+        frame to its moment's start and end, over the duration)."""
+        dtype = self.frame_in.weight.dtype
+        tokens, words, sentence = tokens.to(dtype), words.to(dtype), sentence.to(dtype)
+        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(patch_grid(tokens))  # (b,t,d) (b,t,p,d)
+        words, sentence = self.word_in(words), self.sentence_in(sentence)
+        # At this point each query sees its video's frames through what it asks for.
+        x = self.pool(sentence, patches, video_index, frame_mask) + frames[video_index]  # (q, t, d)
+        t = x.shape[1]
+        x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=x.device, dtype=x.dtype)
+        mask = frame_mask[video_index]
+        for block in self.blocks:
+            x = block(x, mask, words, word_mask)
+        x = self.norm_out(x)
+        return {"relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
+                "boundaries": F.softplus(self.boundary_head(x)),
+                "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
+
+    def losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
+        return moment_losses(outputs, batch, self.config)
+
+    def frame_outputs(self, outputs: dict, own=None, offset=None, video_duration=None) -> list[dict]:
+        return frame_outputs(outputs, own, offset, video_duration)
+
+
+def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                  video_duration: torch.Tensor | None = None) -> list[dict]:
+    """Per query, the frames it reports as plain lists in seconds of the whole video: ``times``,
+    ``relevance`` probabilities, ``saliency`` scores, and the moment each frame proposes
+    (``starts``/``ends``, its boundary head, clipped to the window and the video; ``scores``, its
+    relevance). ``own`` (q, 2) picks the frames of each query's window that it reports (default:
+    every valid frame), ``offset`` (q,) is where the window starts in its video,
+    ``video_duration`` (q,) the video's length."""
+    probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
+    saliency = outputs["saliency"].float().cpu()
+    bounds = outputs["boundaries"].float().cpu()
+    times, duration = outputs["frame_times"].double().cpu(), outputs["duration"].double().cpu()
+    mask = outputs["frame_mask"].cpu().clone()
+    q, t = mask.shape
+    if own is not None:
+        index = torch.arange(t)
+        mask &= (own[:, :1] <= index) & (index < own[:, 1:])
+    offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
+    total = duration + offset if video_duration is None else video_duration.double().cpu()
+    results = []
+    for i in range(q):
+        valid, length = mask[i], float(duration[i])
+        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length) + offset[i]
+        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length) + offset[i]
+        relevance = probs[i][valid].tolist()
+        results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": relevance,
+                        "saliency": saliency[i][valid].tolist(),
+                        "starts": start.clamp(0, float(total[i])).tolist(),
+                        "ends": end.clamp(0, float(total[i])).tolist(), "scores": relevance})
+    return results
