@@ -119,3 +119,121 @@ def test_post_processing_equals_the_reference(head):
         assert ranked_windows(out["pred_logits"][i], out["pred_spans"][i], duration, 2.0) == row["pred_relevant_windows"]
         n = int(fixture["src_vid_mask"][i].sum())
         assert out["saliency_scores"][i, :n].half().tolist() == row["pred_saliency_scores"]
+
+
+# ----- released checkpoints ----------------------------------------------------------------------
+
+def reference_checkpoint(head: str, path: Path, **changes) -> Path:
+    """A checkpoint file as the references save it: the model's state dict (the fixture's weights)
+    and the run's ``opt`` namespace (with a ``torch.device``), beside optimizer state and the epoch."""
+    import argparse
+
+    fixture = load(head)
+    state = build(head, fixture).state_dict()
+    opt = argparse.Namespace(
+        device=torch.device("cpu"), ctx_mode="video_tef", v_feat_dim=fixture["src_vid"].shape[-1],
+        t_feat_dim=fixture["src_txt"].shape[-1], span_loss_type="l1", contrastive_align_loss=False, a_feat_dir=None,
+        hidden_dim=256, nheads=8, enc_layers=2, dec_layers=2, dim_feedforward=1024, dropout=0.1, input_dropout=0.5,
+        n_input_proj=2, num_queries=10, use_txt_pos=False, max_q_l=32, max_v_l=75, aux_loss=True, set_cost_span=10,
+        set_cost_giou=1, set_cost_class=4, span_loss_coef=10, giou_loss_coef=1, label_loss_coef=4, eos_coef=0.1,
+        lw_saliency=1.0, saliency_margin=0.2, clip_length=2, nms_thd=-1, lr=1e-4, wd=1e-4, grad_clip=0.1,
+        no_norm_vfeat=False, no_norm_tfeat=False, v_feat_dirs=["features/clip_features"], results_dir="results/x")
+    for key, value in changes.items():
+        setattr(opt, key, value)
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "epoch": 3, "opt": opt}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory) -> Path:
+    """The fixtures' release-layout data brought in by vmr features import, in float32."""
+    from vmr.cli import main
+
+    out = tmp_path_factory.mktemp("imported")
+    released = FIXTURES / "released"
+    assert main(["features", "import", "--video-features", str(released / "video"), "--text-features",
+                 str(released / "text"), "--annotations", str(released / "annotations.jsonl"), "--out", str(out),
+                 "--split", "val", "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("head", PUBLISHED)
+def test_a_converted_checkpoint_predicts_as_the_reference_on_imported_features(head, imported, tmp_path):
+    from vmr.cli import main
+    from vmr.config import load_config
+
+    bundle = tmp_path / "bundle"
+    assert main(["convert", "--checkpoint", str(reference_checkpoint(head, tmp_path / "model_best.ckpt")),
+                 "--out", str(bundle)]) == 0
+    cfg = load_config(bundle / "config.yaml")
+    assert cfg.model.head == head and cfg.model.feature_dim == 16 and cfg.model.text_feature_dim == 12
+    assert cfg.model.detr.tef and cfg.data.sampling.fps == 0.5 and cfg.data.sampling.window == 75
+    # QD-DETR's text-to-video mask depends on which queries share a batch (the reference's layout, kept):
+    # its predictions equal the reference's for the same batches, here every query in file order, as its
+    # evaluation (batches of 100) reads them. One loader worker keeps that order.
+    from vmr.config import save_config
+
+    cfg.data.num_workers = 0
+    save_config(cfg, bundle / "config.yaml")
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["eval", "--checkpoint", str(bundle), "--shards", str(imported / "val-*.tar"), "--batch-size", "100",
+                 "--predictions-out", str(predictions), "--json", str(tmp_path / "metrics.json")]) == 0
+    ours = {row["qid"]: row for row in map(json.loads, predictions.read_text().splitlines())}
+    theirs = [json.loads(line) for line in (FIXTURES / f"{head}_predictions.jsonl").read_text().splitlines()]
+    assert len(ours) == len(theirs)
+    for row in theirs:
+        mine = ours[row["qid"]]
+        assert mine["pred_relevant_windows"] == row["pred_relevant_windows"]
+        # The file rounds saliency to 4 decimals; the reference writes its float16 values unrounded.
+        assert mine["pred_saliency_scores"] == pytest.approx(row["pred_saliency_scores"], abs=1e-4)
+
+
+HOSTILE = {
+    "a pickle that would run code": "code",
+    "missing weights": "missing",
+    "misshapen weights": "shape",
+    "another head's weights": "other",
+    "not a checkpoint": "garbage",
+    "no opt": "no_opt",
+    "an unsupported variant": "ce",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE.values()))
+def test_a_hostile_checkpoint_is_one_line_and_nothing_runs(case, tmp_path, capsys):
+    import os
+    import pickle
+
+    from vmr.cli import main
+
+    path = tmp_path / "model.ckpt"
+    marker = tmp_path / "ran"
+    if case == "code":
+        class Payload:
+            def __reduce__(self):
+                return os.system, (f"touch {marker}",)
+        with open(path, "wb") as f:
+            pickle.dump({"model": {}, "opt": Payload()}, f)
+        torch.save({"model": {}, "opt": Payload()}, tmp_path / "model2.ckpt")
+    elif case == "garbage":
+        path.write_bytes(b"\x80\x04not a checkpoint at all")
+    else:
+        reference_checkpoint("qd_detr" if case == "other" else "moment_detr", path,
+                             **({"span_loss_type": "ce"} if case == "ce" else {}))
+        content = torch.load(path, weights_only=False)
+        if case == "missing":
+            content["model"].pop("class_embed.weight")
+        elif case == "shape":
+            content["model"]["class_embed.weight"] = torch.zeros(3, 256)
+        elif case == "no_opt":
+            content.pop("opt")
+        elif case == "other":  # QD-DETR weights, Moment-DETR-like opt: still QD-DETR; drop its token
+            content["model"].pop("global_rep_token")
+        torch.save(content, path)
+    for candidate in [path] + ([tmp_path / "model2.ckpt"] if case == "code" else []):
+        assert main(["convert", "--checkpoint", str(candidate), "--out", str(tmp_path / "bundle")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("vmr convert: error: ") and len(err.strip().splitlines()) == 1, err
+        assert "Traceback" not in err
+    assert not marker.exists()
+    assert not (tmp_path / "bundle").exists()

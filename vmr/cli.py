@@ -163,6 +163,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  vmr search --index my_index --query 'a person opens the fridge' --top-k 5",
     )
 
+    from vmr import convert
+
+    add_command(
+        commands, convert.add_arguments, convert.run,
+        "convert", help="a released Moment-DETR / QD-DETR checkpoint -> a vmr inference bundle",
+        description="Convert a checkpoint file as the Moment-DETR and QD-DETR repositories save and release it "
+                    "(its 'model' weights and 'opt' settings) into an inference bundle with the same settings. "
+                    "The file is read without running any code from it.",
+        epilog="example:\n  vmr convert --checkpoint model_best.ckpt --out runs/qd_detr_released\n"
+               "  vmr eval --checkpoint runs/qd_detr_released --shards 'data/qvhighlights/features/val-*.tar'",
+    )
+
     from vmr import demo
 
     add_command(

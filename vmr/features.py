@@ -379,6 +379,9 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="folder for the feature shards and manifest.json")
     p.add_argument("--split", default="train", help="split name (default train)")
     p.add_argument("--clip-seconds", type=float, default=QVH_CLIP_SECONDS, help="seconds per feature row (default 2, QVHighlights)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16",
+                   help="stored precision (default float16, half the size; float32 keeps the released numbers exactly, "
+                        "e.g. to reproduce a converted published checkpoint's predictions)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing split, or a folder of video shards or of features of another width")
 
@@ -394,7 +397,7 @@ def run_import(args: argparse.Namespace) -> int:
     from vmr.data.released import import_features
 
     manifest = import_features(args.video_features, args.text_features, args.annotations, args.out, args.split,
-                               args.clip_seconds, overwrite=args.overwrite)
+                               args.clip_seconds, overwrite=args.overwrite, dtype=args.dtype)
     info = manifest["splits"][args.split]
     print(f"split {args.split!r}: {info['samples']} videos, {info['queries']} queries, "
           f"{manifest['extractor']['width']}-d features in {args.out}; skipped {len(manifest['skipped'])} "

@@ -35,7 +35,7 @@ from vmr.spans import QVH_CLIP_SECONDS
 
 def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path,
                     split: str = "train", clip_seconds: float = QVH_CLIP_SECONDS, max_videos_per_shard: int = 500,
-                    progress: bool = True, overwrite: bool = False) -> dict:
+                    progress: bool = True, overwrite: bool = False, dtype: str = "float16") -> dict:
     """``_import_features`` with the folder claimed (feature shards only; an existing split, or
     other features, only with ``overwrite``) and locked for the run."""
     check_split(split)
@@ -44,17 +44,19 @@ def import_features(video_dirs: list[Path], text_dir: Path | None, annotations: 
         sweep_temporaries(out)
         previous = claim(out, "features", split, overwrite)  # again: another run may have written meanwhile
         return _import_features(video_dirs, text_dir, annotations, out, split, clip_seconds, max_videos_per_shard,
-                                progress, previous, overwrite)
+                                progress, previous, overwrite, dtype)
 
 
 def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations: Path, out: Path, split: str,
                      clip_seconds: float, max_videos_per_shard: int, progress: bool, previous: dict,
-                     overwrite: bool) -> dict:
+                     overwrite: bool, dtype: str = "float16") -> dict:
     """Feature shards from the Moment-DETR / Lighthouse / UniVTG release layout: ``<vid>.npz`` with
     ``features`` (clips, dim) at ``clip_seconds`` per clip in each of ``video_dirs`` (L2-normalised
     each, concatenated along the feature axis, truncated to the shortest), and ``qid<qid>.npz`` with
     ``last_hidden_state`` (tokens, dim) or ``pooler_output`` (dim) in ``text_dir``. Queries come from
-    a QVHighlights-style annotation file; a video or query without its files is skipped and listed."""
+    a QVHighlights-style annotation file; a video or query without its files is skipped and listed.
+    Stored as ``dtype`` (float16, half the size; float32 keeps the released numbers exactly, so that a
+    converted published checkpoint reproduces its reference's predictions)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -82,7 +84,9 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
                 array = read_npz(path, ("features",))
                 if array.ndim != 2 or len(array) == 0:
                     raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
-                parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
+                # The release's own loaders' normalisation (norm + 1e-5), so that its models see the same numbers.
+                parts.append(array.astype(np.float32) / (np.linalg.norm(array.astype(np.float32), axis=1,
+                                                                        keepdims=True) + 1e-5))
             if len(parts) < len(video_dirs):
                 skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
                 continue
@@ -103,7 +107,7 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
                         raise UserError(f"{path}: expected (tokens, dim) or (dim,), got {array.shape}")
                     if text_width not in (None, array.shape[-1]):
                         raise UserError(f"{path}: {array.shape[-1]}-d, earlier queries' features are {text_width}-d")
-                    texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(np.float16)
+                    texts[str(record.qid)] = array.reshape(-1, array.shape[-1]).astype(dtype)
                     text_width = array.shape[-1]
                 kept.append(query_json(record, record.seconds(1.0 / clip_seconds)))
             if not kept:
@@ -111,7 +115,7 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
             # The rows cover the video in clip_seconds steps (QVHighlights: 75 rows for 150 s).
             duration = max([n * clip_seconds, *(e for q in kept for _, e in q["windows"])])
             meta = {"video_id": video_id, "duration": duration, "start": 0.0, "queries": kept}
-            members = {TOKENS: npy_bytes(features[:, None].astype(np.float16)),
+            members = {TOKENS: npy_bytes(features[:, None].astype(dtype)),
                        TIMES: npy_bytes((np.arange(n) + 0.5) * clip_seconds)}
             if texts:
                 members[TEXT] = npz_bytes(texts)
@@ -123,7 +127,7 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
     if not shards:
         raise UserError(f"{annotations}: no video had its features in {', '.join(map(str, video_dirs))}")
     fps = 1.0 / clip_seconds
-    extractor = {"kind": "imported", "model": " + ".join(str(d) for d in video_dirs), "dtype": "float16",
+    extractor = {"kind": "imported", "model": " + ".join(str(d) for d in video_dirs), "dtype": dtype,
                  "tokens": 1, "width": width, "text": text_dir is not None, "text_width": text_width,
                  "sampling": dataclasses.asdict(SamplingConfig(fps=fps, window=1, size=0))}
     manifest = {"kind": "features", "extractor": extractor,
