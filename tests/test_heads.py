@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from heads_rule import fill
+
 from vmr.config import DetrConfig
 from vmr.model.heads import HEADS
 from vmr.model.heads.detr import DetrTargets, detr_losses, loss_weights, ranked_windows
@@ -78,7 +78,7 @@ def test_matching_and_losses_equal_the_reference(head):
         assert torch.cat([s for s, _ in matched]).tolist() == fixture[f"match{layer}_src"].tolist()
         assert torch.cat([t for _, t in matched]).tolist() == fixture[f"match{layer}_tgt"].tolist()
     weights = loss_weights(model.cfg)
-    for name, value, weight in zip(fixture["loss_names"], fixture["loss_values"], fixture["loss_weights"]):
+    for name, value, weight in zip(fixture["loss_names"], fixture["loss_values"], fixture["loss_weights"], strict=True):
         np.testing.assert_allclose(float(losses[name].detach()), value, rtol=RTOL, err_msg=name)
         assert weights[name] == weight
     assert sorted(weights) == sorted(fixture["loss_names"].tolist())
