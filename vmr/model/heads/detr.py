@@ -333,7 +333,8 @@ class DetrHead(nn.Module):
         # that no attention row is empty; such queries count in no loss.
         text_mask[:, 0] = torch.where(text_mask.sum(dim=1) == 0, 1.0, text_mask[:, 0])
         text = text * rearrange(text_mask, "q l -> q l 1")
-        return self.reference_forward(text, text_mask, video, mask, video_index)
+        dtype = next(self.parameters()).dtype  # normalised in float32, then the weights' dtype (bf16 under ZeRO)
+        return self.reference_forward(text.to(dtype), text_mask, video.to(dtype), mask, video_index)
 
     def losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return batch_losses(outputs, batch, self.cfg, type(self).saliency_loss_of)

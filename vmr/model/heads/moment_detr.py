@@ -136,7 +136,7 @@ class MomentDETRHead(DetrHead):
         src = torch.cat([video, text], dim=1)  # (q, t + l, d)
         valid = torch.cat([src_vid_mask, src_txt_mask], dim=1).bool()
         text_position = self.txt_position_embed(text) if self.cfg.use_txt_pos else torch.zeros_like(text)
-        position = torch.cat([frame_positions(src_vid_mask, self.cfg.hidden_dim), text_position], dim=1)
+        position = torch.cat([frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype), text_position], dim=1)
         states, memory = self.transformer(src, ~valid, self.query_embed.weight, position)
         out = decoder_layers_output(self.class_embed(states), self.span_embed(states).sigmoid(), self.cfg.aux_loss)
         out["saliency_scores"] = rearrange(self.saliency_proj(memory[:, :t]), "q t 1 -> q t")

@@ -142,7 +142,7 @@ class AnchorDecoder(nn.Module):
         anchors = anchors_unsigmoid.sigmoid()
         references, states = [anchors], []
         for i, layer in enumerate(self.layers):
-            sine = anchor_embedding(anchors)
+            sine = anchor_embedding(anchors).to(slots.dtype)
             slot_position = self.ref_point_head(sine)
             if i > 0:
                 sine = sine * self.query_scale(slots)
@@ -186,7 +186,7 @@ class Transformer(nn.Module):
         local = memory[1:]
         if not decode:
             return None, None, rearrange(local, "s q d -> q s d"), memory[0]
-        states, references = self.decoder(torch.zeros(anchors.shape[0], q, src.shape[-1], device=src.device), local,
+        states, references = self.decoder(torch.zeros(anchors.shape[0], q, src.shape[-1], device=src.device, dtype=src.dtype), local,
                                           padding[:, 1: frames + 1], position[1: frames + 1],
                                           repeat(anchors, "n two -> n q two", q=q))
         return (rearrange(states, "k n q d -> k q n d"), rearrange(references, "k n q two -> k q n two"),
@@ -220,7 +220,7 @@ class QDDETRHead(DetrHead):
         q, t = video.shape[:2]
         text_position = self.txt_position_embed(text) if self.cfg.use_txt_pos else torch.zeros_like(text)
         position = torch.cat([repeat(self.global_rep_pos, "d -> q 1 d", q=q),
-                              frame_positions(src_vid_mask, self.cfg.hidden_dim), text_position], dim=1)
+                              frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype), text_position], dim=1)
         token = repeat(self.global_rep_token, "d -> q 1 d", q=q)
         always = torch.ones(q, 1, dtype=torch.bool, device=video.device)
 
