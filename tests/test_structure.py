@@ -23,7 +23,7 @@ FLOORS = [
     ["vmr.vocab", "vmr.text", "vmr.runtime", "vmr.figures", "vmr.eval.metrics", "vmr.checkpoint"],
     ["vmr.data.*", "vmr.model.*", "vmr.eval.report"],  # data and model: never each other
     ["vmr.cache", "vmr.bundle", "vmr.synth"],
-    ["vmr.encode", "vmr.eval.predict", "vmr.features", "vmr.search", "vmr.train"],
+    ["vmr.convert", "vmr.encode", "vmr.eval.predict", "vmr.features", "vmr.search", "vmr.train"],
     ["vmr.bench.*"],
     ["vmr", "vmr.cli", "vmr.demo.*"],  # the command layer
 ]
