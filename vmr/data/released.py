@@ -84,9 +84,7 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
                 array = read_npz(path, ("features",))
                 if array.ndim != 2 or len(array) == 0:
                     raise UserError(f"{path}: 'features' must be (clips, dim), got {array.shape}")
-                # The release's own loaders' normalisation (norm + 1e-5), so that its models see the same numbers.
-                parts.append(array.astype(np.float32) / (np.linalg.norm(array.astype(np.float32), axis=1,
-                                                                        keepdims=True) + 1e-5))
+                parts.append(array / np.linalg.norm(array, axis=1, keepdims=True).clip(min=1e-12))
             if len(parts) < len(video_dirs):
                 skipped.append({"video_id": video_id, "reason": f"no {video_id}.npz in {folder}"})
                 continue
