@@ -115,7 +115,7 @@ class VideoMomentRetrievalModel(nn.Module):
             video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
 
         if video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
-            tokens = video_frames.float() if self.config.head != "vmr" else video_frames
+            tokens = video_frames  # each head casts them to what it computes in
         else:
             tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
         if "features" in text_inputs:

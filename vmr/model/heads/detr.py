@@ -25,6 +25,8 @@ from torch import nn
 from vmr.config import DetrConfig
 
 FOREGROUND, BACKGROUND = 0, 1  # the references' class indices
+# The loader batch's per-query targets (vmr/data/collate.py) that batch_targets reads.
+QUERY_KEYS = ("moments", "moment_mask", "has_moments", "relevance", "saliency", "has_saliency", "query_mask")
 
 
 class LinearLayer(nn.Module):
@@ -301,13 +303,25 @@ class DetrHead(nn.Module):
     """A published head on vmr's towers. Per query: its video's pooled frame features (L2-normalised,
     with the frames' time endpoints appended: the references' ``video_tef``) and its sentence's token
     features (L2-normalised) enter ``reference_forward``, the reference model's forward with its
-    signature (masks are floats, 1 on valid positions). Subclasses build the reference's modules,
-    its forward and its saliency loss."""
+    signature (masks are floats, 1 on valid positions). Here are the modules both references build
+    alike; subclasses add their transformer and saliency layers, their forward and saliency loss.
+    ``slot_width``: the width of each slot's learned query (Moment-DETR: d; QD-DETR: a 2-d anchor)."""
 
-    def __init__(self, cfg: DetrConfig, video_width: int, text_width: int):
+    def __init__(self, cfg: DetrConfig, video_width: int, text_width: int, slot_width: int):
         super().__init__()
         self.cfg = cfg
         self.video_width = video_width + (2 if cfg.tef else 0)  # the reference's v_feat_dim
+        d = cfg.hidden_dim
+        self.txt_position_embed = TextPositions(cfg.max_q_l, d, cfg.input_dropout)
+        self.span_embed = MLP(d, d, 2, 3)
+        self.class_embed = nn.Linear(d, 2)  # 0: foreground, 1: background
+        self.query_embed = nn.Embedding(cfg.num_queries, slot_width)
+        self.input_txt_proj = input_projection(text_width, d, cfg.n_input_proj, cfg.input_dropout)
+        self.input_vid_proj = input_projection(self.video_width, d, cfg.n_input_proj, cfg.input_dropout)
+
+    def text_positions(self, text: torch.Tensor) -> torch.Tensor:
+        """The text tokens' positions: learned with ``use_txt_pos``, else zeros (the references' default)."""
+        return self.txt_position_embed(text) if self.cfg.use_txt_pos else torch.zeros_like(text)
 
     def reference_forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask, video_index=None) -> dict:
         raise NotImplementedError
@@ -355,7 +369,7 @@ def batch_losses(outputs: dict, batch: dict, cfg: DetrConfig, saliency_loss) -> 
     for key in ("aux_pred_logits", "aux_pred_spans"):
         if key in outputs:
             picked[key] = outputs[key][:, index]
-    rows = {k: v[index] for k, v in batch.items() if torch.is_tensor(v) and v.ndim >= 1 and len(v) == len(keep)}
+    rows = {k: batch[k][index] for k in QUERY_KEYS if k in batch}
     targets = batch_targets(rows, picked["duration"], picked["frame_mask"])
     result = detr_losses(picked, targets, cfg, lambda o, t: saliency_loss(o, t, cfg))
     result.pop("matched")

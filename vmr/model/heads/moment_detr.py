@@ -19,13 +19,10 @@ from torch import nn
 
 from vmr.config import DetrConfig
 from vmr.model.heads.detr import (
-    MLP,
     DetrHead,
     DetrTargets,
-    TextPositions,
     decoder_layers_output,
     frame_positions,
-    input_projection,
     saliency_hinge,
 )
 
@@ -117,16 +114,9 @@ class Transformer(nn.Module):
 
 class MomentDETRHead(DetrHead):
     def __init__(self, cfg: DetrConfig, video_width: int, text_width: int):
-        super().__init__(cfg, video_width, text_width)
-        d = cfg.hidden_dim
+        super().__init__(cfg, video_width, text_width, slot_width=cfg.hidden_dim)
         self.transformer = Transformer(cfg)
-        self.txt_position_embed = TextPositions(cfg.max_q_l, d, cfg.input_dropout)
-        self.span_embed = MLP(d, d, 2, 3)
-        self.class_embed = nn.Linear(d, 2)  # 0: foreground, 1: background
-        self.query_embed = nn.Embedding(cfg.num_queries, d)
-        self.input_txt_proj = input_projection(text_width, d, cfg.n_input_proj, cfg.input_dropout)
-        self.input_vid_proj = input_projection(self.video_width, d, cfg.n_input_proj, cfg.input_dropout)
-        self.saliency_proj = nn.Linear(d, 1)
+        self.saliency_proj = nn.Linear(cfg.hidden_dim, 1)
 
     def reference_forward(self, src_txt, src_txt_mask, src_vid, src_vid_mask, video_index=None) -> dict:
         """The reference's ``MomentDETR.forward``: (q, n, 2) ``pred_logits``, (q, n, 2) sigmoid
@@ -135,8 +125,8 @@ class MomentDETRHead(DetrHead):
         t = video.shape[1]
         src = torch.cat([video, text], dim=1)  # (q, t + l, d)
         valid = torch.cat([src_vid_mask, src_txt_mask], dim=1).bool()
-        text_position = self.txt_position_embed(text) if self.cfg.use_txt_pos else torch.zeros_like(text)
-        position = torch.cat([frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype), text_position], dim=1)
+        position = torch.cat([frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype),
+                              self.text_positions(text)], dim=1)
         states, memory = self.transformer(src, ~valid, self.query_embed.weight, position)
         out = decoder_layers_output(self.class_embed(states), self.span_embed(states).sigmoid(), self.cfg.aux_loss)
         out["saliency_scores"] = rearrange(self.saliency_proj(memory[:, :t]), "q t 1 -> q t")

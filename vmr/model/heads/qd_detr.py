@@ -23,10 +23,8 @@ from vmr.model.heads.detr import (
     MLP,
     DetrHead,
     DetrTargets,
-    TextPositions,
     decoder_layers_output,
     frame_positions,
-    input_projection,
     other_video_queries,
     saliency_hinge,
     sine_features,
@@ -195,15 +193,9 @@ class Transformer(nn.Module):
 
 class QDDETRHead(DetrHead):
     def __init__(self, cfg: DetrConfig, video_width: int, text_width: int):
-        super().__init__(cfg, video_width, text_width)
+        super().__init__(cfg, video_width, text_width, slot_width=2)  # the slots' anchors, before the sigmoid
         d = cfg.hidden_dim
         self.transformer = Transformer(cfg)
-        self.txt_position_embed = TextPositions(cfg.max_q_l, d, cfg.input_dropout)
-        self.span_embed = MLP(d, d, 2, 3)
-        self.class_embed = nn.Linear(d, 2)  # 0: foreground, 1: background
-        self.query_embed = nn.Embedding(cfg.num_queries, 2)  # the slots' anchors, before the sigmoid
-        self.input_txt_proj = input_projection(text_width, d, cfg.n_input_proj, cfg.input_dropout)
-        self.input_vid_proj = input_projection(self.video_width, d, cfg.n_input_proj, cfg.input_dropout)
         self.saliency_proj1, self.saliency_proj2 = nn.Linear(d, d), nn.Linear(d, d)
         self.global_rep_token = nn.Parameter(torch.randn(d))
         self.global_rep_pos = nn.Parameter(torch.randn(d))
@@ -218,9 +210,9 @@ class QDDETRHead(DetrHead):
         ``video_index`` picks it; the reference's shift by one when absent), and the auxiliary layers'."""
         video, text = self.input_vid_proj(src_vid), self.input_txt_proj(src_txt)
         q, t = video.shape[:2]
-        text_position = self.txt_position_embed(text) if self.cfg.use_txt_pos else torch.zeros_like(text)
         position = torch.cat([repeat(self.global_rep_pos, "d -> q 1 d", q=q),
-                              frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype), text_position], dim=1)
+                              frame_positions(src_vid_mask, self.cfg.hidden_dim).to(text.dtype),
+                              self.text_positions(text)], dim=1)
         token = repeat(self.global_rep_token, "d -> q 1 d", q=q)
         always = torch.ones(q, 1, dtype=torch.bool, device=video.device)
 
