@@ -31,6 +31,7 @@ def test_a_published_head_trains_exports_predicts_and_evaluates(head, shard_dir,
                  "--json", str(metrics)]) == 0
     assert 0 <= json.loads(metrics.read_text())["brief"]["MR-full-R1@0.5"] <= 100
     # The collection search's shortlist is vmr's head's: refused in one line, before any work.
+    capsys.readouterr()
     assert main(["index", "--checkpoint", str(out), "--videos", str(synth_dir / "videos"),
                  "--out", str(tmp_path / "index")]) == 2
     err = capsys.readouterr().err

@@ -313,6 +313,8 @@ class DetrHead(nn.Module):
         self.video_width = video_width + (2 if cfg.tef else 0)  # the reference's v_feat_dim
         d = cfg.hidden_dim
         self.txt_position_embed = TextPositions(cfg.max_q_l, d, cfg.input_dropout)
+        if not cfg.use_txt_pos:  # built (checkpoints hold it) but unused: no gradient, which DDP requires
+            self.txt_position_embed.requires_grad_(False)
         self.span_embed = MLP(d, d, 2, 3)
         self.class_embed = nn.Linear(d, 2)  # 0: foreground, 1: background
         self.query_embed = nn.Embedding(cfg.num_queries, slot_width)
