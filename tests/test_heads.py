@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from heads_rule import fill
 
 from vmr.config import DetrConfig
 from vmr.model.heads import HEADS
 from vmr.model.heads.detr import DetrTargets, detr_losses, loss_weights, ranked_windows
+
+from .heads_rule import fill
 
 FIXTURES = Path(__file__).parent / "fixtures" / "heads"
 RTOL, ATOL = 1e-5, 1e-6

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_train import ROOT, launch, overrides, run, steps_of
 
 from vmr.cli import main
+
+from .test_train import ROOT, launch, overrides, run, steps_of
 
 HEAD = ["model.detr.dim_feedforward=64"]
 
