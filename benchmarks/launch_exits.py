@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from vmr.bundle import write_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -51,7 +53,7 @@ def make_data(work: Path) -> tuple[Path, Path]:
         build_shards(synth / "videos", [synth / f"{split}.jsonl"], shards, split=split, fps=2.0, size=16,
                      keyframe_interval=0, max_videos_per_shard=1, progress=False)
     cfg = load_config(TINY, ["data.sampling.size=16"])
-    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(work / "bundle", cfg)
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), work / "bundle", cfg)
     return shards, work / "bundle"
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-import vmr.checkpoint
+import vmr.bundle
 import vmr.model
 from vmr.config import load_config
 from vmr.train import train
@@ -37,14 +37,14 @@ def main(config: str, out: str, *overrides: str) -> None:
     vmr.model.moment_losses = losses_with_one_nan  # train() imports it from vmr.model when it starts
     cfg = load_config(config, list(overrides))
     seen = {}
-    real_export = vmr.checkpoint.export_bundle
+    real_export = vmr.bundle.export_bundle
 
     def export(accelerator, model, cfg, directory):  # the final weights as this rank holds them
         state = accelerator.unwrap_model(model).state_dict()
         seen["digest"] = [float(v.double().sum()) for v in state.values() if v.is_floating_point()]
         return real_export(accelerator, model, cfg, directory)
 
-    vmr.checkpoint.export_bundle = export  # train() imports it from vmr.checkpoint when it starts
+    vmr.bundle.export_bundle = export  # train() imports it from vmr.bundle when it starts
     train(cfg)
     events = sorted((Path(cfg.train.output_dir) / "tensorboard").rglob("events.out.tfevents.*"))
     report = {"rank": rank, "calls": calls["n"], "digest": seen["digest"], "events": len(events)}

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmr.bundle import write_bundle
 from vmr.config import load_config
 from vmr.model import VideoMomentRetrievalModel
 
@@ -26,7 +27,7 @@ def bundle(tmp_path_factory) -> Path:
     """An untrained tiny model's inference bundle: the demo's behaviour, not its accuracy, is tested."""
     out = tmp_path_factory.mktemp("bundle") / "export"
     model = VideoMomentRetrievalModel.from_config(load_config(TINY).model)
-    model.save_pretrained(out, load_config(TINY))
+    write_bundle(model, out, load_config(TINY))
     return out
 
 
@@ -97,7 +98,7 @@ def test_a_siglip2_bundle_answers_and_searches(monkeypatch, synth_dir, tmp_path)
     from vmr.cli import main
 
     cfg = load_config(TINY, ["model.backbone=siglip2"])
-    bundle = VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "export", cfg)
+    bundle = write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), tmp_path / "export", cfg)
     index = tmp_path / "index"
     assert main(["index", "--checkpoint", str(bundle), "--videos", str(synth_dir / "videos"), "--out", str(index)]) == 0
     monkeypatch.setenv("VMR_DEMO_INDEX", str(index))

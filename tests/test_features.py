@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from vmr.bundle import read_bundle
 from vmr.cli import main
 from vmr.config import load_config
 from vmr.data.tars import TIMES, TOKENS, iter_shard
@@ -100,9 +101,8 @@ def test_train_and_eval_on_feature_shards(features, tmp_path, capsys):
     assert 0 <= metrics["brief"]["MR-full-R1@0.5"] <= 100
     # The bundle's frozen tower is the one that made the cache (same seed), so it reads videos too ...
     from vmr.cache import vision_fingerprint
-    from vmr.model import VideoMomentRetrievalModel
 
-    model = VideoMomentRetrievalModel.from_pretrained(bundle)
+    model = read_bundle(bundle)
     assert vision_fingerprint(model) == cache["vision_sha256"]
     # ... and a model whose tower differs from the cache's reads only the cache.
     torch.nn.init.zeros_(model.towers.vision.post_layernorm.weight)

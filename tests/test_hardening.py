@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from vmr.bundle import write_bundle
 from vmr.cli import main
 from vmr.data.shards import read_manifest
 
@@ -332,7 +333,7 @@ def test_eval_on_unreadable_shards_is_an_error_not_nan(shard_dir, tmp_path, caps
     from vmr.model import VideoMomentRetrievalModel
 
     cfg = load_config(TINY_CONFIG, ["data.sampling.size=16", "data.sampling.window=8"])
-    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", dataclasses.replace(cfg))
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), tmp_path / "bundle", dataclasses.replace(cfg))
     (tmp_path / "junk-000000.tar").write_bytes(os.urandom(2000))
     code = main(["eval", "--checkpoint", str(tmp_path / "bundle"), "--shards", str(tmp_path / "junk-000000.tar")])
     one_line_error(capsys, code, "no video of", "junk-000000.tar could be read", "1 unreadable")
@@ -457,14 +458,14 @@ def test_a_damaged_bundle_is_one_line(tmp_path, capsys, synth_dir):
     from vmr.model import VideoMomentRetrievalModel
 
     cfg = load_config(TINY_CONFIG)
-    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), tmp_path / "bundle", cfg)
     weights = tmp_path / "bundle" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     video = sorted((synth_dir / "videos").glob("*.mp4"))[0]
     code = main(["predict", "--checkpoint", str(tmp_path / "bundle"), "--video", str(video), "--query", "a red circle"])
     one_line_error(capsys, code, "model.safetensors: not readable as safetensors weights")
     # A bundle whose config does not describe its weights (e.g. the model's layers changed since).
-    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), tmp_path / "bundle", cfg)
     config = tmp_path / "bundle" / "config.yaml"
     config.write_text(config.read_text().replace("motion: true", "motion: false"))
     code = main(["predict", "--checkpoint", str(tmp_path / "bundle"), "--video", str(video), "--query", "a red circle"])

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from vmr.bundle import read_bundle
 from vmr.cli import main
 
 from .test_train import ROOT, launch, overrides, run, steps_of
@@ -65,7 +66,6 @@ def test_a_published_head_trains_with_zero2_and_resumes(head, shard_dir, tmp_pat
                   f"model.head={head}", *HEAD, "--resume", "latest"], ds)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and steps_of(out) == ["step_0000002", "step_0000004"]
-    from vmr.model import VideoMomentRetrievalModel
 
-    model = VideoMomentRetrievalModel.from_pretrained(out / "export")
+    model = read_bundle(out / "export")
     assert model.config.head == head

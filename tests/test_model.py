@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from vmr import load_config
+from vmr.bundle import read_bundle, write_bundle
 from vmr.config import DataConfig, SamplingConfig
 from vmr.data.stream import make_loader
 from vmr.model import VideoMomentRetrievalModel, decode_moments, moment_losses
@@ -183,8 +184,8 @@ def test_whole_video_scoring_equals_one_forward_per_window():
 def test_the_bundle_carries_the_sampling_spec_and_retrieve_moments_uses_it(tmp_path):
     model = tiny_model()
     model.sampling = SamplingConfig(fps=4.0, window=6, size=32, overlap=0.5)
-    model.save_pretrained(tmp_path / "bundle")
-    loaded = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    write_bundle(model, tmp_path / "bundle")
+    loaded = read_bundle(tmp_path / "bundle")
     assert loaded.sampling == model.sampling
     assert load_config(tmp_path / "bundle" / "config.yaml").data.sampling == model.sampling
     moments, scores = loaded.retrieve_moments(frames(b=1, t=20)[0], "a red circle spins", top_k=3)
@@ -208,18 +209,18 @@ def test_clip_from_pretrained_directory(tmp_path):
 
 def test_bundle_round_trip(tmp_path):
     model = tiny_model()
-    model.save_pretrained(tmp_path / "bundle")
+    write_bundle(model, tmp_path / "bundle")
     files = {p.name for p in (tmp_path / "bundle").iterdir()}
     assert {"model.safetensors", "config.yaml", "tower_config.json", "tokenizer.json",
             "preprocessor_config.json"} <= files
-    loaded = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    loaded = read_bundle(tmp_path / "bundle")
     text = model.tokenize(["a red circle spins"])
     torch.testing.assert_close(loaded(frames(b=1), text), model(frames(b=1), text))
-    model.save_pretrained(tmp_path / "bundle")  # overwriting an existing bundle works
+    write_bundle(model, tmp_path / "bundle")  # overwriting an existing bundle works
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     # A bundle written before other backbones names its towers' config clip_config.json: still read.
     (tmp_path / "bundle" / "tower_config.json").rename(tmp_path / "bundle" / "clip_config.json")
-    old = VideoMomentRetrievalModel.from_pretrained(tmp_path / "bundle")
+    old = read_bundle(tmp_path / "bundle")
     torch.testing.assert_close(old(frames(b=1), text), model(frames(b=1), text))
 
 
@@ -227,7 +228,7 @@ def test_from_pretrained_names_a_missing_file(tmp_path):
     from vmr.errors import UserError
 
     with pytest.raises(UserError, match="model.safetensors"):
-        VideoMomentRetrievalModel.from_pretrained(tmp_path)
+        read_bundle(tmp_path)
 
 
 @pytest.mark.slow

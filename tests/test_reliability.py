@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vmr.bundle import write_bundle
 from vmr.cli import main
 from vmr.config import load_config
 
@@ -43,7 +44,7 @@ def bundle(tmp_path_factory) -> Path:
 
     cfg = load_config(TINY, SMALL)
     out = tmp_path_factory.mktemp("bundle") / "b"
-    VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).save_pretrained(out, cfg)
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling), out, cfg)
     return out
 
 

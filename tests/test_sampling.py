@@ -18,6 +18,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmr.bundle import write_bundle
 from vmr.cli import main
 from vmr.config import DataConfig, SamplingConfig, load_config
 from vmr.data.shards import build_shards
@@ -79,7 +80,7 @@ def bundle(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=SPEC)
     out = tmp_path_factory.mktemp("bundle") / "export"
-    model.save_pretrained(out, cfg)
+    write_bundle(model, out, cfg)
     return out
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from vmr.bundle import write_bundle
 from vmr.cli import main
 from vmr.config import load_config
 from vmr.data.video import open_video, probe, sample_frames, sample_times
@@ -37,7 +38,7 @@ def tiny_model(window: int = 5, seed: int = 0):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     model, cfg = tiny_model()
-    return model.save_pretrained(tmp_path_factory.mktemp("bundle") / "export", cfg)
+    return write_bundle(model, tmp_path_factory.mktemp("bundle") / "export", cfg)
 
 
 def reference(model, path: Path, query: str) -> dict:
@@ -254,7 +255,7 @@ def test_bad_search_input_is_one_line(bundle, shard_dir, tmp_path, capsys):
     assert main(["index", "--checkpoint", str(bundle), "--shards", str(shard_dir), "--out", str(index)]) == 0
     other = tmp_path / "other"
     model, cfg = tiny_model(seed=1)
-    model.save_pretrained(other, cfg)
+    write_bundle(model, other, cfg)
     cases = [
         (["search", "--index", str(tmp_path / "missing"), "--query", "a red circle"], "not an index"),
         (["search", "--index", str(index), "--query", "   "], "query"),

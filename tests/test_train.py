@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vmr.bundle import read_bundle, write_bundle
 from vmr.cli import main
 from vmr.config import load_config
 from vmr.errors import UserError
@@ -135,9 +136,8 @@ def test_a_compiled_run_trains_validates_and_exports(shard_dir, tmp_path):
                   "model.dropout=0", "data.sampling.window=64"], timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 3 steps" in result.stdout and "MR-full-R1@0.5" in result.stdout
-    from vmr.model import VideoMomentRetrievalModel
 
-    assert VideoMomentRetrievalModel.from_pretrained(out / "export").config.name
+    assert read_bundle(out / "export").config.name
 
 
 def test_an_infinite_learning_rate_is_refused(shard_dir, tmp_path):
@@ -236,9 +236,8 @@ def test_deepspeed_zero_train_save_resume(shard_dir, tmp_path, stage, precision)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "at step 2" in second.stdout
     assert steps_of(out) == ["step_0000002", "step_0000004"]
-    from vmr.model import VideoMomentRetrievalModel
 
-    model = VideoMomentRetrievalModel.from_pretrained(out / "export")  # full weights, gathered from the shards
+    model = read_bundle(out / "export")  # full weights, gathered from the shards
     assert sum(p.numel() for p in model.parameters()) > 500_000
 
 
@@ -250,7 +249,7 @@ def test_eval_with_two_processes_matches_one(shard_dir, tmp_path):
     from vmr.model import VideoMomentRetrievalModel
 
     cfg = load_config(TINY, ["data.sampling.size=16"])
-    VideoMomentRetrievalModel.from_config(cfg.model).save_pretrained(tmp_path / "bundle", cfg)
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model), tmp_path / "bundle", cfg)
     rows = {}
     for n in (1, 2):
         out = tmp_path / f"preds{n}.jsonl"

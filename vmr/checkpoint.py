@@ -3,7 +3,7 @@
   <output_dir>/config.yaml                 the resolved config
   <output_dir>/checkpoints/step_0000100/   resumable state (accelerate save_state: model, optimizer,
                                            scheduler, RNG states, loop counters), written atomically
-  <output_dir>/export/, export_best/       inference bundles (VideoMomentRetrievalModel.save_pretrained)
+  <output_dir>/export/, export_best/       inference bundles (vmr/bundle.py: write_bundle, export_bundle)
   <output_dir>/tensorboard/                TensorBoard event files
 
 Every function here is collective: all processes call it (DeepSpeed writes one shard per rank and
@@ -43,7 +43,7 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path:
     return path
 
 
-def _agree(accelerator, error: str | None) -> None:
+def agree(accelerator, error: str | None) -> None:
     """Collective: every rank learns whether any rank failed, and all raise the same one-line
     error, so no rank is left waiting for the others."""
     from accelerate.utils import gather_object
@@ -80,7 +80,7 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
                     if previous else "no earlier checkpoint exists"))
     if error is not None:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back
-    _agree(accelerator, error)
+    agree(accelerator, error)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -89,25 +89,3 @@ def save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, cfg=Non
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
-
-
-def export_bundle(accelerator, model, cfg, directory: Path) -> None:
-    """The inference bundle of the current weights (gathered from all ranks under ZeRO-3). Refused
-    on every rank alike when the weights are not finite or the disk is full."""
-    # A compiled model (train.compile) names its weights "_orig_mod.<name>": bundles use the plain names.
-    state = accelerator.get_state_dict(model)  # None on the other ranks under ZeRO-3
-    if state is not None:
-        state = {key.removeprefix("_orig_mod."): value for key, value in state.items()}
-    error = None
-    if accelerator.is_main_process:
-        try:
-            accelerator.unwrap_model(model).save_pretrained(directory, cfg, state_dict=state)
-        except UserError as failure:
-            error = str(failure)
-        except Exception as failure:
-            full = out_of_space(failure, directory)
-            if full is None:
-                raise
-            error = f"inference bundle {directory} not written: {full}"
-    _agree(accelerator, error)
-    accelerator.wait_for_everyone()

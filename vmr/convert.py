@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from vmr.bundle import write_bundle
 from vmr.errors import UserError
 from vmr.io import first_line
 
@@ -126,7 +127,7 @@ def convert(path: Path, out: Path, overwrite: bool = False) -> Path:
         raise UserError(f"{path}: {wrong[0]} is {tuple(state[wrong[0]].shape)}, its settings make it "
                         f"{tuple(own[wrong[0]].shape)}")
     model.head.load_state_dict({k: v.float() for k, v in state.items()})
-    return model.save_pretrained(out, cfg)
+    return write_bundle(model, out, cfg)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -244,7 +244,8 @@ def periodic_jobs(run: Run, step: int, last: bool) -> None:
     """Once in a while (and at the end): validate and keep the best bundle; checkpoint."""
     from accelerate.utils import broadcast_object_list
 
-    from vmr.checkpoint import EXPORT_BEST, export_bundle, save_checkpoint
+    from vmr.bundle import export_bundle
+    from vmr.checkpoint import EXPORT_BEST, save_checkpoint
 
     t, accelerator = run.cfg.train, run.accelerator
     if run.cfg.data.val_shards and (last or (t.eval_every and step % t.eval_every == 0 and step > run.start)):
@@ -357,7 +358,8 @@ def log_step(run: Run, losses: dict, grad_norm) -> None:
 
 def finish(run: Run) -> dict | None:
     """The final bundle, the engine freed, the skipped count gathered, the group settled."""
-    from vmr.checkpoint import EXPORT, EXPORT_BEST, export_bundle
+    from vmr.bundle import export_bundle
+    from vmr.checkpoint import EXPORT, EXPORT_BEST
     from vmr.data.stream import skipped
 
     accelerator, t = run.accelerator, run.cfg.train

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from vmr.bench.common import figure
+from vmr.bundle import read_bundle
 
 QUERIES = ["a red circle moves left", "a blue square grows", "a green triangle blinks", "a yellow circle shrinks"]
 # SigLIP base (google/siglip-base-patch16-224): both towers 768 wide, 12 layers of 12 heads, 16-px patches.
@@ -106,7 +107,6 @@ def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path, seed
     from vmr.config import load_config, preset
     from vmr.eval.metrics import evaluate
     from vmr.eval.predict import predict_shards
-    from vmr.model import VideoMomentRetrievalModel
     from vmr.train import train
 
     data = shards or _quickstart_data(workdir, quick)
@@ -123,7 +123,7 @@ def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path, seed
             with contextlib.redirect_stdout(sys.stderr):
                 train(cfg)
             minutes = (time.perf_counter() - start) / 60
-            model = VideoMomentRetrievalModel.from_pretrained(out / "export")  # what vmr eval --checkpoint scores
+            model = read_bundle(out / "export")  # what vmr eval --checkpoint scores
             predictions, truth, _, _ = predict_shards(model, f"{data}/val-*.tar", cfg, model.tokenizer, progress=False)
             brief = evaluate(predictions, truth)[0]["brief"]
             for key, value in (("r1_at_0.5", brief["MR-full-R1@0.5"]), ("r1_at_0.7", brief["MR-full-R1@0.7"]),

@@ -1,6 +1,7 @@
 """VideoMomentRetrievalModel: image-text towers (CLIP or SigLIP, vmr/model/backbone.py), or a feature
 cache in their place -> the head chosen by ``model.head`` (vmr/model/heads/: vmr's own, Moment-DETR,
-QD-DETR); windows over whole videos, decoding to ranked moments in seconds; inference bundles.
+QD-DETR, which decode their outputs); windows over whole videos. Its inference bundles are written
+and read by vmr/bundle.py.
 
 Legend: b videos, t frames, p patches per frame, q queries, l text tokens, c the towers' width,
 d model width. A batch may hold several queries per video: each video is encoded once and
@@ -10,33 +11,21 @@ its features are copied to its queries by ``video_index`` (q,).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import shutil
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from vmr.config import Config, ModelConfig, SamplingConfig, load_config
-from vmr.errors import UserError
-from vmr.io import first_line, read_json
-from vmr.model.backbone import TOWERS, frames_to_tokens, load_processor, load_towers_model, tower_config
-from vmr.model.heads import HEADS
-from vmr.model.heads.detr import proposals as detr_proposals
-from vmr.model.heads.vmr_head import frame_outputs as vmr_frame_outputs
-from vmr.model.heads.vmr_head import patch_grid  # noqa: F401  (re-exported by vmr.model)
-from vmr.spans import nms, windows_over
+from vmr.config import Config, ModelConfig, SamplingConfig
+from vmr.model.backbone import TOWERS, frames_to_tokens, load_processor, load_towers_model
+from vmr.model.heads import FRAME_KEYS, HEADS, decode_moments, decoding_nms, rank_moments
+from vmr.spans import windows_over
 from vmr.text import load_tokenizer
-
-WEIGHTS, CONFIG, TOWER_CONFIG, CACHE_RECORD = "model.safetensors", "config.yaml", "tower_config.json", "features.json"
-OLD_TOWER_CONFIG = "clip_config.json"  # bundles written before other backbones: CLIP's config, same contents
 
 
 class VideoMomentRetrievalModel(nn.Module):
     """``VideoMomentRetrievalModel(model_name=..., temporal_modeling=True, freeze_backbone=False,
     **model_config_fields)``, or ``from_config(cfg.model, sampling=cfg.data.sampling)``, or
-    ``from_pretrained(bundle_dir)``. ``sampling`` is the spec the model is trained at (frames per
+    ``vmr.bundle.read_bundle(bundle_dir)``. ``sampling`` is the spec the model is trained at (frames per
     second, frames per window): ``retrieve_moments`` and ``score_windows`` read videos with it, and
     bundles carry it."""
 
@@ -227,111 +216,6 @@ class VideoMomentRetrievalModel(nn.Module):
                  "name": f"{'backbone' if is_backbone else 'head'}{'' if decays else '_no_decay'}"}
                 for (is_backbone, decays), params in sorted(groups.items())]
 
-    # ----- inference bundles --------------------------------------------------------------------
-
-    def save_pretrained(self, directory: str | Path, config: Config | None = None, state_dict: dict | None = None) -> Path:
-        """Write an inference bundle: safetensors weights, the resolved config, the towers' config,
-        tokenizer and image-processor files. Written to a temporary folder, then renamed.
-        ``state_dict`` replaces this module's own (e.g. weights gathered from ZeRO-3 shards)."""
-        from safetensors.torch import save_file
-
-        from vmr.config import save_config
-
-        directory = Path(directory)
-        state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().cpu()
-                 for k, v in (state_dict if state_dict is not None else self.state_dict()).items()}
-        broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if broken:  # a diverged model must never look like a usable one
-            raise UserError(f"{directory}: not written: {len(broken)} of {len(state)} weight tensors hold "
-                            f"NaN or infinite values (first: {broken[0]}); the run diverged (lower train.lr)")
-        tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            save_file(state, tmp / WEIGHTS, metadata={"format": "pt"})
-            full = config or Config()
-            full = dataclasses.replace(full, model=self.config, data=dataclasses.replace(full.data, sampling=self.sampling))
-            save_config(full, tmp / CONFIG)
-            (tmp / TOWER_CONFIG).write_text(self.tower_config.to_json_string())
-            self.tokenizer.save_pretrained(tmp)
-            self.processor.save_pretrained(tmp)
-            if self.features is not None:  # what the model was trained on: a cache's extractor
-                (tmp / CACHE_RECORD).write_text(json.dumps(self.features, indent=1))
-        except BaseException:  # a full disk, an interrupt: no half bundle left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu"):
-        """Load an inference bundle written by ``save_pretrained`` (no training code, no pickles,
-        no network: the towers are rebuilt from the bundle's own config)."""
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer
-
-        directory = Path(directory)
-        towers_file = directory / TOWER_CONFIG
-        if not towers_file.is_file() and (directory / OLD_TOWER_CONFIG).is_file():
-            towers_file = directory / OLD_TOWER_CONFIG
-        for path in (directory / WEIGHTS, directory / CONFIG, towers_file):
-            if not path.is_file():
-                raise UserError(f"{directory}: not an inference bundle ({path.name} is missing)")
-        full = load_config(directory / CONFIG)
-        cfg = full.model
-        values = read_json(towers_file)
-        if values.get("model_type") != cfg.backbone:
-            raise UserError(f"{towers_file}: towers of kind {values.get('model_type')!r}, but its config.yaml says "
-                            f"model.backbone: {cfg.backbone}")
-        try:
-            towers = tower_config(cfg.backbone, values)
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-            model = cls(config=cfg, tokenizer=tokenizer, tower_config=towers, processor_source=str(directory),
-                        sampling=full.data.sampling)
-        except UserError:
-            raise
-        except Exception as error:  # a config, tokenizer or processor file transformers cannot use
-            raise UserError(f"{directory}: not a usable inference bundle ({first_line(error, 160)})") from None
-        try:
-            weights = load_file(directory / WEIGHTS, device=str(map_location))
-        except Exception as error:  # a truncated or foreign file: safetensors' own error types
-            raise UserError(f"{directory / WEIGHTS}: not readable as safetensors weights "
-                            f"({first_line(error, 160)})") from None
-        weights = legacy_names(weights)
-        missing, unexpected = model.state_dict().keys() - weights.keys(), weights.keys() - model.state_dict().keys()
-        if missing or unexpected:
-            raise UserError(f"{directory}: its weights do not fit its config.yaml ({len(missing)} missing, e.g. "
-                            f"{sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. {sorted(unexpected)[:1]})")
-        state = model.state_dict()
-        wrong = [k for k in sorted(weights) if weights[k].shape != state[k].shape]
-        if wrong:
-            raise UserError(f"{directory}: its weights do not fit its config.yaml ({wrong[0]} is "
-                            f"{tuple(weights[wrong[0]].shape)} in {WEIGHTS}, {tuple(state[wrong[0]].shape)} by the config)")
-        model.load_state_dict(weights)
-        if (directory / CACHE_RECORD).is_file():
-            model.features = read_json(directory / CACHE_RECORD)
-        return model.to(map_location).eval()
-
-
-def decoding_nms(config: ModelConfig) -> float:
-    """The decoding's NMS threshold: model.nms_iou, or a published head's own setting
-    (model.detr.nms_thd; below 0, its reference's default: no NMS, i.e. 1.0)."""
-    if config.head == "vmr":
-        return config.nms_iou
-    return config.detr.nms_thd if config.detr.nms_thd >= 0 else 1.0
-
-
-def legacy_names(weights: dict) -> dict:
-    """Bundles written before heads were a choice name vmr's head layers at the top level
-    (``frame_in.weight``); today they live under ``head.``."""
-    if any(k.startswith("head.") for k in weights):
-        return weights
-    return {k if k.startswith("towers.") else f"head.{k}": v for k, v in weights.items()}
-
 
 def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
     """THE way a loader batch (vmr/data/stream.py) is fed to the model, in training, evaluation and
@@ -343,33 +227,3 @@ def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
         text["input_ids"] = batch["text_ids"]
     return model(batch["videos"], text, frame_mask=batch["frame_mask"], video_index=batch["video_index"],
                  frame_times=batch["frame_times"], duration=batch["duration"])
-
-
-FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends", "scores")
-
-
-def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
-                  video_duration: torch.Tensor | None = None, config: ModelConfig | None = None) -> list[dict]:
-    """Per query, plain lists in seconds of the whole video: per reported frame ``times``,
-    ``relevance``, ``saliency``; and its moment proposals ``starts``, ``ends``, ``scores`` (the
-    head's ``frame_outputs``; a published head's need ``config``, the model's ModelConfig)."""
-    if "pred_logits" in outputs:
-        if config is None:
-            raise ValueError("the outputs of a published head need its config to be decoded")
-        return detr_proposals(outputs, own, offset, video_duration, config.detr)
-    return vmr_frame_outputs(outputs, own, offset, video_duration)
-
-
-def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, float, float]]:
-    """Every proposal (``starts``, ``ends``, ``scores``) of a whole video, merged over its windows:
-    overlapping proposals are suppressed (NMS; 1.0 keeps them all) and the ``top_k`` best kept."""
-    scores = frames["scores"] if "scores" in frames else frames["relevance"]  # vmr's head: a frame's relevance
-    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], scores, strict=True) if e > s]
-    return nms(candidates, nms_iou, top_k)
-
-
-def decode_moments(outputs: dict, top_k: int, nms_iou: float, config: ModelConfig | None = None) -> list[dict]:
-    """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
-    ``frame_scores`` (relevance), ``saliency`` and ``frame_times`` of the valid frames."""
-    return [{"moments": rank_moments(f, top_k, nms_iou), "frame_scores": f["relevance"], "saliency": f["saliency"],
-             "frame_times": f["times"]} for f in frame_outputs(outputs, config=config)]

@@ -14,9 +14,17 @@ A head is a module with three parts:
   their reference code; ``num_queries`` slots each propose a moment.
 """
 
+from __future__ import annotations
+
+import torch
+
+from vmr.config import ModelConfig
+from vmr.model.heads.detr import proposals as detr_proposals
 from vmr.model.heads.moment_detr import MomentDETRHead
 from vmr.model.heads.qd_detr import QDDETRHead
 from vmr.model.heads.vmr_head import VmrHead
+from vmr.model.heads.vmr_head import frame_outputs as vmr_frame_outputs
+from vmr.spans import nms
 
 HEADS = {"vmr": VmrHead, "moment_detr": MomentDETRHead, "qd_detr": QDDETRHead}
 
@@ -32,4 +40,45 @@ def head_losses(outputs: dict, batch: dict, cfg) -> dict:
     return batch_losses(outputs, batch, cfg.detr, HEADS[cfg.head].saliency_loss_of)
 
 
-__all__ = ["HEADS", "MomentDETRHead", "QDDETRHead", "VmrHead", "head_losses"]
+# ----- decoding: outputs -> per-frame scores and proposals in seconds -> ranked moments -------------
+
+def decoding_nms(config: ModelConfig) -> float:
+    """The decoding's NMS threshold: model.nms_iou, or a published head's own setting
+    (model.detr.nms_thd; below 0, its reference's default: no NMS, i.e. 1.0)."""
+    if config.head == "vmr":
+        return config.nms_iou
+    return config.detr.nms_thd if config.detr.nms_thd >= 0 else 1.0
+
+
+FRAME_KEYS = ("times", "relevance", "saliency", "starts", "ends", "scores")
+
+
+def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                  video_duration: torch.Tensor | None = None, config: ModelConfig | None = None) -> list[dict]:
+    """Per query, plain lists in seconds of the whole video: per reported frame ``times``,
+    ``relevance``, ``saliency``; and its moment proposals ``starts``, ``ends``, ``scores`` (the
+    head's ``frame_outputs``; a published head's need ``config``, the model's ModelConfig)."""
+    if "pred_logits" in outputs:
+        if config is None:
+            raise ValueError("the outputs of a published head need its config to be decoded")
+        return detr_proposals(outputs, own, offset, video_duration, config.detr)
+    return vmr_frame_outputs(outputs, own, offset, video_duration)
+
+
+def rank_moments(frames: dict, top_k: int, nms_iou: float) -> list[tuple[float, float, float]]:
+    """Every proposal (``starts``, ``ends``, ``scores``) of a whole video, merged over its windows:
+    overlapping proposals are suppressed (NMS; 1.0 keeps them all) and the ``top_k`` best kept."""
+    scores = frames["scores"] if "scores" in frames else frames["relevance"]  # vmr's head: a frame's relevance
+    candidates = [(s, e, p) for s, e, p in zip(frames["starts"], frames["ends"], scores, strict=True) if e > s]
+    return nms(candidates, nms_iou, top_k)
+
+
+def decode_moments(outputs: dict, top_k: int, nms_iou: float, config: ModelConfig | None = None) -> list[dict]:
+    """Per query of one forward (a single window per video): ranked ``moments``, and the per-frame
+    ``frame_scores`` (relevance), ``saliency`` and ``frame_times`` of the valid frames."""
+    return [{"moments": rank_moments(f, top_k, nms_iou), "frame_scores": f["relevance"], "saliency": f["saliency"],
+             "frame_times": f["times"]} for f in frame_outputs(outputs, config=config)]
+
+
+__all__ = ["FRAME_KEYS", "HEADS", "MomentDETRHead", "QDDETRHead", "VmrHead", "decode_moments", "decoding_nms",
+           "frame_outputs", "head_losses", "rank_moments"]
