@@ -95,7 +95,10 @@ def test_the_launcher_environment_picks_the_part(synth_dir, tmp_path, monkeypatc
     assert part_from_env({"RANK": "2", "WORLD_SIZE": "4"}) == (2, 4, "RANK/WORLD_SIZE")
     assert part_from_env({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}) \
         == (2, 4, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
-    assert part_from_env({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}) == (1, 2, "SLURM_PROCID/SLURM_NTASKS")
+    srun = {"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_ID": "0"}
+    assert part_from_env(srun) == (1, 2, "SLURM_PROCID/SLURM_STEP_NUM_TASKS")
+    # A batch script (sbatch --ntasks 2) runs once with these set: a whole build, not part 0 of 2.
+    assert part_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_ID": "7"}) is None
     with pytest.raises(UserError, match="RANK/WORLD_SIZE"):
         part_from_env({"RANK": "5", "WORLD_SIZE": "4"})
     monkeypatch.setenv("RANK", "1")

@@ -15,14 +15,13 @@ a run exports its bundles with ``export_bundle`` (every rank calls it); ``vmr pr
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from pathlib import Path
 
 from vmr.checkpoint import EXPORT, EXPORT_BEST, agree
 from vmr.errors import UserError, out_of_space
-from vmr.io import first_line, read_json
+from vmr.io import first_line, json_text, read_json
 
 WEIGHTS, CONFIG, TOWER_CONFIG, CACHE_RECORD = "model.safetensors", "config.yaml", "tower_config.json", "features.json"
 OLD_TOWER_CONFIG = "clip_config.json"  # bundles written before other backbones: CLIP's config, same contents
@@ -92,7 +91,7 @@ def write_bundle(model, directory: str | Path, config=None, state_dict: dict | N
         model.tokenizer.save_pretrained(tmp)
         model.processor.save_pretrained(tmp)
         if model.features is not None:  # what the model was trained on: a cache's extractor
-            (tmp / CACHE_RECORD).write_text(json.dumps(model.features, indent=1))
+            (tmp / CACHE_RECORD).write_text(json_text(model.features, directory / CACHE_RECORD, indent=1))
     except BaseException:  # a full disk, an interrupt: no half bundle left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise

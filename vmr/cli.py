@@ -208,6 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vmr {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as error:
+        if error.filename is None:  # not about a path the user named: a bug, with its traceback
+            raise
+        # A path the user named or a file named one: it exists as a file, cannot be read or made,
+        # is too long for the file system. One line naming it, like every other bad input.
+        where = f"{error.filename}" + (f" -> {error.filename2}" if error.filename2 else "")
+        print(f"vmr {args.command}: error: {where}: {error.strerror or error}", file=sys.stderr)
+        return 2
 
 
 def entry() -> None:

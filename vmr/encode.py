@@ -34,7 +34,7 @@ from vmr.config import SamplingConfig
 from vmr.data.manifest import MANIFEST, by_tower, read_manifest
 from vmr.data.tars import TIMES, TOKENS, TarShard, npy_bytes, sanitise_key
 from vmr.errors import UserError
-from vmr.io import FolderLock, first_line, write_text_atomic
+from vmr.io import FolderLock, first_line, json_text, write_text_atomic
 from vmr.spans import windows_over
 from vmr.text import check_query
 
@@ -129,7 +129,7 @@ class EncodedVideo:
 
         meta = {"video_id": self.video_id, "duration": self.duration, "start": 0.0, "queries": []}
         return (sanitise_key(self.video_id),
-                {TOKENS: npy_bytes(self.tokens.to(torch.float16).numpy()),
+                {TOKENS: npy_bytes(self.tokens.to(torch.float16).numpy(), f"{self.video_id}: {TOKENS}"),
                  TIMES: npy_bytes(np.asarray(self.times, dtype=np.float64))}, meta)
 
     def save(self, folder: str | Path) -> Path:
@@ -154,7 +154,7 @@ class EncodedVideo:
                 raise
             manifest = {"kind": "features", "extractor": self.extractor, "skipped": [],
                         "splits": {"video": {"shards": [entry], "samples": 1, "queries": 0}}}
-            write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+            write_text_atomic(folder / MANIFEST, json_text(manifest, folder / MANIFEST, indent=1) + "\n")
         return folder
 
 

@@ -58,7 +58,7 @@ from vmr.data.tars import (
 )
 from vmr.encode import encode_frames_at
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, field, first_line, read_json, write_text_atomic
+from vmr.io import FolderLock, field, first_line, json_text, read_json, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
@@ -150,7 +150,7 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
         return (tokens[:, :1] if pooled_only else tokens).to(torch.float16).numpy(), np.asarray(at, dtype=np.float64)
 
     tokens, times = encode(sample_times(duration, "uniform", spec.fps, 1 << 30))
-    members = {TOKENS: npy_bytes(tokens), TIMES: npy_bytes(times)}
+    members = {TOKENS: npy_bytes(tokens, f"{meta.get('video_id', sample.get('__key__'))}: {TOKENS}"), TIMES: npy_bytes(times)}
     if views > 1:
         # Seeded by the video: the same views whichever process makes them, and again on a resume.
         rng = random.Random(f"views:{sample.get('__key__', '')}")
@@ -158,7 +158,7 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
         drawn = [encode(sample_times(duration, mode, spec.fps, 1 << 30, rng=rng, jitter=data.temporal_jitter),
                         crop=(rng.random(), tuple(data.scale_jitter)))
                  for _ in range(views - 1)]
-        members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]))
+        members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]), f"{sample.get('__key__')}: {VIEWS}")
         members[VIEW_TIMES] = npy_bytes(np.stack([at for _, at in drawn]))
     return meta, members, len(times) * views
 
@@ -221,7 +221,7 @@ def extract_features(model, spec: SamplingConfig, parts: list[str] | list[Part],
                 totals["resumed"] += 1
             else:
                 entry, frames = _extract_part(model, part, out, spec, data, views, pooled_only, device)
-                write_text_atomic(record, json.dumps({**entry, "extractor": extractor}) + "\n")
+                write_text_atomic(record, json_text({**entry, "extractor": extractor}, record) + "\n")
                 totals["shards"] += 1
                 totals["samples"] += entry["samples"]
                 totals["frames"] += frames
@@ -274,7 +274,7 @@ def write_manifest(out: Path, extractor: dict) -> dict:
         split["queries"] += entry["queries"]
         skipped += [{**s, "shard": entry["path"]} for s in entry["skipped"]]
     manifest = {"kind": "features", "extractor": extractor, "splits": splits, "skipped": skipped}
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out / MANIFEST, json_text(manifest, out / MANIFEST, indent=1) + "\n")
     return manifest
 
 

@@ -4,7 +4,8 @@ Reading: one reader per kind of file (text, JSON, npz) that turns every decode, 
 error into a one-line UserError naming the file and, where there is one, the key. Names read from
 files (video ids, journal and manifest entries) go through ``confined``: never outside their folder.
 
-Writing: ``write_text_atomic`` (a file appears complete or not at all), and ``FolderLock``: one
+Writing: ``json_text`` (JSON without a NaN or an infinity in it), ``write_text_atomic`` (a file
+appears complete or not at all), and ``FolderLock``: one
 writer of a folder at a time, the holder's pid and host in the lock file.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import socket
 import sys
@@ -117,6 +119,47 @@ def confined(folder: Path, name, where: str) -> Path:
 
 
 # ----- writing --------------------------------------------------------------------------------------
+
+
+def _key_path(path: str, key) -> str:
+    return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+
+
+def _non_finite(value, path: str = ""):
+    """The key path and value of the first NaN or infinite float in ``value``, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return path or "the value", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _non_finite(item, _key_path(path, key))
+        if found:
+            return found
+    return None
+
+
+def json_text(value, where, indent: int | None = None) -> str:
+    """THE way vmr turns what it writes (manifests, records, predictions, metrics, printed results)
+    into JSON: never a NaN or an infinity, which is not JSON and no reader can use; one is a UserError
+    naming ``where`` (the file or output) and the key."""
+    found = _non_finite(value)
+    if found:
+        raise UserError(f"{where}: not written: {found[0]} is {found[1]}, not a finite number")
+    return json.dumps(value, indent=indent)
+
+
+def absent_when_not_finite(value, path: str = ""):
+    """``value`` with every NaN or infinite float replaced by None (absent), and the key paths
+    replaced: for reports where a number can be missing (a metric over no ground truth)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, [path]
+    if isinstance(value, (dict, list, tuple)):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        out, paths = {}, []
+        for key, item in items:
+            out[key], found = absent_when_not_finite(item, _key_path(path, key))
+            paths += found
+        return (type(value)(out) if isinstance(value, dict) else list(out.values())), paths
+    return value, []
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -41,10 +41,37 @@ def prepare_process_group(training: bool = False) -> None:
 
     if not torch.distributed.is_available() or torch.distributed.is_initialized():
         return  # too late to help: release_process_group clears what was captured
+    check_launch_environment()
     names = [*_CAPTURE_WORLD_AT_IMPORT, *(_CAPTURE_WORLD_IN_TRAINING if training else ())]
     for name in names:
         if importlib.util.find_spec(name.split(".")[0]) is not None:
             importlib.import_module(name)
+
+
+LAUNCH_NEEDS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launch_environment(environ=None) -> None:
+    """Several processes are only joined when a launcher set all it sets (torchrun, accelerate
+    launch): a stray RANK or WORLD_SIZE without the rest would wait for peers that never come, or
+    fail deep in torch.distributed. Stops at once, in one line, naming what is missing."""
+    from vmr.errors import UserError
+
+    environ = os.environ if environ is None else environ
+    given = [name for name in ("RANK", "WORLD_SIZE") if name in environ]
+    if not given:
+        return
+    try:
+        world = int(environ.get("WORLD_SIZE", "1"))
+        rank = int(environ.get("RANK", "0"))
+    except ValueError:
+        raise UserError(f"RANK/WORLD_SIZE: {environ.get('RANK')!r}/{environ.get('WORLD_SIZE')!r} are not numbers") from None
+    if world <= 1 and rank == 0:
+        return  # one process: nothing to join
+    missing = [name for name in LAUNCH_NEEDS if name not in environ]
+    if missing or not 0 <= rank < world:
+        raise UserError(f"{'/'.join(given)} set (rank {rank} of {world}) without {', '.join(missing) or 'a valid rank'}: "
+                        "start several processes with 'accelerate launch' or torchrun, or unset them to run one")
 
 
 def process_state():

@@ -22,7 +22,6 @@ videos). ``candidates=0`` reranks every video (exhaustive, linear with the full 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ from pathlib import Path
 
 from vmr.encode import EncodedVideo, open_encodings
 from vmr.errors import UserError
-from vmr.io import field, read_json, write_text_atomic
+from vmr.io import field, json_text, read_json, write_text_atomic
 from vmr.text import check_query
 
 INDEX = "index.json"
@@ -221,7 +220,7 @@ def run_index(args: argparse.Namespace) -> int:
     with process_group_scope():
         code = extract_command(options, state, parts, [])
     if state.is_main_process:
-        write_text_atomic(args.out / INDEX, json.dumps({"checkpoint": str(bundle), **source}, indent=1) + "\n")
+        write_text_atomic(args.out / INDEX, json_text({"checkpoint": str(bundle), **source}, args.out / INDEX, indent=1) + "\n")
         print(f"index written to {args.out}; search it with: vmr search --index {args.out} --query '...'")
     return code
 
@@ -267,5 +266,5 @@ def run_search(args: argparse.Namespace) -> int:
           f"({index.nbytes / 2**20:.0f} MB in memory); {len(results)} search(es) in {time.perf_counter() - opened:.2f} s"
           + (f"; {len(index.skipped)} unreadable video(s) left out (first: {index.skipped[0]['reason']})"
              if index.skipped else ""), file=sys.stderr)
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    print(json_text(results[0] if len(results) == 1 else results, "the search results", indent=2))
     return 0

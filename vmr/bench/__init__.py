@@ -33,12 +33,12 @@ stdout beside the targets of DESIGN.md and what the original project promised, a
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 from vmr.bench.common import Options, deepspeed_file, machine_info, make_shards
+from vmr.io import json_text, write_text_atomic
 
 # Targets (DESIGN.md, and the GPU-speed goals) and the original project's promises, per figure:
 # (value, "min" | "max"). Train variants (train[compile].x) share their base figure's target.
@@ -213,5 +213,5 @@ def run(args: argparse.Namespace) -> int:
     print(_table(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+        write_text_atomic(args.json, json_text(report, args.json, indent=1) + "\n")
     return 0

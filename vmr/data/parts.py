@@ -10,16 +10,17 @@ same command redoes it from scratch. ``merge`` checks that every part 0..N-1 is 
 video is in two parts and that every recorded shard is there unchanged, then writes the split's
 manifest in one atomic step; the last part to finish runs it when it sees all the others.
 
-The part comes from ``--part I/N``, else from the launcher's environment: ``RANK``/``WORLD_SIZE``
-(torchrun, ``accelerate launch``), ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (a Slurm job
-array), ``SLURM_PROCID``/``SLURM_NTASKS`` (``srun``). vmr brings no scheduler of its own.
+The part comes from ``--part I/N``, else from a launcher that clearly runs an array of workers:
+``RANK``/``WORLD_SIZE`` (torchrun, ``accelerate launch``),
+``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT`` (a Slurm job array), ``SLURM_PROCID``/
+``SLURM_STEP_NUM_TASKS`` (the tasks of an ``srun`` step; a batch script's own ``SLURM_NTASKS`` is not
+enough: the script runs once). The choice is printed. vmr brings no scheduler of its own.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
@@ -29,14 +30,14 @@ from tqdm import tqdm
 from vmr.data.manifest import MANIFEST, check_shard, check_split, claim, read_manifest
 from vmr.data.tars import shard_damage
 from vmr.errors import UserError
-from vmr.io import FolderLock, LockBusy, confined, field, read_json, write_text_atomic
+from vmr.io import FolderLock, LockBusy, confined, field, json_text, read_json, write_text_atomic
 
 PARTS = "parts"  # OUT/parts/<split>-pIIII.json: one record per finished part
 ENCODING = ("format", "fps", "size", "keyframe_interval")  # parameters every part of a split must share
-ENVIRONMENTS = (  # (index variable, count variable), in the order they are asked
-    ("RANK", "WORLD_SIZE"),
-    ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"),
-    ("SLURM_PROCID", "SLURM_NTASKS"),
+ENVIRONMENTS = (  # (index variable, count variable, what else a real launch sets), in the order asked
+    ("RANK", "WORLD_SIZE", ()),
+    ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", ()),
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", ("SLURM_STEP_ID",)),
 )
 
 
@@ -62,10 +63,12 @@ def parse_part(text: str, where: str = "--part") -> tuple[int, int]:
 
 
 def part_from_env(environ=None) -> tuple[int, int, str] | None:
-    """(index, count, where from) when a launcher runs several tasks, else None."""
+    """(index, count, where from) when a launcher runs several tasks, else None. Variables without
+    the rest of their launcher's environment (a Slurm batch script's SLURM_PROCID and SLURM_NTASKS,
+    which run the script once) choose no part."""
     environ = os.environ if environ is None else environ
-    for index_name, count_name in ENVIRONMENTS:
-        if index_name not in environ or count_name not in environ:
+    for index_name, count_name, companions in ENVIRONMENTS:
+        if any(name not in environ for name in (index_name, count_name, *companions)):
             continue
         index, count = parse_part(f"{environ[index_name]}/{environ[count_name]}", f"{index_name}/{count_name}") \
             if index_name != "SLURM_ARRAY_TASK_ID" else _slurm_array(environ)
@@ -151,7 +154,7 @@ def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True)
         manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + [
             {**skip, "split": split} for record in parts for skip in record["skipped"]]
         manifest["params"] = entry["params"]
-        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(out / MANIFEST, json_text(manifest, out / MANIFEST, indent=1) + "\n")
         return entry
 
 

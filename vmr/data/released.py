@@ -10,7 +10,6 @@ so training, evaluation and prediction read both alike.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from vmr.data.tars import (
     sweep_temporaries,
 )
 from vmr.errors import UserError
-from vmr.io import FolderLock, confined, read_npz, write_text_atomic
+from vmr.io import FolderLock, confined, json_text, read_npz, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 
@@ -142,5 +141,5 @@ def _import_features(video_dirs: list[Path], text_dir: Path | None, annotations:
             manifest["splits"] = {**others, **manifest["splits"]}
             manifest["skipped"] = [s for s in previous.get("skipped", []) if s.get("split") != split] + [
                 {**s, "split": split} for s in skipped]
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out / MANIFEST, json_text(manifest, out / MANIFEST, indent=1) + "\n")
     return manifest

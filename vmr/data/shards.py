@@ -30,7 +30,6 @@ manifest by vmr/data/parts.py.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import re
@@ -56,7 +55,7 @@ from vmr.data.parts import (
 from vmr.data.prepare import MAX_REENCODE_FPS, EncodeParams, VideoTask, prepare_star
 from vmr.data.tars import ShardWriter, sanitise_key, shard_damage
 from vmr.errors import UserError, out_of_space
-from vmr.io import LOCK, FolderLock, confined, field, read_json, write_text_atomic
+from vmr.io import LOCK, FolderLock, confined, field, json_text, read_json, write_text_atomic
 
 
 def build_shards(
@@ -117,7 +116,7 @@ def build_shards(
         journal = {"split": split, "entry": entry, "old": [p.name for p in old_files],
                    "skipped": [{"split": split, **s.to_json()} for s in skips]}
         try:
-            write_text_atomic(out / f".vmr-commit-{split}.json", json.dumps(journal) + "\n")
+            write_text_atomic(out / f".vmr-commit-{split}.json", json_text(journal, out) + "\n")
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -163,7 +162,7 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
             record = {"split": split, "part": index, "parts": count, "params": params_json, "shards": shards,
                       "videos": packed, "skipped": [s.to_json() for s in skips]}
             path.parent.mkdir(exist_ok=True)
-            write_text_atomic(path, json.dumps(record, indent=1) + "\n")  # the last write: the part is done
+            write_text_atomic(path, json_text(record, path, indent=1) + "\n")  # the last write: the part is done
     merged = merge_when_complete(out, split, count, overwrite)
     return {"shards": record["shards"], "samples": sum(s["samples"] for s in record["shards"]),
             "queries": sum(s["queries"] for s in record["shards"]), "params": params_json, "skipped": skips,
@@ -282,7 +281,7 @@ def _commit(out: Path, journal: dict) -> None:
     manifest["splits"][split] = entry
     manifest["skipped"] = [s for s in manifest.get("skipped", []) if s.get("split") != split] + journal["skipped"]
     manifest["params"] = entry["params"]
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(out / MANIFEST, json_text(manifest, out / MANIFEST, indent=1) + "\n")
     for record in (out / PARTS).glob(f"{split}-p*.json"):  # the split is whole now: its parts are history
         if re.fullmatch(rf"{re.escape(split)}-p\d{{4}}\.json", record.name):
             record.unlink(missing_ok=True)
@@ -343,8 +342,9 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="exit non-zero when anything was skipped")
     p.add_argument("--part", metavar="I/N",
                    help="build part I of N of the split (counted from 0), for many machines; default: from the "
-                        "launcher's RANK/WORLD_SIZE, SLURM_ARRAY_TASK_ID/COUNT or SLURM_PROCID/NTASKS when it runs "
-                        "several tasks; the last part to finish merges them (else: vmr shards merge)")
+                        "launcher's RANK/WORLD_SIZE (torchrun, accelerate launch), SLURM_ARRAY_TASK_ID/COUNT (a job "
+                        "array) or SLURM_PROCID/STEP_NUM_TASKS (srun) when it runs several tasks, never a batch "
+                        "script's own variables; the last part to finish merges them (else: vmr shards merge)")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -354,6 +354,9 @@ def run_build(args: argparse.Namespace) -> int:
     if part is not None:
         print(f"building part {part[0]} of {part[1]} (parts 0-{part[1] - 1}) of split {args.split!r}, from {source}",
               file=sys.stderr)
+    elif any(name in os.environ for name in ("RANK", "SLURM_PROCID", "SLURM_ARRAY_TASK_ID")):
+        print(f"building split {args.split!r} whole: no --part, and the launcher's variables do not say it runs "
+              "several tasks", file=sys.stderr)
     result = build_shards(
         args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
         size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,

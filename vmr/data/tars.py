@@ -16,6 +16,9 @@ import os
 import re
 from pathlib import Path
 
+from vmr.errors import UserError
+from vmr.io import json_text
+
 # Members of a feature shard's sample beside its json (see vmr/features.py for their shapes).
 TOKENS, TIMES, TEXT = "tokens.npy", "times.npy", "text.npz"
 VIEWS, VIEW_TIMES = "views.npy", "view_times.npy"  # a cache's augmented training views
@@ -65,7 +68,7 @@ class TarShard:
 
     def write(self, key: str, members: dict[str, bytes], meta: dict) -> int:
         """Add one sample; returns its size in bytes (about: tar headers count 2 kB)."""
-        self._tar.write({"__key__": key, **members, "json": json.dumps(meta).encode()})
+        self._tar.write({"__key__": key, **members, "json": json_text(meta, f"{key}.json").encode()})
         size = sum(len(data) for data in members.values()) + 2048
         self.entry["samples"] += 1
         self.entry["queries"] += len(meta["queries"])
@@ -121,19 +124,31 @@ class ShardWriter:
             self._open = None
 
 
-def npy_bytes(array) -> bytes:
-    """A sample member: one array, as ``np.save`` writes it (no pickles)."""
+def _finite(array, where: str) -> None:
     import numpy as np
 
+    if array.dtype.kind == "f" and not np.isfinite(array).all():  # float16 overflows to inf too
+        raise UserError(f"{where}: not written: it holds NaN or infinite values (the model's outputs are not "
+                        "finite: check its bundle's weights and image normalisation)")
+
+
+def npy_bytes(array, where: str = "an array") -> bytes:
+    """A sample member: one array, as ``np.save`` writes it (no pickles); never one holding a NaN
+    or an infinity (``where`` names it in the error)."""
+    import numpy as np
+
+    _finite(array, where)
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
 
 
-def npz_bytes(arrays: dict) -> bytes:
-    """A sample member: named arrays, as ``np.savez`` writes them."""
+def npz_bytes(arrays: dict, where: str = "arrays") -> bytes:
+    """A sample member: named arrays, as ``np.savez`` writes them; all finite."""
     import numpy as np
 
+    for name, array in arrays.items():
+        _finite(array, f"{where}: {name}")
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     return buffer.getvalue()

@@ -51,8 +51,12 @@ def find_video(videos_dir: Path, video_id: str, file_name: str | None = None) ->
         if name and not os.path.normpath(os.path.join(root, name)).startswith(root + os.sep):
             raise ValueError(f"video id {name!r} points outside the videos folder {videos_dir}")
     for name in (file_name, video_id, *(f"{video_id}.{ext}" for ext in VIDEO_EXTENSIONS)):
-        if name and (videos_dir / name).is_file():
-            return videos_dir / name
+        try:
+            if name and (videos_dir / name).is_file():
+                return videos_dir / name
+        except OSError as error:  # a name too long for the file system, an unreadable folder: this video's
+            raise ValueError(f"video id {name[:60]!r}{'...' if len(name) > 60 else ''}: "
+                             f"{error.strerror or error}") from None
     return None
 
 

@@ -48,7 +48,10 @@ def _ranked_clips(label: list[list[float]], scores) -> np.ndarray:
 
 def video_ap(label: list[list[float]], scores, protocol: str) -> float:
     """One video's AP: TVSum's top-5 mean over annotators, or YouTube Highlights' whole ranking of
-    the clips labelled above 0 (the mean of a clip's annotators, when there are several)."""
+    the clips labelled above 0 (the mean of a clip's annotators, when there are several). A video
+    without predicted scores scores 0."""
+    if not scores:  # no prediction (--allow-missing): scored as empty, i.e. nothing found
+        return 0.0
     order, table = _ranked_clips(label, scores), np.asarray(label, dtype=float)  # (clips, annotators)
     if protocol == "tvsum":
         aps = []

@@ -131,8 +131,9 @@ def _check_truth_row(row: dict) -> dict:
             raise BadInput(f"qid {qid}: saliency_scores must have one row per relevant_clip_ids entry "
                            f"({len(ids or [])}), got {len(scores) if isinstance(scores, list) else repr(scores)[:40]}")
         rows = [_finite_numbers(r, qid, "saliency_scores") for r in scores]
-        if any(len(r) != len(rows[0]) for r in rows) or any(not 0 <= v <= 4 for r in rows for v in r):
-            raise BadInput(f"qid {qid}: saliency_scores must be rows of equal length with scores from 0 to 4")
+        if any(len(r) != len(rows[0]) or not r for r in rows) or any(not 0 <= v <= 4 for r in rows for v in r):
+            raise BadInput(f"qid {qid}: saliency_scores must be rows of equal length (one score per rater; "
+                           "QVHighlights has 3) with scores from 0 to 4")
     return row
 
 
@@ -286,11 +287,15 @@ def moment_retrieval(gt: dict, preds: dict) -> dict:
 
 
 def _clip_scores(row: dict) -> np.ndarray:
-    """(clips, 3) annotator scores 0-4 over the whole video, 0 outside relevant_clip_ids. The official
-    code has int(duration / 2) clips; a last partial clip with scores (official: an IndexError) is kept."""
+    """(clips, raters) annotator scores 0-4 over the whole video, 0 outside relevant_clip_ids. The
+    official code has int(duration / 2) clips and three raters; a last partial clip with scores
+    (official: an IndexError) is kept, and other numbers of raters are scored alike (each rater's AP,
+    averaged). No relevant clip: every clip is 0."""
     ids = [int(c) for c in row["relevant_clip_ids"]]
-    scores = np.zeros((max([int(row["duration"] / QVH_CLIP_SECONDS), *(c + 1 for c in ids)]), 3))
-    scores[np.array(ids, dtype=int)] = np.array(row["saliency_scores"])
+    raters = len(row["saliency_scores"][0]) if row["saliency_scores"] else 3
+    scores = np.zeros((max([int(row["duration"] / QVH_CLIP_SECONDS), *(c + 1 for c in ids), 1]), raters))
+    if ids:
+        scores[np.array(ids, dtype=int)] = np.array(row["saliency_scores"], dtype=float).reshape(len(ids), raters)
     return scores
 
 
@@ -323,7 +328,7 @@ def highlight_detection(gt: dict, preds: dict) -> dict:
             hits.append(binary[best].max() if best < len(binary) else 0.0)
             fitted = np.zeros(len(binary))
             fitted[: min(len(binary), len(predicted))] = predicted[: len(binary)]
-            aps.append([ranking_ap(binary[:, a], fitted) for a in range(3)])
+            aps.append(np.mean([ranking_ap(binary[:, a], fitted) for a in range(binary.shape[1])]))
         results[f"HL-min-{name}"] = {"HL-mAP": percent(np.mean(aps)), "HL-Hit1": percent(np.mean(hits))}
     return results
 

@@ -8,7 +8,6 @@ with one saliency score per 2-second clip of the video, so that the official hig
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -19,7 +18,7 @@ from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import PROTOCOLS, BadInput, evaluate, load_jsonl
 from vmr.eval.report import evaluate_groups, leaderboard
-from vmr.io import write_text_atomic
+from vmr.io import absent_when_not_finite, json_text, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
 
@@ -261,7 +260,12 @@ def _run_eval(args: argparse.Namespace) -> int:
                           first_column=args.group_by))
         metrics["groups"] = groups
     if args.json:
-        write_text_atomic(Path(args.json), json.dumps(metrics, indent=2) + "\n")
+        metrics, absent = absent_when_not_finite(metrics)
+        if absent:  # e.g. a length range or group without ground truth: no number, not NaN
+            metrics["absent"] = absent
+            print(f"note: {len(absent)} metric(s) have no value (no ground truth to score): written as null, "
+                  f"listed under 'absent' (first: {absent[0]})", file=sys.stderr)
+        write_text_atomic(Path(args.json), json_text(metrics, args.json, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     return 0
 
@@ -295,7 +299,7 @@ def _predict_for_eval(args):
           + (f"; {bad} unreadable shard(s) or video(s) were skipped (last: {reason})" if bad else ""),
           file=sys.stderr)
     if args.predictions_out:
-        write_text_atomic(Path(args.predictions_out), "".join(json.dumps(row) + "\n" for row in predictions))
+        write_text_atomic(Path(args.predictions_out), "".join(json_text(row, args.predictions_out) + "\n" for row in predictions))
         print(f"predictions written to {args.predictions_out}")
     return predictions, truth, resolve_bundle(args.checkpoint).parent.name
 
@@ -343,5 +347,5 @@ def run_predict(args: argparse.Namespace) -> int:
           f"({s['fps']:g} frames/s), in {s['windows']} window(s) of up to {s['window']} frames, for "
           f"{len(results)} quer{'y' if len(results) == 1 else 'ies'} in {time.perf_counter() - start:.1f} s",
           file=sys.stderr)
-    print(json.dumps(results[0] if len(results) == 1 else results, indent=2))
+    print(json_text(results[0] if len(results) == 1 else results, "the predictions", indent=2))
     return 0

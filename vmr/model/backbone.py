@@ -22,6 +22,7 @@ Shapes: n frames (any batch of images), p patches, q queries, l text tokens, c w
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -118,7 +119,7 @@ def load_processor(cfg: ModelConfig, tower_config, source: str | None = None):
     cls = _transformers(kind.processor)
     if source is not None:
         try:
-            return cls.from_pretrained(source)
+            return _checked_stats(cls.from_pretrained(source), source)
         except OSError:
             pass
     vision = tower_config.vision_config
@@ -129,6 +130,19 @@ def load_processor(cfg: ModelConfig, tower_config, source: str | None = None):
     if cfg.backbone == "siglip":
         return cls(size={"height": vision.image_size, "width": vision.image_size}, **stats)
     return cls(patch_size=vision.patch_size, max_num_patches=vision.num_patches, **stats)
+
+
+def _checked_stats(processor, source: str):
+    """A processor whose pixel mean and std are 3 finite numbers each, std above 0: anything else
+    would turn every frame into NaN or infinity (and every score, every stored token with it)."""
+    for key in ("image_mean", "image_std"):
+        values = getattr(processor, key, None)
+        ok = isinstance(values, (list, tuple)) and len(values) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if not ok or (key == "image_std" and min(values) <= 0):
+            raise UserError(f"{source}: its image processor's {key} must be 3 finite numbers"
+                            f"{' above 0' if key == 'image_std' else ''}, got {values!r:.60}")
+    return processor
 
 
 def enable_checkpointing(towers_model) -> None:

@@ -1,0 +1,193 @@
+"""Reliability, round 3, mechanism by mechanism, each on several surfaces: nothing non-finite is
+written (JSON writers, stored arrays, a bundle whose pixels would all become NaN); evaluation edge
+cases of the ground truth; OSErrors about a user's path are one line; launcher variables choose
+parts or join processes only when a launcher really set them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmr.bundle import read_bundle, write_bundle
+from vmr.cli import main
+from vmr.config import load_config
+from vmr.data.tars import npy_bytes, npz_bytes
+from vmr.errors import UserError
+from vmr.eval.metrics import evaluate
+from vmr.io import absent_when_not_finite, json_text
+from vmr.runtime import check_launch_environment
+
+from .test_hardening import one_line_error
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+BIN = Path(sys.executable).parent
+SMALL = ["data.sampling.size=16", "model.freeze_clip=true"]
+
+
+def strict_json(text: str):
+    """JSON as a strict reader takes it: NaN and Infinity are not JSON."""
+    def refuse(constant):
+        raise AssertionError(f"{constant} in the output")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = load_config(TINY, SMALL)
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling), out, cfg)
+    return out
+
+
+# ----- 6. nothing non-finite is written ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value, where", [
+    ({"a": [1.0, float("nan")]}, "a[1]"),
+    ({"splits": {"train": {"duration": float("inf")}}}, "splits.train.duration"),
+    ([{"score": -math.inf}], "[0].score"),
+])
+def test_the_json_writer_refuses_non_finite_numbers_naming_the_key(value, where):
+    with pytest.raises(UserError) as refused:
+        json_text(value, "out.json")
+    assert str(refused.value).startswith(f"out.json: not written: {where} is")
+    clean, absent = absent_when_not_finite(value)
+    assert absent and strict_json(json.dumps(clean)) == clean
+
+
+def test_stored_arrays_are_finite_or_not_written():
+    with pytest.raises(UserError, match="v1: tokens.npy: not written: it holds NaN"):
+        npy_bytes(np.array([[1.0, np.nan]], dtype=np.float32), "v1: tokens.npy")
+    with pytest.raises(UserError, match="infinite"):  # float16 overflows to inf: refused too
+        npy_bytes(np.array([7e4], dtype=np.float32).astype(np.float16))
+    with pytest.raises(UserError, match="text.npz: 3"):
+        npz_bytes({"3": np.array([np.inf])}, "text.npz")
+    assert np.load(__import__("io").BytesIO(npy_bytes(np.arange(3)))).tolist() == [0, 1, 2]
+
+
+def test_a_metric_over_no_ground_truth_is_written_as_absent_not_nan(tmp_path, capsys):
+    # Every moment is short (< 10 s): the middle and long ranges have no ground truth.
+    truth = [{"qid": q, "query": "x", "vid": f"v{q}", "duration": 30, "relevant_windows": [[2, 6]]} for q in (1, 2)]
+    preds = [{"qid": q, "query": "x", "vid": f"v{q}", "pred_relevant_windows": [[2, 6, 1.0]]} for q in (1, 2)]
+    (tmp_path / "gt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in truth))
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--predictions", str(tmp_path / "p.jsonl"), "--ground-truth", str(tmp_path / "gt.jsonl"),
+                 "--json", str(out)]) == 0
+    metrics = strict_json(out.read_text())
+    assert metrics["brief"]["MR-long-mAP"] is None and metrics["brief"]["MR-full-mAP"] == 100.0
+    assert "brief.MR-long-mAP" in metrics["absent"]
+    assert "written as null" in capsys.readouterr().err
+
+
+def test_a_bundle_whose_pixels_would_become_nan_is_refused(bundle, tmp_path, synth_dir, capsys):
+    import shutil
+
+    broken = Path(shutil.copytree(bundle, tmp_path / "b"))
+    config = broken / "preprocessor_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "image_std": [0.0, 0.0, 0.0]}))
+    with pytest.raises(UserError, match="image_std must be 3 finite numbers above 0"):
+        read_bundle(broken)
+    video = sorted((synth_dir / "videos").glob("*.mp4"))[0]
+    code = main(["predict", "--checkpoint", str(broken), "--video", str(video), "--query", "a red circle"])
+    one_line_error(capsys, code, "image_std")
+    code = main(["index", "--checkpoint", str(broken), "--videos", str(synth_dir / "videos"), "--out",
+                 str(tmp_path / "index")])
+    one_line_error(capsys, code, "image_std")
+    assert not (tmp_path / "index" / "index.json").exists()
+
+
+# ----- 7. evaluation edge cases -----------------------------------------------------------------------
+
+
+def qvh_row(qid, clips, scores):
+    return {"qid": qid, "query": "x", "vid": f"v{qid}", "duration": 10, "relevant_windows": [[0, 4]],
+            "relevant_clip_ids": clips, "saliency_scores": scores}
+
+
+def test_highlights_with_other_rater_counts_and_no_relevant_clip_score_finite_numbers():
+    preds = [{"qid": q, "pred_relevant_windows": [[0, 4, 1.0]], "pred_saliency_scores": [0.9, 0.8, 0.1, 0.1, 0.1]}
+             for q in (1, 2, 3)]
+    one_rater = evaluate(preds, [qvh_row(1, [0, 1], [[4], [3]]), qvh_row(2, [0, 1], [[4], [3]]),
+                                 qvh_row(3, [0, 1], [[4], [3]])])[0]
+    three = evaluate(preds, [qvh_row(q, [0, 1], [[4, 4, 4], [3, 3, 3]]) for q in (1, 2, 3)])[0]
+    # One rater who agrees with three identical raters: the same figures.
+    highlights = [key for key in three["brief"] if key.startswith("HL-")]
+    assert [one_rater["brief"][k] for k in highlights] == [three["brief"][k] for k in highlights]
+    assert len(highlights) == 6 and three["brief"]["HL-min-VeryGood-mAP"] == 100.0
+    empty = evaluate(preds[:1], [qvh_row(1, [], [])])[0]  # nothing relevant: every clip is 0
+    assert empty["brief"]["HL-min-Fair-mAP"] == 0.0 and empty["brief"]["HL-min-Fair-Hit1"] == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["tvsum", "youtube_highlights"])
+def test_a_missing_highlight_prediction_scores_as_empty(protocol, tmp_path, capsys):
+    label = [[5, 5], [1, 1], [1, 1], [1, 1], [1, 1], [1, 1]]  # the first clip is the highlight
+    truth = [{"qid": q, "vid": f"v{q}", "domain": "d", "label": label} for q in (1, 2)]
+    given = [{"qid": 1, "pred_saliency_scores": [0.9, 0.1, 0.1, 0.1, 0.1, 0.1]}]
+    metrics, missing = evaluate(given, truth, protocol, allow_missing=True)
+    assert missing == 1
+    assert metrics["brief"]["HL-mAP"] == 50.0  # the found one 100, the missing one 0 (not its clip order's 100)
+
+
+# ----- 8. OSErrors about a user's path: one line ---------------------------------------------------------
+
+
+def test_out_naming_an_existing_file_is_one_line(bundle, shards_or_videos, tmp_path, capsys):
+    videos, shards = shards_or_videos
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    for args in (["index", "--checkpoint", str(bundle), "--videos", str(videos), "--out", str(taken)],
+                 ["features", "extract", "--config", str(TINY), "--shards", str(shards), "--out", str(taken), *SMALL]):
+        one_line_error(capsys, main(args), str(taken))
+        assert taken.read_text() == "mine"
+
+
+@pytest.fixture
+def shards_or_videos(synth_dir, shard_dir):
+    return synth_dir / "videos", shard_dir
+
+
+def test_a_video_id_too_long_for_the_file_system_skips_its_row(synth_copy, tmp_path, capsys):
+    rows = [json.loads(line) for line in (synth_copy / "train.jsonl").read_text().splitlines()]
+    rows.append({**rows[0], "qid": 999, "vid": "v" * 300})
+    (synth_copy / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "shards"
+    assert main(["shards", "build", "--videos", str(synth_copy / "videos"), "--annotations",
+                 str(synth_copy / "train.jsonl"), "--out", str(out), "--split", "train"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["queries"] == len(rows) - 1
+    assert any("v" * 50 in json.dumps(skip) for skip in manifest["skipped"])
+
+
+# ----- launcher variables ---------------------------------------------------------------------------------
+
+
+def test_stray_launcher_variables_stop_at_once_in_one_line():
+    check_launch_environment({})
+    check_launch_environment({"RANK": "0", "WORLD_SIZE": "1"})  # one process: fine
+    check_launch_environment({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    with pytest.raises(UserError, match="without MASTER_ADDR, MASTER_PORT"):
+        check_launch_environment({"RANK": "1", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="not numbers"):
+        check_launch_environment({"RANK": "a", "WORLD_SIZE": "2"})
+
+
+@pytest.mark.slow
+def test_a_command_under_stray_rank_variables_exits_at_once(shard_dir, bundle, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env.update(RANK="1", WORLD_SIZE="2")
+    done = subprocess.run([str(BIN / "vmr"), "eval", "--checkpoint", str(bundle), "--shards", str(shard_dir)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "MASTER_ADDR" in done.stderr.strip().splitlines()[-1]
