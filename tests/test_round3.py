@@ -191,3 +191,82 @@ def test_a_command_under_stray_rank_variables_exits_at_once(shard_dir, bundle, t
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr and "MASTER_ADDR" in done.stderr.strip().splitlines()[-1]
+
+
+# ----- 4. reads checked against what wrote them ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def index(bundle, synth_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("index") / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(synth_dir / "videos"), "--out", str(out),
+                 "--videos-per-part", "2"]) == 0
+    return out
+
+
+def search(folder: Path) -> int:
+    return main(["search", "--index", str(folder), "--query", "a red circle"])
+
+
+def damaged_manifest(folder: Path, change) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    change(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda m: m.update(skipped=[1]), "'skipped[0]' must be an object"),
+    (lambda m: m.update(params=5), "'params' must be dict"),
+    (lambda m: m["extractor"]["sampling"].update(colour="red"), "unknown key 'colour'"),
+    (lambda m: m["extractor"].update(width="64"), "'width' must be int"),
+])
+def test_a_damaged_index_manifest_is_one_line(index, tmp_path, capsys, change, needle):
+    import shutil
+
+    copy = Path(shutil.copytree(index, tmp_path / "index"))
+    damaged_manifest(copy, change)
+    one_line_error(capsys, search(copy), needle)
+
+
+def test_a_shard_copied_in_from_elsewhere_or_another_width_is_refused(index, tmp_path, capsys):
+    import shutil
+
+    copy = Path(shutil.copytree(index, tmp_path / "index"))
+    shards = sorted(copy.glob("*.tar"))
+    assert len(shards) >= 2
+    shutil.copy(shards[1], shards[0])  # another part's shard under this one's name
+    one_line_error(capsys, search(copy), shards[0].name, "listed in")
+    copy = Path(shutil.copytree(index, tmp_path / "wider"))
+    damaged_manifest(copy, lambda m: m["extractor"].update(width=m["extractor"]["width"] * 2))
+    one_line_error(capsys, search(copy))
+
+
+def test_a_sample_with_a_nan_duration_is_listed_not_silently_empty(index, tmp_path, capsys):
+    import io
+    import shutil
+    import tarfile
+
+    copy = Path(shutil.copytree(index, tmp_path / "index"))
+    first = sorted(copy.glob("*.tar"))[0]
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(first, "w") as tar:
+        for member, data in members:
+            if member.name.endswith(".json"):
+                data = json.dumps({**json.loads(data), "duration": float("nan")}).encode()
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    from vmr.data.tars import sha256_of
+
+    def rerecord(manifest):  # the shard as the index recorded it: only the sample is wrong
+        for split in manifest["splits"].values():
+            for shard in split["shards"]:
+                if shard["path"] == first.name:
+                    shard.update(bytes=first.stat().st_size, sha256=sha256_of(first))
+
+    damaged_manifest(copy, rerecord)
+    assert search(copy) == 0
+    out = capsys.readouterr()
+    strict_json(out.out)
+    assert "unreadable video(s) left out" in out.err and "'duration' must be a positive number" in out.err

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING
 from vmr.cache import check_cache, check_reads_videos, check_tower, tower_extractor
 from vmr.config import SamplingConfig
 from vmr.data.manifest import MANIFEST, by_tower, read_manifest
-from vmr.data.tars import TIMES, TOKENS, TarShard, npy_bytes, sanitise_key
+from vmr.data.tars import TIMES, TOKENS, TarShard, npy_bytes, sanitise_key, shard_damage
 from vmr.errors import UserError
 from vmr.io import FolderLock, first_line, json_text, write_text_atomic
 from vmr.spans import windows_over
@@ -213,13 +214,24 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
                         "(model.feature_dim)")
     check_cache(extractor, model, model.sampling, str(folder))
     check_tower(extractor, model, str(folder))
-    spec = SamplingConfig(**{**dataclasses.asdict(model.sampling), **extractor.get("sampling", {})})
+    sampling = extractor.get("sampling", {})
+    unknown = sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingConfig)})
+    if unknown:  # written by something else than vmr's extractor: not read on trust
+        raise UserError(f"{folder / MANIFEST}: extractor.sampling: unknown key {unknown[0]!r}")
+    spec = SamplingConfig(**{**dataclasses.asdict(model.sampling), **sampling})
     for split in manifest["splits"].values():
         for entry in split["shards"]:
+            # Read only what this folder's manifest recorded: a shard changed or copied in from
+            # another index since has another size or sha256.
+            damage = shard_damage(folder, entry) if "sha256" in entry and "bytes" in entry else None
+            if damage is not None:
+                raise UserError(f"{folder / entry['path']}: {damage} (listed in {folder / MANIFEST}); "
+                                "rebuild the index")
             yield from _read_shard(folder / entry["path"], spec, extractor, skipped)
 
 
 def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list | None) -> Iterator[EncodedVideo]:
+    import numpy as np
     import torch
     import webdataset as wds
 
@@ -238,7 +250,15 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
             tokens, times = _array(sample[TOKENS], TOKENS), _array(sample[TIMES], TIMES)
             if tokens.ndim != 3 or times.ndim != 1 or len(tokens) != len(times) or not len(times):
                 raise ValueError(f"{TOKENS} holds {tokens.shape} for {times.shape} frame times")
-            video = EncodedVideo(str(meta["video_id"]), float(meta["duration"]), times.tolist(),
+            if tokens.shape[1:] != (extractor["tokens"], extractor["width"]):  # what the manifest promises
+                raise ValueError(f"{TOKENS} holds {tokens.shape[1]} tokens of width {tokens.shape[2]} per frame, its "
+                                 f"manifest's extractor {extractor['tokens']} of width {extractor['width']}")
+            duration = meta["duration"]
+            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
+                raise ValueError(f"'duration' must be a positive number of seconds, got {duration!r:.40}")
+            if not np.isfinite(times).all():
+                raise ValueError(f"{TIMES} holds NaN or infinite times")
+            video = EncodedVideo(str(meta["video_id"]), float(duration), times.tolist(),
                                  torch.from_numpy(tokens), spec, extractor)
         except Exception as error:  # one bad sample: listed, the others go on
             if skipped is None:

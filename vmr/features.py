@@ -58,7 +58,7 @@ from vmr.data.tars import (
 )
 from vmr.encode import encode_frames_at
 from vmr.errors import UserError, out_of_space
-from vmr.io import FolderLock, field, first_line, json_text, read_json, write_text_atomic
+from vmr.io import FolderLock, field, first_line, json_text, objects, read_json, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 
 EVALUATION_SPLITS = ("val", "test")  # splits that get no augmented views: evaluation reads the plain one
@@ -239,7 +239,7 @@ def _read_record(path: Path, out: Path) -> dict:
     if path.name != f"{name}.json":
         raise UserError(f"{where}: records shard {name!r}, not {path.name.removesuffix('.json')!r}")
     field(entry, "split", str, where)
-    field(entry, "skipped", list, where)
+    objects(entry, "skipped", where)
     field(entry, "extractor", dict, where)
     return entry
 

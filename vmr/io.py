@@ -79,6 +79,16 @@ def field(mapping: dict, key: str, kind: type | tuple, where: str, default=...):
     return value
 
 
+def objects(mapping: dict, key: str, where: str, default=...) -> list[dict]:
+    """``mapping[key]`` checked to be a list of JSON objects (skip lists, shard lists): a reader
+    that then takes ``entry.get(...)`` of each never meets a number or a string."""
+    values = field(mapping, key, list, where, default)
+    for number, value in enumerate(values):
+        if not isinstance(value, dict):
+            raise UserError(f"{where}: '{key}[{number}]' must be an object, got {json.dumps(value)[:60] if _jsonable(value) else value!r}")
+    return values
+
+
 def _jsonable(value) -> bool:
     try:
         json.dumps(value)

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 from vmr.errors import UserError
-from vmr.io import confined, field, read_json
+from vmr.io import confined, field, objects, read_json
 
 MANIFEST = "manifest.json"
 KINDS = {"videos": "video shards", "features": "feature shards"}
@@ -51,7 +51,10 @@ def read_manifest(folder: Path, kind: str | None = None) -> dict:
             raise UserError(f"{at} must be an object")
         for number, shard in enumerate(field(info, "shards", list, at)):
             check_shard(folder, shard, f"{at}.shards[{number}]", complete=False)
-    field(manifest, "skipped", list, where, default=[])
+    objects(manifest, "skipped", where, default=[])
+    field(manifest, "params", dict, where, default={})
+    for split, info in manifest["splits"].items():
+        field(info, "params", dict, f"{where}: splits.{split}", default={})
     if found == "features":
         check_extractor(field(manifest, "extractor", dict, where), f"{where}: extractor")
     return manifest

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vmr.data.manifest import MANIFEST, check_shard, check_split, claim, read_manifest
 from vmr.data.tars import shard_damage
 from vmr.errors import UserError
-from vmr.io import FolderLock, LockBusy, confined, field, json_text, read_json, write_text_atomic
+from vmr.io import FolderLock, LockBusy, confined, field, json_text, objects, read_json, write_text_atomic
 
 PARTS = "parts"  # OUT/parts/<split>-pIIII.json: one record per finished part
 ENCODING = ("format", "fps", "size", "keyframe_interval")  # parameters every part of a split must share
@@ -108,7 +108,7 @@ def read_record(path: Path, out: Path) -> dict:
             raise UserError(f"{spot}: {name!r} is not a shard of part {index} of split {split!r}")
     if not all(isinstance(v, str) for v in field(record, "videos", list, where)):
         raise UserError(f"{where}: 'videos' must be a list of video ids")
-    field(record, "skipped", list, where)
+    objects(record, "skipped", where)
     field(record, "params", dict, where)
     return record
 

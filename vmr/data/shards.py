@@ -55,7 +55,7 @@ from vmr.data.parts import (
 from vmr.data.prepare import MAX_REENCODE_FPS, EncodeParams, VideoTask, prepare_star
 from vmr.data.tars import ShardWriter, sanitise_key, shard_damage
 from vmr.errors import UserError, out_of_space
-from vmr.io import LOCK, FolderLock, confined, field, json_text, read_json, write_text_atomic
+from vmr.io import LOCK, FolderLock, confined, field, json_text, objects, read_json, write_text_atomic
 
 
 def build_shards(
@@ -305,7 +305,8 @@ def _read_journal(path: Path, out: Path) -> dict:
         confined(out, name, f"{where}: shard name")
         if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
             raise UserError(f"{where}: {name!r} is not a shard of split {split!r}")
-    field(journal, "skipped", list, where)
+    objects(journal, "skipped", where)
+    field(entry, "params", dict, f"{where}: entry", default={})
     return journal
 
 
