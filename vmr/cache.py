@@ -2,7 +2,7 @@
 manifest of feature shards), whether it fits a model, and whether a model may read videos.
 
 Feature shards are made by ``vmr features extract`` (the vision tower's output for every frame) and
-``vmr features import`` (the field's released features); their layout is in vmr/data/layout.py.
+``vmr features import`` (the field's released features); their layout is in vmr/features.py (the members of a sample) and vmr/data/manifest.py (the manifest).
 A cache fits a model when its width, token count and frame rate are the model's; features made by
 a tower (``kind`` clip, siglip or siglip2: the backbone) are valid only for a tower of that kind
 with the very weights that made them (their sha256). Training, ``vmr

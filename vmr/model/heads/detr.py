@@ -4,7 +4,7 @@ layers), and the references' inference post-processing.
 
 Every formula here equals the reference implementations (jayleicn/moment_detr b7e553a,
 wjun0830/QD-DETR 56c63b2) in float32; parameter names are theirs, so a released checkpoint's
-``model`` state dict loads as it is (vmr/model/heads/convert.py). Tested against fixtures the
+``model`` state dict loads as it is (vmr/convert.py). Tested against fixtures the
 reference code produced (tests/test_heads.py).
 
 Legend: q queries, t frames (the reference's clips), l text tokens, n moment slots (num_queries),
