@@ -270,3 +270,92 @@ def test_a_sample_with_a_nan_duration_is_listed_not_silently_empty(index, tmp_pa
     out = capsys.readouterr()
     strict_json(out.out)
     assert "unreadable video(s) left out" in out.err and "'duration' must be a positive number" in out.err
+
+
+# ----- 1. nothing read or served from outside its folder ---------------------------------------------
+
+
+def test_links_leading_outside_a_videos_folder_are_not_followed_unless_asked(bundle, synth_dir, tmp_path, capsys):
+    from vmr.search import index_videos, read_index
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    originals = sorted((synth_dir / "videos").glob("*.mp4"))
+    (videos / originals[0].name).write_bytes(originals[0].read_bytes())
+    (videos / "elsewhere.mp4").symlink_to(originals[1])  # leads outside
+    out = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(videos), "--out", str(out)]) == 0
+    assert list(index_videos(read_index(out)).values()) == [videos / originals[0].name]
+    assert json.loads((out / "manifest.json").read_text())["splits"]["videos"]["samples"] == 1
+    followed = tmp_path / "followed"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(videos), "--out", str(followed),
+                 "--follow-links"]) == 0
+    assert sorted(p.name for p in index_videos(read_index(followed)).values()) == sorted([originals[0].name,
+                                                                                         "elsewhere.mp4"])
+    # The demo plays what index_videos lists: an index.json pointed at another folder serves no
+    # file there but video files, and never one through a link leading out of it.
+    record = {**read_index(out), "videos": "/etc"}
+    assert all(p.suffix == ".mp4" for p in index_videos(record).values())
+
+
+def test_shards_build_skips_a_video_that_is_a_link_leading_outside(synth_copy, tmp_path, capsys):
+    first = sorted((synth_copy / "videos").glob("*.mp4"))[0]
+    outside = tmp_path / "outside.mp4"
+    first.rename(outside)
+    first.symlink_to(outside)
+    out = tmp_path / "shards"
+    args = ["shards", "build", "--videos", str(synth_copy / "videos"), "--annotations", str(synth_copy / "train.jsonl"),
+            "--out", str(out), "--split", "train"]
+    assert main(args) == 0
+    skipped = json.loads((out / "manifest.json").read_text())["skipped"]
+    assert any(first.stem == s.get("video_id") and "link leading outside" in s["reason"] for s in skipped), skipped
+    assert main([*args, "--follow-links", "--overwrite"]) == 0
+    assert not any(first.stem == s.get("video_id") for s in json.loads((out / "manifest.json").read_text())["skipped"])
+
+
+# ----- 2. work known by its content, not its name -----------------------------------------------------------
+
+
+def test_an_index_redoes_a_part_whose_videos_changed_under_the_same_names(bundle, synth_dir, tmp_path, capsys):
+    from vmr.bundle import load_model
+    from vmr.search import Index
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    originals = sorted((synth_dir / "videos").glob("*.mp4"))
+    (a / "clip.mp4").write_bytes(originals[0].read_bytes())
+    (b / "clip.mp4").write_bytes(originals[1].read_bytes())  # another video, the same name
+    out = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(a), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(b), "--out", str(out)]) == 0
+    assert "made from other sources" in capsys.readouterr().err
+    from vmr.data.video import probe
+
+    model, _ = load_model(bundle)
+    (video,) = Index.open(out, model).videos
+    assert video.duration == pytest.approx(probe(originals[1]).duration)
+
+
+def test_two_shards_of_one_name_are_refused_not_taken_as_done(shard_dir, bundle, tmp_path, capsys):
+    import shutil
+
+    other = tmp_path / "other"
+    other.mkdir()
+    first = sorted(shard_dir.glob("train-*.tar"))[0]
+    shutil.copy(sorted(shard_dir.glob("train-*.tar"))[1], other / first.name)
+    for args in (["index", "--checkpoint", str(bundle)],
+                 ["features", "extract", "--config", str(TINY), *SMALL]):
+        code = main([*args, "--shards", str(first), str(other / first.name), "--out", str(tmp_path / "out")])
+        one_line_error(capsys, code, "share the name", first.name)
+
+
+def test_parts_built_from_different_annotation_files_do_not_merge(synth_copy, tmp_path, capsys):
+    rows = (synth_copy / "train.jsonl").read_text().splitlines()
+    (synth_copy / "fewer.jsonl").write_text("\n".join(rows[:-3]) + "\n")
+    out = tmp_path / "shards"
+    common = ["shards", "build", "--videos", str(synth_copy / "videos"), "--out", str(out), "--split", "train"]
+    assert main([*common, "--annotations", str(synth_copy / "train.jsonl"), "--part", "0/2"]) == 0
+    code = main([*common, "--annotations", str(synth_copy / "fewer.jsonl"), "--part", "1/2"])
+    one_line_error(capsys, code, "annotations (their contents)", "nothing merged")
+    assert not (out / "manifest.json").exists()

@@ -51,6 +51,7 @@ from vmr.data.tars import (
     VIEW_TIMES,
     VIEWS,
     TarShard,
+    fingerprint,
     npy_bytes,
     sanitise_key,
     shard_damage,
@@ -72,14 +73,15 @@ DONE = ".done"  # per finished shard, a record (samples, queries, sha256, skips)
 class Part:
     """One unit of extraction, and of its resume: one output shard ``name`` in ``split``, made from
     the video samples ``samples()`` yields (``__key__``, ``mp4``: bytes or a path, ``json``: the video
-    shard's metadata, or none for a bare file, which is probed). ``inputs`` names what it was made
-    from when that can change between runs (a folder's files); ``where`` names it in errors."""
+    shard's metadata, or none for a bare file, which is probed). ``inputs`` says what it is made
+    from, by content (each source's ``fingerprint``: name, size, hash), computed when needed: a
+    resume redoes a part whose sources differ; ``where`` names it in errors."""
 
     name: str
     split: str
     samples: Callable[[], Iterable[dict]]
     where: str
-    inputs: tuple[str, ...] | None = None
+    inputs: Callable[[], tuple[str, ...]] | None = None
 
 
 def shard_parts(urls: list[str]) -> list[Part]:
@@ -93,8 +95,20 @@ def shard_parts(urls: list[str]) -> list[Part]:
         name = Path(url).name
         return name.split("-")[0] if "-" in name else "train"
 
+    seen: dict[str, str] = {}
+    for url in urls:  # each feature shard takes its video shard's name: two of one name would be one
+        name = Path(url).name
+        if name in seen:
+            raise UserError(f"--shards: {seen[name]} and {url} share the name {name!r}, and each feature shard takes "
+                            "its video shard's name; give them in separate runs with separate --out folders")
+        seen[name] = url
+
+    def inputs(url: str) -> tuple[str, ...]:
+        return (fingerprint(Path(url)),) if Path(url).is_file() else (url,)
+
     # (No WebDataset object: its node splitter would deal the shard's samples over ranks.)
-    return [Part(Path(url).name, split_of(url), lambda url=url: wds.tarfile_to_samples()([{"url": url}]), url)
+    return [Part(Path(url).name, split_of(url), lambda url=url: wds.tarfile_to_samples()([{"url": url}]), url,
+                 lambda url=url: inputs(url))
             for url in urls]
 
 
@@ -119,7 +133,7 @@ def video_parts(files: list[Path], per_part: int, split: str = "videos") -> list
     groups = [files[i:i + per_part] for i in range(0, len(files), per_part)]
     return [Part(f"{split}-{n:06d}.tar", split,
                  lambda group=group: ({"__key__": sanitise_key(p.stem), "mp4": p} for p in group),
-                 str(group[0].parent), tuple(p.name for p in group))
+                 str(group[0].parent), lambda group=group: tuple(fingerprint(p) for p in group))
             for n, group in enumerate(groups)]
 
 
@@ -169,6 +183,7 @@ def _extract_part(model, part: Part, out: Path, spec: SamplingConfig, data: Data
     manifest entry and the frames encoded."""
     bounded_downloads()
     shard_views = 1 if part.split in EVALUATION_SPLITS else views
+    inputs = part.inputs() if part.inputs is not None else None  # what it is made from, before it is read
     shard, skipped, frames = TarShard(out, part.name), [], 0
     try:
         for sample in part.samples():
@@ -188,7 +203,7 @@ def _extract_part(model, part: Part, out: Path, spec: SamplingConfig, data: Data
         full = out_of_space(error, shard.tmp) if isinstance(error, OSError) else None
         raise (full or UserError(f"{part.where}: cannot read this shard ({first_line(error)})")) from None
     return {**entry, "split": part.split, "skipped": skipped,
-            **({"inputs": list(part.inputs)} if part.inputs is not None else {})}, frames
+            **({"inputs": list(inputs)} if inputs is not None else {})}, frames
 
 
 def extract_features(model, spec: SamplingConfig, parts: list[str] | list[Part], out: Path, pooled_only: bool = False,
@@ -249,9 +264,9 @@ def _finished(record: Path, out: Path, part: Part) -> dict | None:
     was made from the part's inputs; None when it must be redone (a shard that changed, or is gone,
     or a folder of videos that gained or lost files)."""
     entry = _read_record(record, out)
-    if part.inputs is not None and tuple(entry.get("inputs") or ()) != part.inputs:
-        print(f"{out / entry['path']}: made from other videos than {part.where} holds now; encoding it again",
-              file=sys.stderr)
+    if part.inputs is not None and tuple(entry.get("inputs") or ()) != part.inputs():
+        print(f"{out / entry['path']}: made from other sources than {part.where} holds now (names, sizes or "
+              "contents differ); encoding it again", file=sys.stderr)
         return None
     problem = shard_damage(out, entry)
     if problem is None:

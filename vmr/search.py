@@ -179,6 +179,8 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                                                     "its file name without the extension")
     source.add_argument("--shards", nargs="+", help="video shards (folder, glob, brace pattern)")
     p.add_argument("--out", type=Path, required=True, help="the index folder (feature shards, manifest.json, index.json)")
+    p.add_argument("--follow-links", action="store_true",
+                   help="with --videos: also read video files that are symlinks leading outside it")
     p.add_argument("--videos-per-part", type=int, default=50,
                    help="with --videos: videos per feature shard, the unit of resuming and of sharing the work "
                         "among processes (default 50)")
@@ -189,6 +191,7 @@ def run_index(args: argparse.Namespace) -> int:
     from vmr.config import load_config
     from vmr.data.annotations import VIDEO_EXTENSIONS
     from vmr.data.sources import expand_shards
+    from vmr.data.video import video_files
     from vmr.features import check_video_shards, extract_command, shard_parts, video_parts
     from vmr.runtime import process_group_scope, process_state
 
@@ -202,12 +205,13 @@ def run_index(args: argparse.Namespace) -> int:
     if args.videos is not None:
         if not args.videos.is_dir():
             raise UserError(f"--videos: {args.videos} is not a folder")
-        files = sorted(p for p in args.videos.iterdir() if p.is_file() and p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS)
+        files = video_files(args.videos, args.follow_links)
         if not files:
             raise UserError(f"--videos: {args.videos} holds no video file ({', '.join(VIDEO_EXTENSIONS)})")
         if args.out.resolve() == args.videos.resolve():
             raise UserError("--out: write the index to another folder than the videos'")
-        parts, source = video_parts(files, args.videos_per_part), {"videos": str(args.videos.resolve())}
+        parts, source = video_parts(files, args.videos_per_part), {"videos": str(args.videos.resolve()),
+                                                                     "follow_links": args.follow_links}
     else:
         urls = expand_shards(args.shards)
         check_video_shards(urls, args.shards[0], args.out)
@@ -232,7 +236,21 @@ def read_index(folder: Path) -> dict:
     record = read_json(folder / INDEX)
     field(record, "checkpoint", str, str(folder / INDEX))
     field(record, "videos", str, str(folder / INDEX), default=None)
+    field(record, "follow_links", bool, str(folder / INDEX), default=False)
     return record
+
+
+def index_videos(record: dict) -> dict[str, Path]:
+    """The video files of an index's ``videos`` folder by video id, listed exactly as ``vmr index
+    --videos`` lists them (video files only, no symlink leading outside unless the index was built
+    with --follow-links): a folder named by a file gets no more trust than one named by a user."""
+    from vmr.data.tars import sanitise_key
+    from vmr.data.video import video_files
+
+    folder = Path(record["videos"]) if record.get("videos") else None
+    if folder is None or not folder.is_dir():
+        return {}
+    return {sanitise_key(p.stem): p for p in video_files(folder, record.get("follow_links", False))}
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:

@@ -33,7 +33,8 @@ from vmr.errors import UserError
 from vmr.io import FolderLock, LockBusy, confined, field, json_text, objects, read_json, write_text_atomic
 
 PARTS = "parts"  # OUT/parts/<split>-pIIII.json: one record per finished part
-ENCODING = ("format", "fps", "size", "keyframe_interval")  # parameters every part of a split must share
+# What every part of a split must share: the annotations (by content) and the encoding settings.
+ENCODING = ("annotations_sha256", "format", "fps", "size", "keyframe_interval")
 ENVIRONMENTS = (  # (index variable, count variable, what else a real launch sets), in the order asked
     ("RANK", "WORLD_SIZE", ()),
     ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", ()),
@@ -115,7 +116,8 @@ def read_record(path: Path, out: Path) -> dict:
 
 def other_settings(params: dict, reference: dict) -> list[str]:
     """The encoding settings in which two builds of one split differ (they must not)."""
-    return [k for k in ENCODING if params.get(k) != reference.get(k)]
+    return [{"annotations_sha256": "annotations (their contents)"}.get(k, k) for k in ENCODING
+            if params.get(k) != reference.get(k)]
 
 
 def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True) -> dict:

@@ -35,9 +35,13 @@ class PreparedVideo:
 
 @dataclass(frozen=True)
 class EncodeParams:
+    """How the sources are read and stored: re-encoding settings, and whether a video file may be a
+    symlink leading outside the videos folder (``--follow-links``)."""
+
     fps: float | None
     size: int | None
     keyframe_interval: float | None
+    follow_links: bool = False
 
     @property
     def active(self) -> bool:
@@ -58,7 +62,7 @@ def prepare_video(task: VideoTask, videos_dir: Path, params: EncodeParams, tmp_d
     """Find, probe and optionally re-encode one video; convert and check its queries' windows.
     Runs in a worker process; every failure becomes a Skip with its reason."""
     try:
-        path = find_video(videos_dir, task.video_id, task.file_name)
+        path = find_video(videos_dir, task.video_id, task.file_name, params.follow_links)
     except ValueError as error:
         return Skip(task.video_id, what="video", reason=str(error))
     if path is None:

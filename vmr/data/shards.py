@@ -55,7 +55,17 @@ from vmr.data.parts import (
 from vmr.data.prepare import MAX_REENCODE_FPS, EncodeParams, VideoTask, prepare_star
 from vmr.data.tars import ShardWriter, sanitise_key, shard_damage
 from vmr.errors import UserError, out_of_space
-from vmr.io import LOCK, FolderLock, confined, field, json_text, objects, read_json, write_text_atomic
+from vmr.io import (
+    LOCK,
+    FolderLock,
+    confined,
+    field,
+    json_text,
+    objects,
+    read_bytes,
+    read_json,
+    write_text_atomic,
+)
 
 
 def build_shards(
@@ -73,6 +83,7 @@ def build_shards(
     overwrite: bool = False,
     progress: bool = True,
     part: tuple[int, int] | None = None,
+    follow_links: bool = False,
 ) -> dict:
     """Build one split, or with ``part`` (I, N) part I of its N parts (vmr/data/parts.py); returns
     the split's (or the part's) manifest entry plus the skips. See the module docstring."""
@@ -80,10 +91,11 @@ def build_shards(
         raise UserError(f"--videos: {videos} is not a folder")
     check_split(split)
     _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers)
-    params = EncodeParams(fps, size, keyframe_interval)
+    params = EncodeParams(fps, size, keyframe_interval, follow_links)
     tasks, skips = _tasks(annotations, fmt)
     _make_folder(out)
-    params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations], "format": fmt,
+    params_json = {"videos": str(videos), "annotations": [str(a) for a in annotations],
+                   "annotations_sha256": _annotations_sha256(annotations), "format": fmt,
                    "fps": fps, "size": size, "keyframe_interval": keyframe_interval,
                    "max_shard_mb": max_shard_mb, "max_videos_per_shard": max_videos_per_shard}
     limits = (int(max_shard_mb * 1024 * 1024), max_videos_per_shard)
@@ -289,6 +301,18 @@ def _commit(out: Path, journal: dict) -> None:
     (out / f".vmr-commit-{split}.json").unlink(missing_ok=True)
 
 
+def _annotations_sha256(annotations: list[Path]) -> str:
+    """One sha256 over the annotation files' contents, in the order given: parts of one split must
+    be built from the same annotations (their paths may differ from machine to machine)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in annotations:
+        digest.update(read_bytes(path))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 def _read_journal(path: Path, out: Path) -> dict:
     """A commit journal, every name in it a plain file name of this split inside ``out``: a
     journal is a file like any other, and ``_commit`` deletes and moves what it names."""
@@ -340,6 +364,8 @@ def add_build_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-videos-per-shard", type=int, help="start a new shard after this many videos")
     p.add_argument("--workers", type=int, default=1, help="parallel processes over videos (default: 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing split")
+    p.add_argument("--follow-links", action="store_true",
+                   help="read video files that are symlinks leading outside --videos (default: skipped as such)")
     p.add_argument("--strict", action="store_true", help="exit non-zero when anything was skipped")
     p.add_argument("--part", metavar="I/N",
                    help="build part I of N of the split (counted from 0), for many machines; default: from the "
@@ -362,7 +388,7 @@ def run_build(args: argparse.Namespace) -> int:
         args.videos, args.annotations, args.out, split=args.split, fmt=args.format, fps=args.fps,
         size=args.size, keyframe_interval=args.keyframe_interval, max_shard_mb=args.max_shard_mb,
         max_videos_per_shard=args.max_videos_per_shard, workers=args.workers,
-        overwrite=args.overwrite, part=part,
+        overwrite=args.overwrite, part=part, follow_links=args.follow_links,
     )
     skips = result["skipped"]
     for skip in skips:

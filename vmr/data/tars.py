@@ -38,6 +38,24 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+FINGERPRINT_BYTES = 4 << 20  # read from each end of a source file
+
+
+def fingerprint(path: Path) -> str:
+    """What a source file is, cheaply: its name, size and the sha256 of its first and last 4 MiB
+    (the whole file when smaller). Resume and reuse compare it, so another video under the same
+    name is redone, while an unchanged library is not read in full on every resume."""
+    path = Path(path)
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(FINGERPRINT_BYTES))
+        if size > 2 * FINGERPRINT_BYTES:
+            f.seek(size - FINGERPRINT_BYTES)
+        digest.update(f.read(FINGERPRINT_BYTES))
+    return f"{path.name}:{size}:{digest.hexdigest()[:32]}"
+
+
 def shard_damage(folder: Path, shard: dict) -> str | None:
     """What is wrong with a finished shard against its entry (gone, another size, another
     sha256), or None: what a resume or a merge trusts before it skips the work."""

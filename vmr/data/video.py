@@ -42,10 +42,24 @@ class VideoInfo:
         return {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def find_video(videos_dir: Path, video_id: str, file_name: str | None = None) -> Path | None:
+def inside(folder: Path, path: Path) -> bool:
+    """Whether ``path``, symlinks resolved, is inside ``folder`` (symlinks resolved too)."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(folder)))
+
+
+def video_files(folder: Path, follow_links: bool = False) -> list[Path]:
+    """The video files of a folder (by extension), sorted; unless ``follow_links``, not those that
+    are symlinks leading outside it. THE listing of a videos folder, whether a user named it on the
+    command line or a file (an index's ``videos``) names it."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower().lstrip(".") in VIDEO_EXTENSIONS
+                  and p.is_file() and (follow_links or inside(folder, p)))
+
+
+def find_video(videos_dir: Path, video_id: str, file_name: str | None = None, follow_links: bool = False) -> Path | None:
     """The file a video id names: the annotation's file name, the id itself, else ``<id>.<ext>``.
-    Raises ValueError for a name that leads outside ``videos_dir`` (``../x``, an absolute path):
-    annotations must never make vmr read, let alone pack, files the user did not point it at."""
+    Raises ValueError for a name that leads outside ``videos_dir`` (``../x``, an absolute path), or,
+    unless ``follow_links``, a file that is a symlink leading outside it: annotations must never
+    make vmr read, let alone pack, files the user did not point it at."""
     root = os.path.normpath(os.path.abspath(videos_dir))
     for name in (file_name, video_id):
         if name and not os.path.normpath(os.path.join(root, name)).startswith(root + os.sep):
@@ -53,6 +67,9 @@ def find_video(videos_dir: Path, video_id: str, file_name: str | None = None) ->
     for name in (file_name, video_id, *(f"{video_id}.{ext}" for ext in VIDEO_EXTENSIONS)):
         try:
             if name and (videos_dir / name).is_file():
+                if not follow_links and not inside(videos_dir, videos_dir / name):
+                    raise ValueError(f"{videos_dir / name} is a link leading outside {videos_dir} "
+                                     "(pass --follow-links to read such files)")
                 return videos_dir / name
         except OSError as error:  # a name too long for the file system, an unreadable folder: this video's
             raise ValueError(f"video id {name[:60]!r}{'...' if len(name) > 60 else ''}: "

@@ -62,6 +62,7 @@ def search_page(checkpoint: Path, folder: Path, top_k: int) -> None:
     import pandas as pd
 
     from vmr.errors import UserError
+    from vmr.search import index_videos
 
     try:
         index, record = open_index(str(checkpoint), str(folder))
@@ -87,8 +88,7 @@ def search_page(checkpoint: Path, folder: Path, top_k: int) -> None:
     st.dataframe(pd.DataFrame([{"rank": i + 1, "video": r["video"], "start (s)": round(r["start"], 2),
                                 "end (s)": round(r["end"], 2), "score": round(r["score"], 3)}
                                for i, r in enumerate(found["results"])]), hide_index=True, width="stretch")
-    files = {p.stem: p for p in Path(record["videos"]).iterdir()} if record.get("videos") and \
-        Path(record["videos"]).is_dir() else {}
+    files = index_videos(record)  # never more than `vmr index --videos` would read there
     playable = [i for i, r in enumerate(found["results"]) if r["video"] in files]
     if playable:
         choice = st.radio("Play", playable, horizontal=True, format_func=lambda i: f"#{i + 1}")
