@@ -359,3 +359,74 @@ def test_parts_built_from_different_annotation_files_do_not_merge(synth_copy, tm
     code = main([*common, "--annotations", str(synth_copy / "fewer.jsonl"), "--part", "1/2"])
     one_line_error(capsys, code, "annotations (their contents)", "nothing merged")
     assert not (out / "manifest.json").exists()
+
+
+# ----- 3. a rebuild never breaks what is already whole -----------------------------------------------------
+
+
+PART_SETTINGS = dict(fps=2.0, size=16, keyframe_interval=0, max_videos_per_shard=1, progress=False)
+
+
+def whole_split(folder: Path, split: str = "train") -> None:
+    """Every shard the manifest lists is there with its recorded size and sha256."""
+    from vmr.data.tars import shard_damage
+
+    for shard in json.loads((folder / "manifest.json").read_text())["splits"][split]["shards"]:
+        assert shard_damage(folder, shard) is None, shard["path"]
+
+
+def test_a_new_division_leaves_the_merged_split_whole_until_it_is_merged(synth_dir, tmp_path, capsys):
+    from vmr.data.shards import build_shards
+    from vmr.data.sources import expand_shards
+
+    annotations = [synth_dir / "train.jsonl", synth_dir / "val.jsonl"]
+    for index in range(2):
+        build_shards(synth_dir / "videos", annotations, tmp_path, part=(index, 2), **PART_SETTINGS)
+    merged = json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"]
+    build_shards(synth_dir / "videos", annotations, tmp_path, part=(0, 3), **PART_SETTINGS)  # another division
+    assert json.loads((tmp_path / "manifest.json").read_text())["splits"]["train"] == merged
+    whole_split(tmp_path)
+    # A glob over the folder reads the committed split only, not the new part's shards beside it.
+    listed = sorted(str(tmp_path / s["path"]) for s in merged["shards"])
+    assert sorted(expand_shards(str(tmp_path / "train-*.tar"))) == listed
+    assert "not listed in their folder's manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_interrupted_part_rebuild_leaves_the_split_whole(synth_dir, tmp_path):
+    import signal
+    import time
+
+    from vmr.data.shards import build_shards
+
+    annotations = [synth_dir / "train.jsonl", synth_dir / "val.jsonl"]
+    for index in range(2):
+        build_shards(synth_dir / "videos", annotations, tmp_path, part=(index, 2), **PART_SETTINGS)
+    before = (tmp_path / "manifest.json").read_text()
+    command = [str(BIN / "vmr"), "shards", "build", "--videos", str(synth_dir / "videos"), "--annotations",
+               *map(str, annotations), "--out", str(tmp_path), "--fps", "5", "--size", "32", "--keyframe-interval",
+               "0", "--max-videos-per-shard", "1", "--part", "0/2", "--overwrite"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".vmr-build-train-p0000/*.tar")):
+        assert proc.poll() is None, "the part ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    assert (tmp_path / "manifest.json").read_text() == before
+    whole_split(tmp_path)
+
+
+def test_an_evaluation_that_reads_fewer_queries_than_promised_says_so(shard_dir, bundle, tmp_path, capsys):
+    import shutil
+    import tarfile
+
+    shards = Path(shutil.copytree(shard_dir, tmp_path / "shards"))
+    target = sorted(shards.glob("train-*.tar"))[0]
+    with tarfile.open(target, "w"):  # the shard, emptied of its sample (as a bad copy would leave it)
+        pass
+    code = main(["eval", "--checkpoint", str(bundle), "--shards", str(shards / "train-*.tar")])
+    err = capsys.readouterr().err
+    assert code == 0 and "Traceback" not in err, err
+    assert "the shards' manifest lists" in err and "were read and scored" in err

@@ -145,10 +145,6 @@ def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True)
         old = manifest["splits"].get(split)
         if old is not None and "parts" not in old.get("params", {}) and not overwrite:
             raise UserError(f"{out}: split {split!r} exists, built whole; pass --overwrite to replace it by its parts")
-        keep = {s["path"] for _, s in shards}
-        for stale in (old or {}).get("shards", []):  # the split's earlier shards that the parts replace
-            if stale["path"] not in keep:
-                confined(out, stale["path"], f"{out / MANIFEST}: shard").unlink(missing_ok=True)
         entry = {"shards": [{k: s[k] for k in ("path", "samples", "queries", "bytes", "sha256")} for _, s in shards],
                  "samples": sum(s["samples"] for _, s in shards), "queries": sum(s["queries"] for _, s in shards),
                  "params": {**parts[0]["params"], "parts": count}}
@@ -157,6 +153,12 @@ def merge(out: Path, split: str, overwrite: bool = False, progress: bool = True)
             {**skip, "split": split} for record in parts for skip in record["skipped"]]
         manifest["params"] = entry["params"]
         write_text_atomic(out / MANIFEST, json_text(manifest, out / MANIFEST, indent=1) + "\n")
+        # Only now, with the new split committed, go the earlier shards it no longer lists: killed
+        # before this, the folder still holds a whole split (the old one, or the new one).
+        keep = {s["path"] for _, s in shards}
+        for stale in (old or {}).get("shards", []):
+            if stale["path"] not in keep:
+                confined(out, stale["path"], f"{out / MANIFEST}: shard").unlink(missing_ok=True)
         return entry
 
 

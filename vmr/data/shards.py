@@ -160,16 +160,21 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
             whole = manifest["splits"].get(split)
             if whole is not None and "parts" not in whole.get("params", {}) and not overwrite:
                 raise UserError(f"{out}: split {split!r} exists, built whole; pass --overwrite to rebuild it in parts")
-            # A killed run of this part left no record: whatever it left is redone from scratch.
+            # A killed run of this part left no record: whatever it left is redone from scratch. But
+            # the committed split stays whole until the merge replaces it: its shards are neither
+            # deleted nor overwritten here (the new ones take other names); the merge removes them
+            # once the new manifest is written.
+            committed = {shard["path"]: shard.get("sha256") for shard in (whole or {}).get("shards", [])}
             path.unlink(missing_ok=True)
             staging = out / f".vmr-build-{name}"
             shutil.rmtree(staging, ignore_errors=True)
             for stale in out.glob(f"{name}-*.tar"):
-                stale.unlink()
+                if stale.name not in committed:
+                    stale.unlink()
             shards, packed = _pack(tasks, videos, params, staging, ShardWriter(staging, name, *limits), workers, skips,
                                    progress, allow_empty=True)
-            for shard in shards:
-                os.replace(staging / shard["path"], out / shard["path"])
+            for shard in _beside(shards, committed, name):
+                os.replace(staging / shard.pop("staged"), out / shard["path"])
             shutil.rmtree(staging, ignore_errors=True)
             record = {"split": split, "part": index, "parts": count, "params": params_json, "shards": shards,
                       "videos": packed, "skipped": [s.to_json() for s in skips]}
@@ -179,6 +184,24 @@ def _build_part(out: Path, split: str, part: tuple[int, int], tasks: dict[str, V
     return {"shards": record["shards"], "samples": sum(s["samples"] for s in record["shards"]),
             "queries": sum(s["queries"] for s in record["shards"]), "params": params_json, "skipped": skips,
             "part": part, "merged": merged}
+
+
+def _beside(shards: list[dict], committed: dict[str, str | None], name: str) -> list[dict]:
+    """The part's new shards, each with its ``staged`` name and the ``path`` it takes in the folder:
+    its own, unless a shard of the committed split has that name with other contents; then a name of
+    a new generation (``<name>-rG-NNNNNN.tar``), so that the committed split stays whole until the
+    merge replaces it."""
+    taken = {id(s) for s in shards if s["path"] in committed and committed[s["path"]] != s["sha256"]}
+    generation = 0
+    if taken:
+        generation = 1
+        while any(c.startswith(f"{name}-r{generation}-") for c in committed):
+            generation += 1
+    for shard in shards:
+        shard["staged"] = shard["path"]
+        if id(shard) in taken:
+            shard["path"] = f"{name}-r{generation}-{shard['path'][len(name) + 1:]}"
+    return shards
 
 
 def _check_build_values(fps, size, keyframe_interval, max_shard_mb, max_videos_per_shard, workers) -> None:

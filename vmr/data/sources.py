@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -32,9 +33,9 @@ def expand_shards(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
             if pattern.startswith("pipe:") or "://" in pattern:
                 urls.append(pattern)
             elif Path(pattern).is_dir():
-                urls += sorted(str(p) for p in Path(pattern).glob("*.tar"))
+                urls += _committed(sorted(str(p) for p in Path(pattern).glob("*.tar")))
             elif any(c in pattern for c in "*?["):
-                urls += sorted(glob.glob(pattern))
+                urls += _committed(sorted(glob.glob(pattern)))
             elif Path(pattern).is_file():
                 urls.append(pattern)
             else:
@@ -42,6 +43,27 @@ def expand_shards(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
     if not urls:
         raise UserError(f"shards: no shard matches {spec!r}")
     return urls
+
+
+def _committed(paths: list[str]) -> list[str]:
+    """Of the shards a folder or glob matched, those a manifest beside them lists: a part being
+    built or a merge not yet committed writes shards that belong to no split yet (and may duplicate
+    the committed split's videos). Folders without a manifest: every match."""
+    from vmr.data.manifest import MANIFEST, read_manifest
+
+    listed: dict[Path, set[str] | None] = {}
+    kept = []
+    for path in map(Path, paths):
+        if path.parent not in listed:
+            listed[path.parent] = {s["path"] for info in read_manifest(path.parent)["splits"].values()
+                                   for s in info["shards"]} if (path.parent / MANIFEST).is_file() else None
+        names = listed[path.parent]
+        if names is None or path.name in names:
+            kept.append(str(path))
+    if len(kept) < len(paths):
+        print(f"note: {len(paths) - len(kept)} shard(s) matched but not listed in their folder's {MANIFEST} "
+              "(a build or merge in progress) are not read", file=sys.stderr)
+    return kept
 
 
 # curl's waits, bounded: connect within 10 s, then fail if fewer than 1 kB/s arrive for 60 s.
@@ -68,8 +90,9 @@ def bounded_downloads() -> None:
     gopen_schemes["http"] = gopen_schemes["https"] = open_url
 
 
-def count_samples(urls: list[str]) -> int | None:
-    """Videos in these shards according to the manifests beside them; None when unknown."""
+def count_samples(urls: list[str], key: str = "samples") -> int | None:
+    """Videos (or with ``key`` "queries", queries) in these shards according to the manifests beside
+    them; None when unknown."""
     from vmr.data.manifest import MANIFEST, read_manifest
 
     total, folders = 0, {}
@@ -83,7 +106,7 @@ def count_samples(urls: list[str]) -> int | None:
         entry = folders[path.parent].get(path.name)
         if entry is None:
             return None
-        total += entry["samples"]
+        total += entry[key]
     return total
 
 

@@ -274,7 +274,7 @@ def _predict_for_eval(args):
     """Batched inference on the best device; under ``accelerate launch`` every process predicts its
     share of the shards and the main process gathers them."""
     from vmr.cache import cache_of, check_shards
-    from vmr.data.sources import expand_shards
+    from vmr.data.sources import count_samples, expand_shards
     from vmr.runtime import process_group_scope, process_state
 
     state = process_state()
@@ -298,6 +298,10 @@ def _predict_for_eval(args):
     print(f"predicted {len(predictions)} queries in {time.perf_counter() - start:.1f} s"
           + (f"; {bad} unreadable shard(s) or video(s) were skipped (last: {reason})" if bad else ""),
           file=sys.stderr)
+    promised = count_samples(expand_shards(args.shards, allow_pipe=True), "queries")
+    if promised is not None and len(predictions) < promised:  # never a silent partial evaluation
+        print(f"warning: the shards' manifest lists {promised} queries, {len(predictions)} were read and scored",
+              file=sys.stderr)
     if args.predictions_out:
         write_text_atomic(Path(args.predictions_out), "".join(json_text(row, args.predictions_out) + "\n" for row in predictions))
         print(f"predictions written to {args.predictions_out}")
