@@ -430,3 +430,46 @@ def test_an_evaluation_that_reads_fewer_queries_than_promised_says_so(shard_dir,
     err = capsys.readouterr().err
     assert code == 0 and "Traceback" not in err, err
     assert "the shards' manifest lists" in err and "were read and scored" in err
+
+
+# ----- 5. work planned from what the stream holds, not from its container's promises -----------------------
+
+
+def ffmpeg(*args: str) -> None:
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def odd_videos(tmp_path_factory) -> Path:
+    """far.mp4: 2 frames, the second at 100,000 s (2.8 kB); short.avi: MJPEG in AVI whose index
+    promises 10 frames, of which the last does not decode."""
+    folder = tmp_path_factory.mktemp("odd")
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x64:r=1", "-frames:v", "2", "-vf", "setpts='if(eq(N,1),100000/TB,PTS)'",
+           "-fps_mode", "passthrough", "-c:v", "libx264", str(folder / "far.mp4"))
+    ffmpeg("-f", "lavfi", "-i", "testsrc=s=64x64:r=5", "-t", "2", "-c:v", "mjpeg", str(folder / "whole.avi"))
+    data = bytearray((folder / "whole.avi").read_bytes())
+    last = data.rfind(b"\xff\xd8\xff")  # the last JPEG frame, wiped
+    data[last:last + 400] = bytes(400)
+    (folder / "short.avi").write_bytes(bytes(data))
+    (folder / "whole.avi").unlink()
+    return folder
+
+
+def test_a_container_promising_a_frame_that_does_not_decode_is_read_as_what_decodes(odd_videos):
+    from vmr.data.video import probe
+
+    info = probe(odd_videos / "short.avi")
+    assert info.num_frames == 9 and info.duration == pytest.approx(1.8)
+
+
+def test_frames_are_planned_from_what_the_stream_holds(odd_videos, bundle, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(bundle), "--video", str(odd_videos / "far.mp4"),
+                 "--query", "a red circle"]) == 0
+    answer = strict_json(capsys.readouterr().out)
+    assert 1 <= len(answer["frame_times"]) <= 2
+    out = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--videos", str(odd_videos), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["videos"]["samples"] == 2 and not manifest["skipped"]  # the AVI is read, not skipped
+    assert sum(s["bytes"] for s in manifest["splits"]["videos"]["shards"]) < 1_000_000

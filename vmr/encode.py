@@ -185,7 +185,7 @@ def encode_video(model, source: str | Path | bytes, fps: float | None = None, vi
     model.eval()
     try:
         tokens, times = encode_frames_at(model, open_video(source), sample_times(info.duration, "uniform", spec.fps,
-                                                                                  1 << 30),
+                                                                                  info.num_frames),
                                           spec, info.start, device or next(model.parameters()).device)
     except (ValueError, RuntimeError, IndexError) as error:
         raise UserError(f"{where}: cannot decode this video ({first_line(error)})") from None

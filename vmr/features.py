@@ -163,13 +163,14 @@ def _encode_sample(model, sample: dict, spec: SamplingConfig, data: DataConfig, 
         tokens, at = encode_frames_at(model, decoder, times, spec, start, device, crop)
         return (tokens[:, :1] if pooled_only else tokens).to(torch.float16).numpy(), np.asarray(at, dtype=np.float64)
 
-    tokens, times = encode(sample_times(duration, "uniform", spec.fps, 1 << 30))
+    frames = len(decoder)  # what the stream holds bounds the plan, whatever its times say
+    tokens, times = encode(sample_times(duration, "uniform", spec.fps, frames))
     members = {TOKENS: npy_bytes(tokens, f"{meta.get('video_id', sample.get('__key__'))}: {TOKENS}"), TIMES: npy_bytes(times)}
     if views > 1:
         # Seeded by the video: the same views whichever process makes them, and again on a resume.
         rng = random.Random(f"views:{sample.get('__key__', '')}")
         mode = "uniform" if spec.frames == "uniform" else "random"  # key frames: a random time per bin
-        drawn = [encode(sample_times(duration, mode, spec.fps, 1 << 30, rng=rng, jitter=data.temporal_jitter),
+        drawn = [encode(sample_times(duration, mode, spec.fps, frames, rng=rng, jitter=data.temporal_jitter),
                         crop=(rng.random(), tuple(data.scale_jitter)))
                  for _ in range(views - 1)]
         members[VIEWS] = npy_bytes(np.stack([view for view, _ in drawn]), f"{sample.get('__key__')}: {VIEWS}")

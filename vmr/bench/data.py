@@ -36,7 +36,7 @@ def bench_loader(shards: str, quick: bool, max_workers: int, repeats: int) -> di
         for _ in range(copies):
             for video, meta in samples:  # the frames evaluation reads: the whole video, window by window
                 decoder = open_video(video)
-                for window in inference_windows(meta["duration"], spec):
+                for window in inference_windows(meta["duration"], spec, len(decoder)):
                     frames += len(sample_frames(decoder, window.times, spec.size, meta.get("start", 0.0))[1])
         return time.perf_counter() - start, frames
 

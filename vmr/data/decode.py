@@ -129,7 +129,7 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
     queries = list(meta["queries"])
     decoder = open_video(sample["mp4"])
     if not train:
-        windows = inference_windows(duration, spec)
+        windows = inference_windows(duration, spec, len(decoder))
         for k, window in enumerate(windows):
             frames, pts = sample_frames(decoder, window.times, spec.size, start)
             yield window_item(meta, key, frames, pts, (window.start, window.end), window.own, (k, len(windows)), queries)

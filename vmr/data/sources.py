@@ -66,10 +66,12 @@ def _committed(paths: list[str]) -> list[str]:
     return kept
 
 
-# curl's waits, bounded: connect within 10 s, then fail if fewer than 1 kB/s arrive for 60 s.
+# curl's waits, bounded in total: connect within 10 s, then fail if fewer than 1 kB/s arrive for
+# 60 s; a retry starts only within the first 60 s (a refused connection is retried, a silent server
+# is not waited for twice), so one shard costs at most about 70 s before it is reported.
 # (webdataset's own curl command retries for a minute and can wait forever on a stalled server.)
 CURL = ["curl", "--connect-timeout", "10", "--speed-limit", "1024", "--speed-time", "60", "--retry", "2",
-        "--retry-delay", "1", "-f", "-s", "-S", "-L"]
+        "--retry-delay", "1", "--retry-max-time", "60", "-f", "-s", "-S", "-L"]
 
 
 def open_url(url: str, mode: str = "rb", bufsize: int = 8192):

@@ -234,7 +234,8 @@ class VideoMomentDataset(torch.utils.data.Dataset):
             frames, pts = sample_frames(decoder, None, spec.size, info.start, indices=indices)
         else:
             rng = random.Random(index) if spec.frames == "random" else None
-            frames, pts = sample_frames(decoder, sample_times(info.duration, spec.frames, spec.fps, 1 << 30, rng=rng),
+            frames, pts = sample_frames(decoder, sample_times(info.duration, spec.frames, spec.fps, info.num_frames,
+                                                              rng=rng),
                                         spec.size, info.start)
         queries = [{"qid": r.qid, "query": r.query, "windows": r.seconds(info.fps), "saliency": r.saliency}
                    for r in records]

@@ -77,10 +77,16 @@ def find_video(videos_dir: Path, video_id: str, file_name: str | None = None, fo
     return None
 
 
+TAIL_FRAMES = 16  # how far back from the promised last frame a probe looks for one that decodes
+
+
 def probe(source: str | Path | bytes, check_decode: bool = True) -> VideoInfo:
     """Stream facts from a full scan of the file (exact mode), and, with ``check_decode``, a decode
-    of its first and last frames, so truncated or corrupt files fail here and not in training.
-    Raises ValueError with torchcodec's reason."""
+    of its first and last frames, so truncated or corrupt files fail here and not in training. A
+    container whose index promises a few frames more than decode (common in AVI files) is taken
+    as the frames that do: the last of the final ``TAIL_FRAMES`` that decodes ends it. Raises
+    ValueError with torchcodec's reason."""
+    last = None
     try:
         decoder = open_video(source)
         meta = decoder.metadata
@@ -88,14 +94,31 @@ def probe(source: str | Path | bytes, check_decode: bool = True) -> VideoInfo:
         if n == 0:
             raise ValueError("no video frames")
         if check_decode:
-            decoder.get_frames_at([0, n - 1])
+            decoder.get_frames_at([0])
+            last = _last_decodable(decoder, n)
     except (RuntimeError, ValueError, IndexError) as error:
         raise ValueError(first_line(error, 300)) from None
     start = float(meta.begin_stream_seconds or 0.0)
     end = float(meta.end_stream_seconds) if meta.end_stream_seconds is not None else None
+    if last is not None and last[0] < n - 1:  # what decodes, not what the index promised
+        n, end = last[0] + 1, last[1]
     fps = float(meta.average_fps) if meta.average_fps else n / (end - start)
     duration = (end - start) if end is not None else n / fps
     return VideoInfo(duration, fps, n, int(meta.width), int(meta.height), start, int(meta.stream_index or 0))
+
+
+def _last_decodable(decoder, n: int) -> tuple[int, float]:
+    """(index, end time in seconds) of the last frame that decodes, looking back at most
+    ``TAIL_FRAMES`` from the promised last one; the promised last one's error when none does."""
+    first_error = None
+    for index in range(n - 1, max(-1, n - 1 - TAIL_FRAMES), -1):
+        try:
+            frame = decoder.get_frame_at(index)
+        except (RuntimeError, ValueError, IndexError) as error:
+            first_error = first_error or error
+            continue
+        return index, float(frame.pts_seconds) + float(frame.duration_seconds or 0.0)
+    raise first_error
 
 
 def open_video(source: str | Path | bytes):
@@ -186,8 +209,9 @@ def sample_times(
     span: tuple[float, float] | None = None,
 ) -> list[float]:
     """Timestamps in seconds (from the video's start) of the frames to decode in ``span`` (default
-    the whole video): n = length * fps equal bins (at most ``limit``; pass the window for a
-    training window, no limit for a whole video), one frame per bin.
+    the whole video): n = length * fps equal bins (at most ``limit``: the window for a training
+    window, for a whole video the number of frames its stream holds, so that a container whose
+    times promise more than the stream has never plans more than it holds), one frame per bin.
 
     uniform    the centre of each bin; with ``jitter`` the whole grid moves by one random offset.
     random     one random time in each bin (training).
@@ -276,11 +300,11 @@ class FrameWindow:
     own: tuple[int, int]
 
 
-def inference_windows(duration: float, spec: SamplingConfig) -> list[FrameWindow]:
-    """The whole video at the spec's rate (a frame at the centre of each 1/fps bin), cut into windows
-    of ``spec.window`` frames that overlap by ``spec.overlap`` of a window (``frame_windows``). A
-    video no longer than a window is one window."""
-    grid = sample_times(duration, "uniform", spec.fps, 1 << 30)
+def inference_windows(duration: float, spec: SamplingConfig, frames: int) -> list[FrameWindow]:
+    """The whole video at the spec's rate (a frame at the centre of each 1/fps bin, never more bins
+    than the stream's ``frames``), cut into windows of ``spec.window`` frames that overlap by
+    ``spec.overlap`` of a window (``frame_windows``). A video no longer than a window is one window."""
+    grid = sample_times(duration, "uniform", spec.fps, frames)
     bin_ = duration / len(grid)
     return [FrameWindow(first * bin_, end * bin_, grid[first:end], (own_first - first, own_end - first))
             for first, end, own_first, own_end in frame_windows(len(grid), spec.window, spec.overlap)]
