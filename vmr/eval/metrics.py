@@ -287,15 +287,12 @@ def moment_retrieval(gt: dict, preds: dict) -> dict:
 
 
 def _clip_scores(row: dict) -> np.ndarray:
-    """(clips, raters) annotator scores 0-4 over the whole video, 0 outside relevant_clip_ids. The
-    official code has int(duration / 2) clips and three raters; a last partial clip with scores
-    (official: an IndexError) is kept, and other numbers of raters are scored alike (each rater's AP,
-    averaged). No relevant clip: every clip is 0."""
-    ids = [int(c) for c in row["relevant_clip_ids"]]
-    raters = len(row["saliency_scores"][0]) if row["saliency_scores"] else 3
+    """(clips, raters) scores 0-4 over the whole video, 0 outside relevant_clip_ids (none: all 0). The
+    official code has int(duration / 2) clips and 3 raters; a last partial clip with scores (official:
+    an IndexError) is kept, and other numbers of raters are scored alike (each rater's AP, averaged)."""
+    ids, raters = [int(c) for c in row["relevant_clip_ids"]], len((row["saliency_scores"] or [[0] * 3])[0])
     scores = np.zeros((max([int(row["duration"] / QVH_CLIP_SECONDS), *(c + 1 for c in ids), 1]), raters))
-    if ids:
-        scores[np.array(ids, dtype=int)] = np.array(row["saliency_scores"], dtype=float).reshape(len(ids), raters)
+    scores[np.array(ids, dtype=int)] = np.array(row["saliency_scores"], dtype=float).reshape(len(ids), raters)
     return scores
 
 
