@@ -40,7 +40,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vmr.data.annotations import FORMATS, Skip, check_query, read_annotations
-from vmr.data.manifest import MANIFEST, check_split, claim, read_manifest
+from vmr.data.manifest import MANIFEST, check_shard, check_split, claim, read_manifest
 from vmr.data.parts import (
     PARTS,
     merge_when_complete,
@@ -346,8 +346,16 @@ def _read_journal(path: Path, out: Path) -> dict:
         raise UserError(f"{where}: 'split' {split!r} does not match the journal's name")
     entry = field(journal, "entry", dict, where)
     shards = field(entry, "shards", list, f"{where}: entry")
-    names = [*field(journal, "old", list, where),
-             *(field(s, "path", str, f"{where}: entry.shards") if isinstance(s, dict) else s for s in shards)]
+    for number, shard in enumerate(shards):  # what the manifest will list: every field, and the file itself
+        spot = f"{where}: entry.shards[{number}]"
+        check_shard(out, shard, spot)
+        staged = out / f".vmr-build-{split}" / shard["path"]
+        if shard_damage(staged.parent if staged.is_file() else out, shard) is not None:
+            raise UserError(f"{spot}: {shard['path']} is neither staged nor in place as recorded; remove {path} and "
+                            f"build split {split!r} again")
+    for key in ("samples", "queries"):
+        field(entry, key, int, f"{where}: entry")
+    names = [*field(journal, "old", list, where), *(s["path"] for s in shards)]
     for name in names:
         confined(out, name, f"{where}: shard name")
         if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
