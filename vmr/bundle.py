@@ -152,7 +152,7 @@ def read_bundle(directory: str | Path, map_location="cpu", cls=None):
         raise UserError(f"{towers_file}: towers of kind {values.get('model_type')!r}, but its config.yaml says "
                         f"model.backbone: {cfg.backbone}")
     try:
-        towers = tower_config(cfg.backbone, values)
+        towers = tower_config(cfg.backbone, values, str(towers_file))
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = cls(config=cfg, tokenizer=tokenizer, tower_config=towers, processor_source=str(directory),
                     sampling=full.data.sampling)
@@ -177,7 +177,10 @@ def read_bundle(directory: str | Path, map_location="cpu", cls=None):
                         f"{tuple(weights[wrong[0]].shape)} in {WEIGHTS}, {tuple(state[wrong[0]].shape)} by the config)")
     model.load_state_dict(weights)
     if (directory / CACHE_RECORD).is_file():
+        from vmr.data.manifest import check_extractor
+
         model.features = read_json(directory / CACHE_RECORD)
+        check_extractor(model.features, str(directory / CACHE_RECORD))  # the fields every reader of it uses
     return model.to(map_location).eval()
 
 

@@ -179,6 +179,18 @@ NON_NEGATIVE_MODEL_VALUES = ("focal_gamma", "loss_relevance", "loss_l1", "loss_g
                              "saliency_margin")
 MAX_FPS = 60.0  # frames per second the model may sample; a video's own rate bounds it further when read
 MAX_WINDOW = 4096  # frames per window
+# Architecture sizes are bounded, so that a config (a bundle's, too) can never ask for a model that
+# takes forever or all memory to build: layers and heads up to 256, every other size up to 65536.
+MAX_DEPTH, MAX_SIZE = 256, 65536
+
+
+def _size_limits(section, prefix: str):
+    """(ok, key, why) for every integer field of a model section against its bound."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = MAX_DEPTH if f.name.endswith(("layers", "heads")) else MAX_SIZE
+            yield value <= limit, f"{prefix}{f.name}", f"must be at most {limit}"
 
 
 @dataclass
@@ -210,6 +222,7 @@ class Config:
             (d.sampling.size <= 1024, "data.sampling.size", "must be at most 1024 pixels"),
             (d.max_text_len <= 512, "data.max_text_len", "must be at most 512 tokens"),
             *((getattr(m, k) >= 0, f"model.{k}", "must be >= 0") for k in NON_NEGATIVE_MODEL_VALUES),
+            *_size_limits(m, "model."), *_size_limits(m.detr, "model.detr."),
             (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "is a share in [0, 1]"),
             (t.max_grad_norm >= 0 and t.weight_decay >= 0 and t.backbone_lr_mult >= 0, "train.max_grad_norm",
              "and train.weight_decay, train.backbone_lr_mult must be >= 0"),

@@ -256,8 +256,15 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
             duration = meta["duration"]
             if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
                 raise ValueError(f"'duration' must be a positive number of seconds, got {duration!r:.40}")
-            if not np.isfinite(times).all():
-                raise ValueError(f"{TIMES} holds NaN or infinite times")
+            if not isinstance(meta["video_id"], str) or sanitise_key(meta["video_id"]) != key:
+                raise ValueError(f"'video_id' {meta['video_id']!r:.60} is not the video of sample {key!r}")
+            # Times are the frames' own, in order, inside the video; the duration ends within a bin
+            # or two of the last (more would be a video the frames do not cover).
+            step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
+            if not np.isfinite(times).all() or (np.diff(times) < 0).any() or times[0] < 0 or times[-1] > duration \
+                    or duration > times[-1] + 2 * step + 10:
+                raise ValueError(f"{TIMES} ({times[0]:.6g} to {times[-1]:.6g} s) does not fit the video's "
+                                 f"{duration:.6g} s")
             video = EncodedVideo(str(meta["video_id"]), float(duration), times.tolist(),
                                  torch.from_numpy(tokens), spec, extractor)
         except Exception as error:  # one bad sample: listed, the others go on

@@ -38,12 +38,13 @@ import dataclasses
 import json
 import random
 import sys
+import tarfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vmr.cache import cache_of, tower_extractor
 from vmr.config import DataConfig, SamplingConfig
-from vmr.data.manifest import MANIFEST, check_shard, claim, shard_entry
+from vmr.data.manifest import MANIFEST, check_shard, check_split, claim, shard_entry
 from vmr.data.sources import bounded_downloads
 from vmr.data.tars import (
     TIMES,
@@ -56,6 +57,7 @@ from vmr.data.tars import (
     sanitise_key,
     shard_damage,
     sweep_temporaries,
+    tar_counts,
 )
 from vmr.encode import encode_frames_at
 from vmr.errors import UserError, out_of_space
@@ -254,7 +256,7 @@ def _read_record(path: Path, out: Path) -> dict:
     name = check_shard(out, entry, where).name
     if path.name != f"{name}.json":
         raise UserError(f"{where}: records shard {name!r}, not {path.name.removesuffix('.json')!r}")
-    field(entry, "split", str, where)
+    check_split(field(entry, "split", str, where), f"{where}: 'split'")
     objects(entry, "skipped", where)
     field(entry, "extractor", dict, where)
     return entry
@@ -270,6 +272,16 @@ def _finished(record: Path, out: Path, part: Part) -> dict | None:
               "contents differ); encoding it again", file=sys.stderr)
         return None
     problem = shard_damage(out, entry)
+    if problem is None and entry["split"] != part.split:
+        problem = f"its record says split {entry['split']!r}, this part is of {part.split!r}"
+    if problem is None:
+        try:
+            counts = tar_counts(out / entry["path"])
+        except (OSError, ValueError, tarfile.TarError) as error:
+            counts = (None, str(error))
+        if counts != (entry["samples"], entry["queries"]):
+            problem = (f"its record counts {entry['samples']} videos and {entry['queries']} queries, the shard "
+                       f"holds {counts[0]} and {counts[1]}")
     if problem is None:
         return entry
     print(f"{out / entry['path']}: missing or changed since its record was written ({problem}); extracting it again",

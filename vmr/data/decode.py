@@ -16,6 +16,7 @@ The shard's json keeps its own key ``windows`` for a query's moments (the shard 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import torch
@@ -114,6 +115,53 @@ def window_item(meta: dict, key: str, frames, pts: list[float], span: tuple[floa
             "video_duration": float(meta["duration"]), "queries": items}
 
 
+def sample_meta(sample: dict) -> dict:
+    """A shard sample's ``json``, every field the loader uses checked (a ValueError, which skips the
+    sample with its reason): the video id a string, the duration a positive number,
+    the start finite, and each query an object with a qid, a sentence, finite windows inside the
+    video, and ``tags`` / ``saliency`` objects when present."""
+    meta = json.loads(sample["json"])
+    key = sample.get("__key__", "")
+    if not isinstance(meta, dict):
+        raise ValueError("its json is not an object")
+    video_id, duration, start = meta.get("video_id"), meta.get("duration"), meta.get("start", 0.0)
+    if not isinstance(video_id, str) or not video_id:
+        raise ValueError(f"'video_id' must be a non-empty string, got {video_id!r:.60} (sample {key!r})")
+    for name, value in (("duration", duration), ("start", start)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"'{name}' must be a finite number of seconds, got {value!r:.40}")
+    if duration <= 0:
+        raise ValueError(f"'duration' must be positive, got {duration!r}")
+    queries = meta.get("queries")
+    if not isinstance(queries, list):
+        raise ValueError("'queries' must be a list")
+    for number, q in enumerate(queries):
+        where = f"queries[{number}]"
+        if not isinstance(q, dict) or isinstance(q.get("qid"), bool) or not isinstance(q.get("qid"), (int, str)) \
+                or not isinstance(q.get("query"), str) or not isinstance(q.get("windows"), list):
+            raise ValueError(f"{where} must be an object with a qid, a query and its windows")
+        for window in q["windows"]:
+            if not (isinstance(window, list) and len(window) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in window)
+                    and 0 <= window[0] < window[1] <= duration + 1e-3):
+                raise ValueError(f"{where}: window {window!r:.60} is not [start, end] inside the video")
+        for name in ("tags", "saliency"):
+            if q.get(name) is not None and not isinstance(q[name], dict):
+                raise ValueError(f"{where}: '{name}' must be an object")
+    return meta
+
+
+def _matches_stream(meta: dict, decoder) -> None:
+    """The json's start and duration are the stored video's own (the builder probed that file)."""
+    stream = decoder.metadata
+    begin = float(stream.begin_stream_seconds or 0.0)
+    if abs(meta.get("start", 0.0) - begin) > 0.05:
+        raise ValueError(f"'start' {meta.get('start')!r:.30} is not its video's first frame ({begin:.3f} s)")
+    if stream.end_stream_seconds is not None and meta["duration"] > float(stream.end_stream_seconds) - begin + 1.0:
+        raise ValueError(f"'duration' {meta['duration']!r:.30} is longer than its video "
+                         f"({float(stream.end_stream_seconds) - begin:.3f} s)")
+
+
 def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, train: bool):
     """One shard sample -> its items, sampled by ``data.sampling`` (see vmr/data/video.py).
 
@@ -124,10 +172,11 @@ def decode_video(sample: dict, data: DataConfig, rng: random.Random | None, trai
         yield from decode_features(sample, data, rng, train)
         return
     spec = data.sampling
-    meta = json.loads(sample["json"])
+    meta = sample_meta(sample)
     duration, start, key = float(meta["duration"]), float(meta.get("start", 0.0)), sample.get("__key__", "")
     queries = list(meta["queries"])
     decoder = open_video(sample["mp4"])
+    _matches_stream(meta, decoder)
     if not train:
         windows = inference_windows(duration, spec, len(decoder))
         for k, window in enumerate(windows):
@@ -176,7 +225,7 @@ def decode_features(sample: dict, data: DataConfig, rng: random.Random | None, t
     from vmr.spans import windows_over
 
     spec = data.sampling
-    meta = json.loads(sample["json"])
+    meta = sample_meta(sample)
     duration, key = float(meta["duration"]), sample.get("__key__", "")
     tokens = torch.from_numpy(_array(sample[TOKENS], TOKENS))
     times = _array(sample[TIMES], TIMES).tolist()

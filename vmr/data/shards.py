@@ -346,6 +346,12 @@ def _read_journal(path: Path, out: Path) -> dict:
         raise UserError(f"{where}: 'split' {split!r} does not match the journal's name")
     entry = field(journal, "entry", dict, where)
     shards = field(entry, "shards", list, f"{where}: entry")
+    names = [*field(journal, "old", list, where),
+             *(field(s, "path", str, f"{where}: entry.shards") if isinstance(s, dict) else s for s in shards)]
+    for name in names:
+        confined(out, name, f"{where}: shard name")
+        if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
+            raise UserError(f"{where}: {name!r} is not a shard of split {split!r}")
     for number, shard in enumerate(shards):  # what the manifest will list: every field, and the file itself
         spot = f"{where}: entry.shards[{number}]"
         check_shard(out, shard, spot)
@@ -355,11 +361,6 @@ def _read_journal(path: Path, out: Path) -> dict:
                             f"build split {split!r} again")
     for key in ("samples", "queries"):
         field(entry, key, int, f"{where}: entry")
-    names = [*field(journal, "old", list, where), *(s["path"] for s in shards)]
-    for name in names:
-        confined(out, name, f"{where}: shard name")
-        if not (isinstance(name, str) and name.startswith(f"{split}-") and name.endswith(".tar")):
-            raise UserError(f"{where}: {name!r} is not a shard of split {split!r}")
     objects(journal, "skipped", where)
     field(entry, "params", dict, f"{where}: entry", default={})
     return journal

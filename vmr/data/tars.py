@@ -69,6 +69,24 @@ def shard_damage(folder: Path, shard: dict) -> str | None:
     return None
 
 
+def tar_counts(path: Path) -> tuple[int, int]:
+    """(samples, queries) a shard really holds: its distinct keys, and the queries of their json
+    members. What a resume checks a record's counts against before it trusts them."""
+    import tarfile
+
+    keys, queries = set(), 0
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, extension = member.name.partition(".")
+            keys.add(key)
+            if extension == "json":
+                meta = json.loads(tar.extractfile(member).read())
+                queries += len(meta.get("queries", [])) if isinstance(meta, dict) else 0
+    return len(keys), queries
+
+
 class TarShard:
     """One shard ``folder/name`` written under a temporary name (``.name.tmp-<pid>``); ``close``
     renames it into place and returns ``{"path", "samples", "queries", "bytes", "sha256"}``,

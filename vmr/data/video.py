@@ -300,11 +300,11 @@ class FrameWindow:
     own: tuple[int, int]
 
 
-def inference_windows(duration: float, spec: SamplingConfig, frames: int) -> list[FrameWindow]:
+def inference_windows(duration: float, spec: SamplingConfig, frames: int | None = None) -> list[FrameWindow]:
     """The whole video at the spec's rate (a frame at the centre of each 1/fps bin, never more bins
     than the stream's ``frames``), cut into windows of ``spec.window`` frames that overlap by
     ``spec.overlap`` of a window (``frame_windows``). A video no longer than a window is one window."""
-    grid = sample_times(duration, "uniform", spec.fps, frames)
+    grid = sample_times(duration, "uniform", spec.fps, frames if frames is not None else 1 << 30)
     bin_ = duration / len(grid)
     return [FrameWindow(first * bin_, end * bin_, grid[first:end], (own_first - first, own_end - first))
             for first, end, own_first, own_end in frame_windows(len(grid), spec.window, spec.overlap)]

@@ -63,9 +63,35 @@ def _transformers(name: str):
     return getattr(transformers, name)
 
 
-def tower_config(kind: str, values: dict):
-    """A towers config of ``kind`` from its JSON (a bundle's ``tower_config.json``)."""
-    return _transformers(KINDS[kind].config).from_dict(values)
+def tower_config(kind: str, values: dict, where: str = "tower_config.json"):
+    """A towers config of ``kind`` from its JSON (a bundle's ``tower_config.json``), each value of
+    the kind's own fields (and of its text and vision parts) checked against the type of its
+    default: transformers takes a JSON as it is, and a bool where an id belongs fails only later,
+    deep in a forward. Numbers must be finite, layers and heads at most 256, other integers below 2**24
+    (a ValueError naming the key: its reader says which bundle)."""
+    cls = _transformers(KINDS[kind].config)
+    default = cls()
+    _check_values(values, default, where)
+    for part in ("text_config", "vision_config"):
+        if part in values:
+            if not isinstance(values[part], dict):
+                raise ValueError(f"{where}: '{part}' must be an object")
+            _check_values(values[part], getattr(default, part), f"{where}: {part}")
+    return cls.from_dict(values)
+
+
+def _check_values(values: dict, default, where: str) -> None:
+    for key, value in values.items():
+        expected = getattr(default, key, None)
+        if expected is None or isinstance(expected, (dict, list)) or key.endswith("_config"):
+            continue
+        kinds = (int, float) if isinstance(expected, float) else (type(expected),)
+        if (isinstance(value, bool) != isinstance(expected, bool)) or not isinstance(value, kinds):
+            raise ValueError(f"{where}: '{key}' must be {type(expected).__name__}, got {value!r:.40}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            limit = 256 if key.endswith(("layers", "heads")) else 1 << 24 if isinstance(value, int) else math.inf
+            if not math.isfinite(value) or value > limit:
+                raise ValueError(f"{where}: '{key}' is {value!r:.40}, outside what a model can be built with")
 
 
 def random_tower_config(cfg: ModelConfig, tokenizer):
