@@ -58,7 +58,7 @@ def test_query_on_a_bundled_sample(bundle, monkeypatch):
     assert 1 <= len(table) <= 5 and (table["end (s)"] > table["start (s)"]).all()
     assert any("Processed in" in c.value for c in at.caption)
     # Settings are honoured: top-k 2.
-    at.sidebar.slider[1].set_value(2).run()
+    at.sidebar.slider[0].set_value(2).run()  # the first slider is top-k (the second, NMS IoU)
     at.button[0].click().run()
     assert len(at.dataframe[0].value) <= 2
 

@@ -413,7 +413,8 @@ def test_an_interrupted_part_rebuild_leaves_the_split_whole(synth_dir, tmp_path)
         assert time.monotonic() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    code, err = proc.wait(timeout=60), proc.stderr.read()
+    assert code in (130, 2) and "Traceback" not in err, err[-1500:]  # interrupted (or stopped in one line)
     assert (tmp_path / "manifest.json").read_text() == before
     whole_split(tmp_path)
 

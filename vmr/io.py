@@ -154,7 +154,7 @@ def json_text(value, where, indent: int | None = None) -> str:
     found = _non_finite(value)
     if found:
         raise UserError(f"{where}: not written: {found[0]} is {found[1]}, not a finite number")
-    return json.dumps(value, indent=indent)
+    return json.dumps(value, indent=indent, allow_nan=False)
 
 
 def absent_when_not_finite(value, path: str = ""):
