@@ -47,3 +47,18 @@ def shard_dir(synth_dir, tmp_path_factory) -> Path:
         build_shards(synth_dir / "videos", [synth_dir / f"{split}.jsonl"], out, split=split, fps=2.0, size=16,
                      keyframe_interval=0, max_videos_per_shard=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """An untrained tiny model's inference bundle (configs/tiny.yaml at 16 px, frozen towers); a
+    module that needs another defines its own ``bundle``."""
+    from vmr.bundle import write_bundle
+    from vmr.config import load_config
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "tiny.yaml",
+                      ["data.sampling.size=16", "model.freeze_clip=true"])
+    out = tmp_path_factory.mktemp("bundle") / "b"
+    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling), out, cfg)
+    return out

@@ -15,9 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmr.bundle import write_bundle
 from vmr.cli import main
-from vmr.config import load_config
 
 from .test_hardening import one_line_error
 
@@ -36,16 +34,6 @@ def extract(shards: Path, out: Path, *extra: str) -> int:
 def shards(shard_dir, tmp_path) -> Path:
     """A private copy of the session's shards (the tests below damage them)."""
     return Path(shutil.copytree(shard_dir, tmp_path / "shards"))
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from vmr.model import VideoMomentRetrievalModel
-
-    cfg = load_config(TINY, SMALL)
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling), out, cfg)
-    return out
 
 
 # ----- readers: one line naming the file and key, whatever the kind of file -----------------------

@@ -9,15 +9,13 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from vmr.bundle import read_bundle, write_bundle
+from vmr.bundle import read_bundle
 from vmr.cli import main
-from vmr.config import load_config
 from vmr.data.tars import npy_bytes, npz_bytes
 from vmr.errors import UserError
 from vmr.eval.metrics import evaluate
@@ -25,11 +23,8 @@ from vmr.io import absent_when_not_finite, json_text
 from vmr.runtime import check_launch_environment
 
 from .test_hardening import one_line_error
-
-ROOT = Path(__file__).parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-BIN = Path(sys.executable).parent
-SMALL = ["data.sampling.size=16", "model.freeze_clip=true"]
+from .test_reliability import BIN, SMALL, TINY
+from .test_sampling import ffmpeg
 
 
 def strict_json(text: str):
@@ -38,16 +33,6 @@ def strict_json(text: str):
         raise AssertionError(f"{constant} in the output")
 
     return json.loads(text, parse_constant=refuse)
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from vmr.model import VideoMomentRetrievalModel
-
-    cfg = load_config(TINY, SMALL)
-    out = tmp_path_factory.mktemp("bundle") / "b"
-    write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling), out, cfg)
-    return out
 
 
 # ----- 6. nothing non-finite is written ---------------------------------------------------------------
@@ -434,10 +419,6 @@ def test_an_evaluation_that_reads_fewer_queries_than_promised_says_so(shard_dir,
 
 
 # ----- 5. work planned from what the stream holds, not from its container's promises -----------------------
-
-
-def ffmpeg(*args: str) -> None:
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *args], check=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

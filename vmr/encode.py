@@ -23,8 +23,6 @@ c the tower's width.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -235,7 +233,7 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
     import torch
     import webdataset as wds
 
-    from vmr.data.decode import _array
+    from vmr.data.decode import _array, sample_meta
 
     if not path.is_file():
         raise UserError(f"{path}: missing (listed in its folder's manifest.json)")
@@ -246,7 +244,7 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
     for sample in samples:
         key = sample.get("__key__", "?")
         try:
-            meta = json.loads(sample["json"])
+            meta = sample_meta(sample)  # the loader's checks of a sample's json: id, duration, start, queries
             tokens, times = _array(sample[TOKENS], TOKENS), _array(sample[TIMES], TIMES)
             if tokens.ndim != 3 or times.ndim != 1 or len(tokens) != len(times) or not len(times):
                 raise ValueError(f"{TOKENS} holds {tokens.shape} for {times.shape} frame times")
@@ -254,9 +252,7 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
                 raise ValueError(f"{TOKENS} holds {tokens.shape[1]} tokens of width {tokens.shape[2]} per frame, its "
                                  f"manifest's extractor {extractor['tokens']} of width {extractor['width']}")
             duration = meta["duration"]
-            if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not 0 < duration < math.inf:
-                raise ValueError(f"'duration' must be a positive number of seconds, got {duration!r:.40}")
-            if not isinstance(meta["video_id"], str) or sanitise_key(meta["video_id"]) != key:
+            if sanitise_key(meta["video_id"]) != key:  # an index's samples are keyed by their video
                 raise ValueError(f"'video_id' {meta['video_id']!r:.60} is not the video of sample {key!r}")
             # Times are the frames' own, in order, inside the video; the duration ends within a bin
             # or two of the last (more would be a video the frames do not cover).

@@ -135,25 +135,13 @@ def _key_path(path: str, key) -> str:
     return f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
 
 
-def _non_finite(value, path: str = ""):
-    """The key path and value of the first NaN or infinite float in ``value``, else None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return path or "the value", value
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    for key, item in items:
-        found = _non_finite(item, _key_path(path, key))
-        if found:
-            return found
-    return None
-
-
 def json_text(value, where, indent: int | None = None) -> str:
     """THE way vmr turns what it writes (manifests, records, predictions, metrics, printed results)
     into JSON: never a NaN or an infinity, which is not JSON and no reader can use; one is a UserError
     naming ``where`` (the file or output) and the key."""
-    found = _non_finite(value)
-    if found:
-        raise UserError(f"{where}: not written: {found[0]} is {found[1]}, not a finite number")
+    absent = absent_when_not_finite(value)[1]
+    if absent:
+        raise UserError(f"{where}: not written: {absent[0] or 'the value'} is not a finite number")
     return json.dumps(value, indent=indent, allow_nan=False)
 
 

@@ -127,11 +127,10 @@ def sample_meta(sample: dict) -> dict:
     video_id, duration, start = meta.get("video_id"), meta.get("duration"), meta.get("start", 0.0)
     if not isinstance(video_id, str) or not video_id:
         raise ValueError(f"'video_id' must be a non-empty string, got {video_id!r:.60} (sample {key!r})")
-    for name, value in (("duration", duration), ("start", start)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"'{name}' must be a finite number of seconds, got {value!r:.40}")
-    if duration <= 0:
-        raise ValueError(f"'duration' must be positive, got {duration!r}")
+    for name, value, what in (("duration", duration, "a positive"), ("start", start, "a finite")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+                name == "duration" and value <= 0):
+            raise ValueError(f"'{name}' must be {what} number of seconds, got {value!r:.40}")
     queries = meta.get("queries")
     if not isinstance(queries, list):
         raise ValueError("'queries' must be a list")

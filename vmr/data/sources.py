@@ -45,23 +45,26 @@ def expand_shards(spec: str | list[str], allow_pipe: bool = False) -> list[str]:
     return urls
 
 
+def _listed(folder: Path, seen: dict) -> dict[str, dict] | None:
+    """The shard entries of ``folder``'s manifest by file name (read once per ``seen``), or None
+    when the folder has no manifest."""
+    from vmr.data.manifest import MANIFEST, read_manifest
+
+    if folder not in seen:
+        seen[folder] = {s["path"]: s for info in read_manifest(folder)["splits"].values() for s in info["shards"]} \
+            if (folder / MANIFEST).is_file() else None
+    return seen[folder]
+
+
 def _committed(paths: list[str]) -> list[str]:
     """Of the shards a folder or glob matched, those a manifest beside them lists: a part being
     built or a merge not yet committed writes shards that belong to no split yet (and may duplicate
     the committed split's videos). Folders without a manifest: every match."""
-    from vmr.data.manifest import MANIFEST, read_manifest
-
-    listed: dict[Path, set[str] | None] = {}
-    kept = []
-    for path in map(Path, paths):
-        if path.parent not in listed:
-            listed[path.parent] = {s["path"] for info in read_manifest(path.parent)["splits"].values()
-                                   for s in info["shards"]} if (path.parent / MANIFEST).is_file() else None
-        names = listed[path.parent]
-        if names is None or path.name in names:
-            kept.append(str(path))
+    seen: dict = {}
+    kept = [str(path) for path in map(Path, paths)
+            if (names := _listed(path.parent, seen)) is None or path.name in names]
     if len(kept) < len(paths):
-        print(f"note: {len(paths) - len(kept)} shard(s) matched but not listed in their folder's {MANIFEST} "
+        print(f"note: {len(paths) - len(kept)} shard(s) matched but not listed in their folder's manifest.json "
               "(a build or merge in progress) are not read", file=sys.stderr)
     return kept
 
@@ -95,17 +98,10 @@ def bounded_downloads() -> None:
 def count_samples(urls: list[str], key: str = "samples") -> int | None:
     """Videos (or with ``key`` "queries", queries) in these shards according to the manifests beside
     them; None when unknown."""
-    from vmr.data.manifest import MANIFEST, read_manifest
-
-    total, folders = 0, {}
+    total, seen = 0, {}
     for url in urls:
         path = Path(url)
-        if not path.is_file() or not (path.parent / MANIFEST).is_file():
-            return None
-        if path.parent not in folders:  # each folder's manifest read once
-            splits = read_manifest(path.parent)["splits"].values()
-            folders[path.parent] = {s["path"]: s for info in splits for s in info["shards"]}
-        entry = folders[path.parent].get(path.name)
+        entry = (_listed(path.parent, seen) or {}).get(path.name) if path.is_file() else None
         if entry is None:
             return None
         total += entry[key]

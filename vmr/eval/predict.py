@@ -282,7 +282,8 @@ def _predict_for_eval(args):
         # Read from the manifests beside local shards only (pipe: URLs are refused by the loader
         # unless the bundle's data.allow_pipe says otherwise). bf16 weights on CUDA only for videos:
         # a cache's tower is checked against the fp32 weights.
-        cache = cache_of(expand_shards(args.shards, allow_pipe=True))
+        urls = expand_shards(args.shards, allow_pipe=True)
+        cache = cache_of(urls)
         model, cfg = load_model(args.checkpoint, state.device if state.num_processes > 1 else None,
                                 fast=cache is None)
         check_shards(model, cache)
@@ -298,7 +299,7 @@ def _predict_for_eval(args):
     print(f"predicted {len(predictions)} queries in {time.perf_counter() - start:.1f} s"
           + (f"; {bad} unreadable shard(s) or video(s) were skipped (last: {reason})" if bad else ""),
           file=sys.stderr)
-    promised = count_samples(expand_shards(args.shards, allow_pipe=True), "queries")
+    promised = count_samples(urls, "queries")
     if promised is not None and len(predictions) < promised:  # never a silent partial evaluation
         print(f"warning: the shards' manifest lists {promised} queries, {len(predictions)} were read and scored",
               file=sys.stderr)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from vmr.config import ModelConfig
+from vmr.config import MAX_DEPTH, ModelConfig
 from vmr.errors import UserError
 from vmr.io import first_line
 
@@ -89,7 +89,7 @@ def _check_values(values: dict, default, where: str) -> None:
         if (isinstance(value, bool) != isinstance(expected, bool)) or not isinstance(value, kinds):
             raise ValueError(f"{where}: '{key}' must be {type(expected).__name__}, got {value!r:.40}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            limit = 256 if key.endswith(("layers", "heads")) else 1 << 24 if isinstance(value, int) else math.inf
+            limit = MAX_DEPTH if key.endswith(("layers", "heads")) else 1 << 24 if isinstance(value, int) else math.inf
             if not math.isfinite(value) or value > limit:
                 raise ValueError(f"{where}: '{key}' is {value!r:.40}, outside what a model can be built with")
 
