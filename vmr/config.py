@@ -55,6 +55,18 @@ class DataConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """Training for a collection: scores that compare across videos (vmr/model/corpus.py says how)."""
+
+    enabled: bool = False
+    key_dim: int = 64  # width of the frame and query keys the collection index stores and asks
+    negatives: int = 2  # other videos each query is run against (moment level); 0: video level only
+    temperature: float = 0.05  # of the video-level contrast over key scores
+    loss_video: float = 1.0
+    loss_negative: float = 1.0
+
+
+@dataclass
 class DetrConfig:
     """The published DETR heads (model.head: moment_detr | qd_detr, vmr/model/heads/), with their
     reference implementations' defaults (jayleicn/moment_detr and wjun0830/QD-DETR, config.py)."""
@@ -96,6 +108,7 @@ class ModelConfig:
     # identical to its reference code (Moment-DETR, QD-DETR; their settings in model.detr)
     head: Literal["vmr", "moment_detr", "qd_detr"] = "vmr"
     detr: DetrConfig = field(default_factory=DetrConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # vmr's head only
     # The image-text towers (vmr/model/backbone.py): clip (CLIPModel), siglip (SiglipModel, also SigLIP 2's
     # fixed-resolution checkpoints) or siglip2 (Siglip2Model, the NaFlex checkpoints)
     backbone: Literal["clip", "siglip", "siglip2"] = "clip"
@@ -222,7 +235,7 @@ class Config:
             (d.sampling.size <= 1024, "data.sampling.size", "must be at most 1024 pixels"),
             (d.max_text_len <= 512, "data.max_text_len", "must be at most 512 tokens"),
             *((getattr(m, k) >= 0, f"model.{k}", "must be >= 0") for k in NON_NEGATIVE_MODEL_VALUES),
-            *_size_limits(m, "model."), *_size_limits(m.detr, "model.detr."),
+            *_size_limits(m, "model."), *_size_limits(m.detr, "model.detr."), *_size_limits(m.corpus, "model.corpus."),
             (0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "is a share in [0, 1]"),
             (t.max_grad_norm >= 0 and t.weight_decay >= 0 and t.backbone_lr_mult >= 0, "train.max_grad_norm",
              "and train.weight_decay, train.backbone_lr_mult must be >= 0"),
@@ -246,6 +259,10 @@ class Config:
             *((getattr(m.detr, k) >= 1, f"model.detr.{k}", "must be at least 1")
               for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
                         "max_q_l")),
+            (not m.corpus.enabled or m.head == "vmr", "model.corpus.enabled", "needs model.head vmr"),
+            (m.corpus.key_dim >= 1 and m.corpus.negatives >= 0 and m.corpus.temperature > 0 and
+             min(m.corpus.loss_video, m.corpus.loss_negative) >= 0, "model.corpus",
+             "key_dim must be >= 1, temperature > 0, negatives and loss weights >= 0"),
             (1 <= m.detr.n_input_proj <= 3, "model.detr.n_input_proj", "must be 1, 2 or 3"),
             (m.detr.hidden_dim % m.detr.nheads == 0, "model.detr.hidden_dim", "must be a multiple of model.detr.nheads"),
             (m.head != "qd_detr" or m.detr.hidden_dim == 256, "model.detr.hidden_dim",

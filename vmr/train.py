@@ -267,6 +267,7 @@ def optimizer_step(run: Run) -> tuple[dict, object]:
     import torch
 
     from vmr.model import batch_forward, moment_losses
+    from vmr.model.corpus import corpus_batch
 
     t, accelerator, model, perf = run.cfg.train, run.accelerator, run.model, run.perf
     step_start = time.perf_counter()
@@ -278,8 +279,11 @@ def optimizer_step(run: Run) -> tuple[dict, object]:
         perf["wait"] += time.perf_counter() - wait_start
         perf["videos"] += len(batch["video_id"]) * accelerator.num_processes
         perf["frames"] += batch["frames"] * accelerator.num_processes
+        config = accelerator.unwrap_model(model).config
+        if config.corpus.enabled:  # other videos of the batch as negatives (vmr/model/corpus.py)
+            batch = corpus_batch(batch, config.corpus)
         with accelerator.accumulate(model):
-            losses = moment_losses(batch_forward(model, batch), batch, accelerator.unwrap_model(model).config)
+            losses = moment_losses(batch_forward(model, batch), batch, config)
             bad = bad + (~torch.isfinite(losses["loss"].detach())).float()
             grad_norm = _backward_deepspeed(run, losses, bad) if run.deepspeed else _backward(run, losses, bad)
             if accelerator.sync_gradients:

@@ -29,6 +29,8 @@ moments per query):
                                        sizes, ``BatchShape``: frames, queries and words padded)
   qid, query, video_id               lists, for predictions and logging (real queries only:
                                      padding queries come after them)
+  sentences                          per video, every sentence it holds (what model.corpus may
+                                     not take as a negative for it)
   ground_truth  list of QVHighlights-style rows, one per real query, whole-video times (for scoring)
 """
 
@@ -145,6 +147,7 @@ class Collator:
             "frames": sum(len(item["times"]) for item in items),  # valid frames, counted on the host
             "qid": [q["qid"] for _, q in queries], "query": [q["query"] for _, q in queries],
             "video_id": [item["video_id"] for item in items],
+            "sentences": [item.get("sentences", []) for item in items],
             "ground_truth": [ground_truth_row(items[i], q) for i, q in queries],
         }
 

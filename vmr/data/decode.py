@@ -112,7 +112,11 @@ def window_item(meta: dict, key: str, frames, pts: list[float], span: tuple[floa
     return {"key": key, "video_id": meta["video_id"], "frames": frames,
             "times": [min(max(t - offset, 0.0), length) for t in pts],
             "duration": length, "offset": offset, "own": own, "window": window,
-            "video_duration": float(meta["duration"]), "queries": items}
+            "video_duration": float(meta["duration"]), "queries": items,
+            # every sentence the video holds, sampled or not: another query of the batch asking one of
+            # them is no negative for it (model.corpus)
+            "sentences": sorted({_swap_left_right(q["query"]) if flip else q["query"]
+                                 for q in meta.get("queries", [])})}
 
 
 def sample_meta(sample: dict) -> dict:

@@ -67,9 +67,9 @@ def percent(x: float) -> float:
 # ----- reading and checking files -----------------------------------------------------------------
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
+def load_jsonl(path: str | Path, key: str = "qid") -> list[dict]:
     """Rows of a JSONL file; a file that is missing, a folder, binary or not JSON lines, and a row
-    without a usable ``qid``, are a BadInput naming the file and line."""
+    without a usable ``key`` (its query's id: TVR's is ``desc_id``), are a BadInput naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
@@ -87,10 +87,10 @@ def load_jsonl(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except (json.JSONDecodeError, RecursionError):
             raise BadInput(f"{path}:{number}: not a JSON line (is this a JSONL file?)") from None
-        if not isinstance(row, dict) or "qid" not in row:
-            raise BadInput(f"{path}:{number}: expected an object with a 'qid'")
-        if isinstance(row["qid"], bool) or not isinstance(row["qid"], (int, str)):
-            raise BadInput(f"{path}:{number}: 'qid' must be an integer or a string, got {row['qid']!r:.60}")
+        if not isinstance(row, dict) or key not in row:
+            raise BadInput(f"{path}:{number}: expected an object with a '{key}'")
+        if isinstance(row[key], bool) or not isinstance(row[key], (int, str)):
+            raise BadInput(f"{path}:{number}: '{key}' must be an integer or a string, got {row[key]!r:.60}")
         rows.append(row)
     if not rows:
         raise BadInput(f"{path}: no lines to read")

@@ -18,7 +18,7 @@ from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import PROTOCOLS, BadInput, evaluate, load_jsonl
 from vmr.eval.report import evaluate_groups, leaderboard
-from vmr.io import absent_when_not_finite, json_text, write_text_atomic
+from vmr.io import absent_when_not_finite, json_text, read_json, write_text_atomic
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
 
@@ -194,10 +194,12 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--shards", nargs="+", help="shards to predict on (folder, glob, brace pattern or URLs)")
     model.add_argument("--predictions-out", help="write the predictions here (JSONL)")
     model.add_argument("--batch-size", type=int, default=8, help="videos per batch (default 8)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="qvhighlights",
+    p.add_argument("--protocol", choices=(*PROTOCOLS, "tvr"), default="qvhighlights",
                    help="qvhighlights: R1/mAP at IoU 0.5-0.95 + highlights; charades, activitynet: R@1/R@5 at "
                         "IoU 0.3/0.5/0.7 + mIoU; tacos: also at 0.1; tvsum: top-5 mAP per domain and their mean; "
-                        "youtube_highlights: mAP per domain and their mean (docs/evaluation.md)")
+                        "youtube_highlights: mAP per domain and their mean; tvr: the corpus protocol, VCMR/SVMR/VR "
+                        "R@1/5/10/100 of a TVR prediction file ('vmr search --queries' writes one) "
+                        "(docs/evaluation.md)")
     p.add_argument("--allow-missing", action="store_true", help="score queries without a prediction as empty")
     p.add_argument("--group-by", metavar="FIELD[:EDGES]",
                    help="also score each group of queries sharing the value of this ground-truth field (a "
@@ -234,6 +236,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    if args.protocol == "tvr":
+        return _run_corpus_eval(args)
     if args.checkpoint:
         if args.predictions or not args.shards:
             raise UserError("with --checkpoint, give --shards (and not --predictions)")
@@ -265,6 +269,27 @@ def _run_eval(args: argparse.Namespace) -> int:
             metrics["absent"] = absent
             print(f"note: {len(absent)} metric(s) have no value (no ground truth to score): written as null, "
                   f"listed under 'absent' (first: {absent[0]})", file=sys.stderr)
+        write_text_atomic(Path(args.json), json_text(metrics, args.json, indent=2) + "\n")
+        print(f"metrics written to {args.json}")
+    return 0
+
+
+def _run_corpus_eval(args: argparse.Namespace) -> int:
+    """TVR's corpus protocol on a prediction file (vmr/eval/corpus.py)."""
+    from vmr.eval.corpus import tvr_metrics, tvr_table
+
+    if args.checkpoint or not (args.predictions and args.ground_truth):
+        raise UserError("--protocol tvr scores a prediction file: give --predictions (from 'vmr search --queries') "
+                        "and --ground-truth (TVR JSONL)")
+    if not Path(args.ground_truth).is_file():
+        raise UserError(f"{args.ground_truth}: file not found")
+    metrics = tvr_metrics(read_json(args.predictions), load_jsonl(args.ground_truth, key="desc_id"),
+                          (args.predictions, args.ground_truth))
+    print(tvr_table(metrics))
+    if args.json:
+        metrics, absent = absent_when_not_finite(metrics)
+        if absent:
+            metrics["absent"] = absent
         write_text_atomic(Path(args.json), json_text(metrics, args.json, indent=2) + "\n")
         print(f"metrics written to {args.json}")
     return 0

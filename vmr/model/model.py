@@ -73,7 +73,7 @@ class VideoMomentRetrievalModel(nn.Module):
 
     def forward(self, video_frames: torch.Tensor, text_inputs: dict, frame_mask: torch.Tensor | None = None,
                 video_index: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
-                duration: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                duration: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-clip outputs for every query.
 
         video_frames uint8 (b, t, 3, s, s), or float (b, t, k, c) tokens from a feature cache (k = 1 +
@@ -113,6 +113,10 @@ class VideoMomentRetrievalModel(nn.Module):
             sentence = words[torch.arange(q, device=device), last]
         else:
             words, sentence = self.towers.encode_text(text_inputs["input_ids"], word_mask)  # (q, l, c), (q, c)
+        if negatives is not None and len(negatives):  # the text tower ran once per query, not per pair
+            rows = torch.cat([torch.arange(q, device=device), negatives[:, 0]])
+            words, sentence, word_mask = words[rows], sentence[rows], word_mask[rows]
+            video_index = torch.cat([video_index, negatives[:, 1]])
         # At this point every video has its tokens and every query its words: the head does the rest.
         outputs = self.head(tokens, words, sentence, frame_mask, word_mask, video_index)
         outputs.update(frame_mask=frame_mask[video_index], frame_times=frame_times[video_index],
@@ -226,4 +230,4 @@ def batch_forward(model, batch: dict) -> dict[str, torch.Tensor]:
     else:
         text["input_ids"] = batch["text_ids"]
     return model(batch["videos"], text, frame_mask=batch["frame_mask"], video_index=batch["video_index"],
-                 frame_times=batch["frame_times"], duration=batch["duration"])
+                 frame_times=batch["frame_times"], duration=batch["duration"], negatives=batch.get("negatives"))

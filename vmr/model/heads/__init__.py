@@ -32,11 +32,21 @@ HEADS = {"vmr": VmrHead, "moment_detr": MomentDETRHead, "qd_detr": QDDETRHead}
 def head_losses(outputs: dict, batch: dict, cfg) -> dict:
     """The configured head's losses on a loader batch (``cfg``: the model's ModelConfig). Losses
     read no weights, only outputs, targets and settings: one function for every caller."""
+    from vmr.model.corpus import moment_level_loss, split_negatives, video_level_loss
     from vmr.model.heads.detr import batch_losses
     from vmr.model.losses import moment_losses
 
     if cfg.head == "vmr":
-        return moment_losses(outputs, batch, cfg)
+        if "query_hash" not in batch:  # not a training batch of model.corpus (corpus_batch)
+            return moment_losses(outputs, batch, cfg)
+        own, negative = split_negatives(outputs, len(batch["video_index"]))
+        losses = moment_losses(own, batch, cfg)
+        losses["video"] = video_level_loss(own, batch, cfg.corpus)
+        losses["negative"] = moment_level_loss(negative, cfg.relevance_loss, cfg.focal_gamma) \
+            if len(batch["negatives"]) else losses["video"] * 0
+        losses["loss"] = losses["loss"] + cfg.corpus.loss_video * losses["video"] \
+            + cfg.corpus.loss_negative * losses["negative"]
+        return losses
     return batch_losses(outputs, batch, cfg.detr, HEADS[cfg.head].saliency_loss_of)
 
 

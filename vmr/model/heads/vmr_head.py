@@ -16,6 +16,7 @@ from torch import nn
 
 from vmr.config import ModelConfig
 from vmr.model.blocks import Block, QueryPool, sinusoidal_positions
+from vmr.model.corpus import CorpusKeys
 from vmr.model.losses import moment_losses
 
 
@@ -39,10 +40,13 @@ class VmrHead(nn.Module):
         self.relevance_head = nn.Linear(d, 1)
         self.boundary_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 2))
         self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
+        # Only with model.corpus: bundles trained without it load as they were saved.
+        self.keys = CorpusKeys(d, config.corpus.key_dim) if config.corpus.enabled else None
 
     def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index) -> dict[str, torch.Tensor]:
         """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
-        frame to its moment's start and end, over the duration)."""
+        frame to its moment's start and end, over the duration); with model.corpus, the compact
+        ``frame_keys`` (b, t, r) and ``query_keys`` (q, r) (vmr/model/corpus.py)."""
         dtype = self.frame_in.weight.dtype
         tokens, words, sentence = tokens.to(dtype), words.to(dtype), sentence.to(dtype)
         frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(patch_grid(tokens))  # (b,t,d) (b,t,p,d)
@@ -55,9 +59,20 @@ class VmrHead(nn.Module):
         for block in self.blocks:
             x = block(x, mask, words, word_mask)
         x = self.norm_out(x)
-        return {"relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
-                "boundaries": F.softplus(self.boundary_head(x)),
-                "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
+        outputs = {"relevance_logits": rearrange(self.relevance_head(x), "q t 1 -> q t"),
+                   "boundaries": F.softplus(self.boundary_head(x)),
+                   "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
+        if self.keys is not None:
+            outputs.update(frame_keys=self.keys.frames(frames, frame_mask), query_keys=self.keys.queries(sentence))
+        return outputs
+
+    def frame_keys(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, k, c) tokens -> (b, t, r) the keys a collection index stores (model.corpus)."""
+        return self.keys.frames(self.frame_in(tokens[:, :, 0].to(self.frame_in.weight.dtype)), frame_mask)
+
+    def query_keys(self, sentence: torch.Tensor) -> torch.Tensor:
+        """(q, c) sentence embeddings -> (q, r) the keys a collection index is asked with."""
+        return self.keys.queries(self.sentence_in(sentence.to(self.sentence_in.weight.dtype)))
 
     def losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return moment_losses(outputs, batch, self.config)

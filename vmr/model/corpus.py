@@ -1,0 +1,153 @@
+"""Training for a collection (``model.corpus``): scores that mean the same in every video.
+
+A model trained only on queries that occur in their video learns to pick the best moment of a video
+that holds the event; it never sees a video that lacks it, so its scores do not compare across videos
+(a green circle shrinking elsewhere outranks "a green circle grows"). Two objectives add the missing
+negatives, both from other videos of the batch that do not hold the query's sentence (every sentence
+a video holds is known from its annotations; another window of the same video is never a negative):
+
+- **Video level.** Each frame gets a compact key (its pooled embedding and its change across its
+  neighbours, so that "grows" and "shrinks" can differ) and each query a key; a video's score for a
+  query is its best frame's dot product, the score ``vmr search``'s approximate-nearest-neighbour
+  index ranks videos by. A contrastive loss over every video of the *global* batch (keys gathered
+  from every process, with gradients to the local ones: more processes give more negatives) makes
+  the query's own video score highest.
+- **Moment level.** Each query is also run through the whole head on ``negatives`` other videos of its
+  process; their frames' relevance is trained towards 0, so that a moment's relevance, the score
+  the rerank orders moments of different videos by, is low in a video without the event.
+
+Legend: b videos, t frames, q queries, r key width, d the head's width, n negative pairs, w processes.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vmr.config import CorpusConfig
+
+
+class CorpusKeys(nn.Module):
+    """The compact keys of frames and queries (unit length, ``key_dim`` wide)."""
+
+    def __init__(self, d: int, key_dim: int):
+        super().__init__()
+        self.frame = nn.Sequential(nn.LayerNorm(2 * d), nn.Linear(2 * d, key_dim))
+        self.query = nn.Linear(d, key_dim)
+
+    def frames(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        """(b, t, d) frame embeddings -> (b, t, r) keys. A frame's motion is its next frame minus its
+        previous one (itself at a video's ends and beside padding)."""
+        valid = rearrange(frame_mask, "b t -> b t 1")
+        prev = torch.where(F.pad(valid, (0, 0, 1, 0))[:, :-1], F.pad(frames, (0, 0, 1, 0))[:, :-1], frames)
+        nxt = torch.where(F.pad(valid, (0, 0, 0, 1))[:, 1:], F.pad(frames, (0, 0, 0, 1))[:, 1:], frames)
+        return F.normalize(self.frame(torch.cat([frames, nxt - prev], dim=-1)).float(), dim=-1)
+
+    def queries(self, sentence: torch.Tensor) -> torch.Tensor:
+        """(q, d) sentence embeddings -> (q, r) keys."""
+        return F.normalize(self.query(sentence).float(), dim=-1)
+
+
+def text_hash(text: str) -> int:
+    """A sentence's or a video id's number, the same in every process (Python's hash() is not)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def corpus_batch(batch: dict, cfg: CorpusConfig) -> dict:
+    """The host's part, on a loader batch: ``negatives`` (n, 2) pairs (query row, video of the batch)
+    for the moment level, each real query paired with up to ``cfg.negatives`` other videos that lack
+    its sentence (the next ones in the batch, round); the numbers the video level compares across
+    processes: ``query_hash`` (q,), ``video_hash`` (b,), ``sentence_hash`` (b, s) (-1: none)."""
+    videos, queries = batch["video_id"], batch["query"]
+    owner = batch["video_index"].tolist()
+    pairs = []
+    for row, sentence in enumerate(queries):  # real queries only (padding comes after them)
+        own, found = owner[row], 0
+        for step in range(1, len(videos)):
+            other = (own + step) % len(videos)
+            if found == cfg.negatives:
+                break
+            if videos[other] != videos[own] and sentence not in batch["sentences"][other]:
+                pairs.append((row, other))
+                found += 1
+    q = len(batch["video_index"])
+    most = max([len(s) for s in batch["sentences"]] + [1])
+    sentences = [[text_hash(s) for s in held] + [-1] * (most - len(held)) for held in batch["sentences"]]
+    device = batch["video_index"].device
+    return {**batch, "negatives": torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2),
+            "query_hash": torch.tensor([text_hash(s) for s in queries] + [-2] * (q - len(queries)), device=device),
+            "video_hash": torch.tensor([text_hash(v) for v in videos], device=device),
+            "sentence_hash": torch.tensor(sentences, dtype=torch.long, device=device)}
+
+
+def split_negatives(outputs: dict, q: int) -> tuple[dict, dict]:
+    """The head's outputs for the batch's own q queries, and for the negative pairs after them."""
+    per_query = ("relevance_logits", "boundaries", "saliency", "frame_mask", "frame_times", "duration", "query_keys")
+    own = {k: (v[:q] if k in per_query else v) for k, v in outputs.items()}
+    return own, {k: outputs[k][q:] for k in per_query if k in outputs}
+
+
+def _gather(tensor: torch.Tensor, grad: bool) -> torch.Tensor:
+    """Every process's ``tensor`` (same shape everywhere) concatenated along dim 0; this process's
+    own part is the tensor itself, with its gradient when ``grad`` (each process's loss trains its
+    own keys, and the gradients are averaged over processes as usual); itself in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    if grad:
+        parts[dist.get_rank()] = tensor
+    return torch.cat(parts)
+
+
+def _pad_to(tensor: torch.Tensor, sizes: list[int], value) -> torch.Tensor:
+    """``tensor`` padded with ``value`` at the end of its first len(sizes) dims up to ``sizes``."""
+    pad = []
+    for dim in reversed(range(tensor.dim())):
+        pad += [0, (sizes[dim] - tensor.shape[dim]) if dim < len(sizes) else 0]
+    return F.pad(tensor, pad, value=value)
+
+
+def video_level_loss(own: dict, batch: dict, cfg: CorpusConfig) -> torch.Tensor:
+    """Contrast of each query's own video against every other video of the global batch by key score
+    (best frame's dot product), over queries with a moment in their window."""
+    keys, mask = own["frame_keys"], batch["frame_mask"]  # (b, t, r), (b, t)
+    sentences = batch["sentence_hash"]
+    sizes = torch.tensor([keys.shape[0], keys.shape[1], sentences.shape[1]], device=keys.device)
+    most = _gather(sizes[None], grad=False).amax(dim=0).tolist()  # same shapes in every process
+    keys = _gather(_pad_to(keys, most[:2], 0.0), grad=True)  # (w b, t, r)
+    mask = _gather(_pad_to(mask, most[:2], False), grad=False)
+    video_hash = _gather(_pad_to(batch["video_hash"], most[:1], -3), grad=False)  # (w b,)
+    sentences = _gather(_pad_to(sentences, [most[0], most[2]], -1), grad=False)  # (w b, s)
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    target = batch["video_index"] + rank * most[0]  # each query's own video, (q,)
+    frame_scores = torch.einsum("qr,vtr->qvt", own["query_keys"], keys).masked_fill(~mask[None], -torch.inf)
+    logits = frame_scores.amax(dim=-1) / cfg.temperature  # (q, w b)
+    # Not negatives: the query's video itself (another window of it), a video holding the sentence, padding.
+    holds = (sentences[None] == rearrange(batch["query_hash"], "q -> q 1 1")).any(-1)
+    same = video_hash[None] == rearrange(video_hash[target], "q -> q 1")
+    excluded = (holds | same | ~mask.any(-1)[None]).scatter(1, target[:, None], False)
+    logits = logits.masked_fill(excluded, -torch.inf)
+    used = batch["query_mask"] & batch["relevance"].bool().any(-1) if "query_mask" in batch \
+        else batch["relevance"].bool().any(-1)
+    per_query = F.cross_entropy(logits, target, reduction="none")
+    return torch.where(used, per_query, 0.0).sum() / used.sum().clamp(min=1)
+
+
+def moment_level_loss(negative: dict, relevance_loss: str, focal_gamma: float) -> torch.Tensor:
+    """Every valid frame of a query's negative videos: relevance 0."""
+    from vmr.model.losses import focal_loss, masked_mean
+
+    logits = negative["relevance_logits"].float()
+    zeros = torch.zeros_like(logits)
+    per_frame = focal_loss(logits, zeros, focal_gamma) if relevance_loss == "focal" \
+        else F.binary_cross_entropy_with_logits(logits, zeros, reduction="none")
+    return masked_mean(per_frame, negative["frame_mask"])
