@@ -90,6 +90,10 @@ def metrics(world: Path, out: str):
     return json.loads((world / "metrics.json").read_text(), parse_constant=_refuse_constant)
 
 
+def collection_ids(world: Path, out: str):
+    return sorted(json.loads(next((world / "index" / "keys").glob("*/ids.json")).read_text()))
+
+
 def split_entry(folder: str, split: str):
     def answer(world: Path, out: str):
         entry = json.loads((world / folder / "manifest.json").read_text(), parse_constant=_refuse_constant)
@@ -109,6 +113,8 @@ READERS = {
     "extract": Reader(lambda w, v: ["features", "extract", "--config", str(TINY), *SMALL, "--shards",
                                     str(w / "shards"), "--out", str(w / "cache")], split_entry("cache", "train")),
     "search": Reader(lambda w, v: ["search", "--index", str(w / "index"), "--query", QUERY], stdout_json),
+    "reindex": Reader(lambda w, v: ["index", "--checkpoint", str(w / "bundle"), "--videos", str(v.parent),
+                                    "--out", str(w / "index"), "--videos-per-part", "2"], collection_ids),
     "predict": Reader(lambda w, v: ["predict", "--checkpoint", str(w / "bundle"), "--video", str(v), "--query", QUERY],
                       stdout_json),
     "eval_cache": Reader(lambda w, v: ["eval", "--checkpoint", str(w / "cached"), "--shards",
@@ -146,6 +152,14 @@ KINDS = {
     "index sample json": Kind("index/videos-000000.tar::json", "json", ("search",)),
     "index tokens.npy": Kind("index/videos-000000.tar::tokens.npy", "npy", ("search",)),
     "index times.npy": Kind("index/videos-000000.tar::times.npy", "npy", ("search",)),
+    # The collection's keys (vmr/ann.py): read by a search, and by a rebuild that resumes from its parts.
+    "collection.json": Kind("index/keys/*/collection.json", "json", ("search",), "index/index.json"),
+    "keys part record": Kind("index/keys/*/000000.json", "json", ("reindex",), "index/keys/*/000001.json"),
+    "keys.npy": Kind("index/keys/*/keys.npy", "npy", ("search",), "index/keys/*/000000.npy"),
+    "table.npy": Kind("index/keys/*/table.npy", "npy", ("search",), "index/keys/*/durations.npy"),
+    "frames.npy": Kind("index/keys/*/frames.npy", "npy", ("search",), "index/keys/*/table.npy"),
+    "ids.json": Kind("index/keys/*/ids.json", "json", ("search",), "index/keys/*/collection.json"),
+    "ann.faiss": Kind("index/keys/*/ann.faiss", "binary", ("search",), "index/keys/*/keys.npy"),
     "cache tokens.npy": Kind("cache/train-000000.tar::tokens.npy", "npy", ("eval_cache",)),
 }
 
@@ -161,6 +175,10 @@ def json_variants(data: bytes) -> list[tuple[str, bytes]]:
     """Per top-level key: missing, of the wrong type, NaN, huge, leading outside; and the whole:
     an extra key, not an object."""
     value = json.loads(data)
+    if isinstance(value, list):  # a list of names (ids.json)
+        return [("an object", b"{}"), ("one fewer", json.dumps(value[:-1]).encode()),
+                ("a number in it", json.dumps([1, *value[1:]]).encode()),
+                ("a name leading outside", json.dumps(["../../outside", *value[1:]]).encode())]
     variants = [("extra key", json.dumps({**value, "zz_extra": 1}).encode()), ("a list", b"[1, 2]")]
     for key, item in value.items():
         variants.append((f"no {key}", json.dumps({k: v for k, v in value.items() if k != key}).encode()))
@@ -224,23 +242,28 @@ def safetensors_variants(data: bytes) -> list[tuple[str, bytes]]:
 # values): it may change the answer; the run must still exit 0 with finite output, or refuse.
 VALID = "valid: "
 
-VARIANTS = {"json": json_variants, "yaml": yaml_variants, "npy": npy_variants, "safetensors": safetensors_variants}
+VARIANTS = {"binary": lambda data: [], "json": json_variants, "yaml": yaml_variants, "npy": npy_variants, "safetensors": safetensors_variants}
 
 
 def damages(kind: Kind, data: bytes, world: Path) -> list[tuple[str, bytes]]:
     every = [("truncated", data[: len(data) // 2]), ("empty", b""), ("binary", bytes(range(256)) * 4)]
     every += VARIANTS[kind.format](data)
     if kind.other is not None:
-        every.append(("another run's file", (world / kind.other).read_bytes()))
+        every.append(("another run's file", located(world, kind.other).read_bytes()))
     return every
 
 
 # ----- reading and writing a kind's bytes (tar members re-recorded, so readers get past the sha256) --------
 
 
+def located(world: Path, path: str) -> Path:
+    """A kind's file in the world; ``*`` matches a folder named by content (the keys' model fingerprint)."""
+    return next(world.glob(path)) if "*" in path else world / path
+
+
 def read_kind(world: Path, kind: Kind) -> bytes:
     if "::" not in kind.path:
-        return (world / kind.path).read_bytes()
+        return located(world, kind.path).read_bytes()
     shard, suffix = kind.path.split("::")
     with tarfile.open(world / shard) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(f".{suffix}"))
@@ -249,7 +272,7 @@ def read_kind(world: Path, kind: Kind) -> bytes:
 
 def write_kind(world: Path, kind: Kind, data: bytes) -> None:
     if "::" not in kind.path:
-        (world / kind.path).write_bytes(data)
+        located(world, kind.path).write_bytes(data)
         return
     from vmr.data.tars import sha256_of
 

@@ -318,7 +318,9 @@ def test_an_index_redoes_a_part_whose_videos_changed_under_the_same_names(bundle
     from vmr.data.video import probe
 
     model, _ = load_model(bundle)
-    (video,) = Index.open(out, model).videos
+    opened = Index.open(out, model)
+    assert len(opened) == 1
+    video = opened.load(0)
     assert video.duration == pytest.approx(probe(originals[1]).duration)
 
 

@@ -134,11 +134,13 @@ def test_an_index_built_in_parts_and_resumed_equals_one_built_at_once(bundle, sy
                                      progress=False)["extractor"]
     write_manifest(parted, extractor)
     shutil.copy(whole / "index.json", parted / "index.json")
-    one, two = Index.open(whole, model), Index.open(parted, model)
-    assert sorted(v.video_id for v in one.videos) == sorted(v.video_id for v in two.videos) == [f.stem for f in files]
-    for a in one.videos:
-        b = next(v for v in two.videos if v.video_id == a.video_id)
+    one, two = Index.open(whole, model), Index.open(parted, model)  # the parted one's keys are made here
+    assert sorted(one.ids) == sorted(two.ids) == [f.stem for f in files]
+    for n, video in enumerate(one.ids):
+        a, b = one.load(n), two.load(two.ids.index(video))
         assert torch.equal(a.tokens, b.tokens) and a.times == b.times
+    keys = [np.load(ix.collection.root / "keys.npy") for ix in (one, two)]
+    assert sorted(map(bytes, keys[0])) == sorted(map(bytes, keys[1]))  # the same keys, whatever the parts
     assert one.search(QUERIES[0], candidates=0) == two.search(QUERIES[0], candidates=0)
     # Resumed: nothing is encoded again; a video added to the folder redoes only its part.
     capsys.readouterr()
@@ -150,7 +152,7 @@ def test_an_index_built_in_parts_and_resumed_equals_one_built_at_once(bundle, sy
                  "--videos-per-part", "1"]) == 0
     out = capsys.readouterr().out
     assert f"{len(files)} shard(s) already done" in out and "this process: 1 videos" in out
-    assert len(Index.open(parted, model).videos) == len(files) + 1
+    assert len(Index.open(parted, model)) == len(files) + 1
 
 
 def test_two_processes_index_a_folder_and_list_a_broken_video(bundle, synth_dir, tmp_path):
@@ -177,7 +179,8 @@ def test_two_processes_index_a_folder_and_list_a_broken_video(bundle, synth_dir,
     assert [s["key"] for s in manifest["skipped"]] == ["broken"]
     model, _ = load_model(bundle)
     index = Index.open(out, model)
-    assert sorted(v.video_id for v in index.videos) == good
+    assert sorted(index.ids) == good
+    assert len(list(index.collection.root.glob("0*.json"))) == sum(len(s["shards"]) for s in manifest["splits"].values())
     assert json.loads((out / "index.json").read_text())["videos"] == str(videos.resolve())
 
 
@@ -191,15 +194,16 @@ def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, 
     model, _ = load_model(bundle)
     opened = Index.open(index, model)
     result = opened.search(QUERIES[1], top_k=3, candidates=0)
-    best = max(((v.video_id, m) for v in opened.videos for m in v.ask(model, QUERIES[1])[0]["moments"]),
+    videos = [opened.load(n) for n in range(len(opened))]
+    best = max(((v.video_id, m) for v in videos for m in v.ask(model, QUERIES[1])[0]["moments"]),
                key=lambda vm: vm[1]["score"])
     assert (result["results"][0]["video"], result["results"][0]["score"]) == (best[0], pytest.approx(best[1]["score"],
                                                                                                   abs=1e-3))
-    assert opened.search(QUERIES[1], top_k=3, candidates=len(opened.videos))["results"] == result["results"]
+    assert opened.search(QUERIES[1], top_k=3, candidates=len(opened))["results"] == result["results"]
     capsys.readouterr()
     assert main(["search", "--index", str(index), "--query", QUERIES[1], "--top-k", "2"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert len(printed["results"]) == 2 and printed["reranked"] == min(20, len(opened.videos))
+    assert len(printed["results"]) == 2 and printed["reranked"] == min(20, len(opened))
 
 
 def handmade_release(root: Path, videos: int = 36) -> tuple[Path, Path, dict[str, set[str]]]:

@@ -195,11 +195,9 @@ def encode_video(model, source: str | Path | bytes, fps: float | None = None, vi
 # ----- reading encodings back: a folder of feature shards --------------------------------------------
 
 
-def open_encodings(folder: str | Path, model, skipped: list | None = None) -> Iterator[EncodedVideo]:
-    """Every video of a folder of feature shards (a saved encoding, ``vmr index``, ``vmr features
-    extract``) as an ``EncodedVideo``, checked against ``model`` (its tower, width, token count and
-    rate). An unreadable sample is appended to ``skipped`` (key, reason) and the others go on; an
-    unreadable folder, manifest or shard is a one-line UserError."""
+def check_encodings(folder: str | Path, model) -> tuple[dict, SamplingConfig]:
+    """(manifest, sampling spec) of a folder of feature shards that ``model`` can read: its tower,
+    width, token count and rate checked; a one-line UserError otherwise."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise UserError(f"{folder}: no manifest.json here (not an index or a saved encoding)")
@@ -216,7 +214,16 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
     unknown = sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingConfig)})
     if unknown:  # written by something else than vmr's extractor: not read on trust
         raise UserError(f"{folder / MANIFEST}: extractor.sampling: unknown key {unknown[0]!r}")
-    spec = SamplingConfig(**{**dataclasses.asdict(model.sampling), **sampling})
+    return manifest, SamplingConfig(**{**dataclasses.asdict(model.sampling), **sampling})
+
+
+def open_encodings(folder: str | Path, model, skipped: list | None = None) -> Iterator[EncodedVideo]:
+    """Every video of a folder of feature shards (a saved encoding, ``vmr index``, ``vmr features
+    extract``) as an ``EncodedVideo``, checked against ``model`` (``check_encodings``). An unreadable
+    sample is appended to ``skipped`` (key, reason) and the others go on; an unreadable folder,
+    manifest or shard is a one-line UserError."""
+    folder = Path(folder)
+    manifest, spec = check_encodings(folder, model)
     for split in manifest["splits"].values():
         for entry in split["shards"]:
             # Read only what this folder's manifest recorded: a shard changed or copied in from
@@ -225,12 +232,10 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
             if damage is not None:
                 raise UserError(f"{folder / entry['path']}: {damage} (listed in {folder / MANIFEST}); "
                                 "rebuild the index")
-            yield from _read_shard(folder / entry["path"], spec, extractor, skipped)
+            yield from _read_shard(folder / entry["path"], spec, manifest["extractor"], skipped)
 
 
 def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list | None) -> Iterator[EncodedVideo]:
-    import numpy as np
-    import torch
     import webdataset as wds
 
     from vmr.data.decode import _array, sample_meta
@@ -245,30 +250,35 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
         key = sample.get("__key__", "?")
         try:
             meta = sample_meta(sample)  # the loader's checks of a sample's json: id, duration, start, queries
-            tokens, times = _array(sample[TOKENS], TOKENS), _array(sample[TIMES], TIMES)
-            if tokens.ndim != 3 or times.ndim != 1 or len(tokens) != len(times) or not len(times):
-                raise ValueError(f"{TOKENS} holds {tokens.shape} for {times.shape} frame times")
-            if tokens.shape[1:] != (extractor["tokens"], extractor["width"]):  # what the manifest promises
-                raise ValueError(f"{TOKENS} holds {tokens.shape[1]} tokens of width {tokens.shape[2]} per frame, its "
-                                 f"manifest's extractor {extractor['tokens']} of width {extractor['width']}")
-            duration = meta["duration"]
             if sanitise_key(meta["video_id"]) != key:  # an index's samples are keyed by their video
                 raise ValueError(f"'video_id' {meta['video_id']!r:.60} is not the video of sample {key!r}")
-            # Times are the frames' own, in order, inside the video; the duration ends within a bin
-            # or two of the last (more would be a video the frames do not cover).
-            step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
-            if not np.isfinite(times).all() or (np.diff(times) < 0).any() or times[0] < 0 or times[-1] > duration \
-                    or duration > times[-1] + 2 * step + 10:
-                raise ValueError(f"{TIMES} ({times[0]:.6g} to {times[-1]:.6g} s) does not fit the video's "
-                                 f"{duration:.6g} s")
-            video = EncodedVideo(str(meta["video_id"]), float(duration), times.tolist(),
-                                 torch.from_numpy(tokens), spec, extractor)
+            video = encoded(str(meta["video_id"]), meta["duration"], _array(sample[TOKENS], TOKENS),
+                            _array(sample[TIMES], TIMES), spec, extractor)
         except Exception as error:  # one bad sample: listed, the others go on
             if skipped is None:
                 raise UserError(f"{path}: sample {key}: {first_line(error)}") from None
             skipped.append({"key": key, "shard": path.name, "reason": first_line(error)})
             continue
         yield video
+
+
+def encoded(video_id: str, duration: float, tokens, times, spec: SamplingConfig, extractor: dict) -> EncodedVideo:
+    """An EncodedVideo from a stored sample's arrays, checked (ValueError): tokens as many as times and
+    as the extractor promises per frame; times the frames' own, in order, inside the video, whose
+    duration ends within a bin or two of the last (more would be a video the frames do not cover)."""
+    import numpy as np
+    import torch
+
+    if tokens.ndim != 3 or times.ndim != 1 or len(tokens) != len(times) or not len(times):
+        raise ValueError(f"{TOKENS} holds {tokens.shape} for {times.shape} frame times")
+    if tokens.shape[1:] != (extractor["tokens"], extractor["width"]):  # what the manifest promises
+        raise ValueError(f"{TOKENS} holds {tokens.shape[1]} tokens of width {tokens.shape[2]} per frame, its "
+                         f"manifest's extractor {extractor['tokens']} of width {extractor['width']}")
+    step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
+    if not np.isfinite(times).all() or (np.diff(times) < 0).any() or times[0] < 0 or times[-1] > duration \
+            or duration > times[-1] + 2 * step + 10:
+        raise ValueError(f"{TIMES} ({times[0]:.6g} to {times[-1]:.6g} s) does not fit the video's {duration:.6g} s")
+    return EncodedVideo(video_id, float(duration), times.tolist(), torch.from_numpy(tokens), spec, extractor)
 
 
 def load_encoding(folder: str | Path, model) -> EncodedVideo:

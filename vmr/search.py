@@ -1,33 +1,30 @@
 """Search a collection for a moment: ``vmr index`` encodes every video once, ``vmr search`` finds a
 sentence's best moments over all of them.
 
-An index is a folder of feature shards (vmr/features.py: the vision tower's tokens of every frame
-of every video, the same layout as a cache or a saved encoding) plus ``index.json`` naming the
-model it was made with. A search runs in two stages:
+An index is a folder of feature shards (vmr/features.py: the vision tower's tokens of every frame of
+every video, the layout of a cache or a saved encoding), ``index.json`` naming the model it was made
+with, and that model's compact keys with their approximate-nearest-neighbour index (vmr/ann.py). A
+search runs in two stages:
 
-1. **Shortlist** (cheap, one matrix product over the whole collection): the model's own first layer
-   asks each frame whether it holds what the sentence names. The query-pooling layer (QueryPool)
-   compares the sentence with every patch of a frame and with a learned "nothing here" slot; a
-   frame's score is how much more the sentence matches its best patches than that slot (the log of
-   the summed attention odds, averaged over heads), and a video's score is its best frame's. The
-   patches' keys are computed once, when the index is opened.
+1. **Shortlist**: the sentence's key against every frame's key (FAISS: exact for small collections,
+   IVF-PQ beyond), a video scored by its best frame. The keys are trained for this (model.corpus):
+   a video without the event scores low.
 2. **Rerank**: the full model (every layer, every window) on the ``candidates`` best videos only,
-   whose moments are ranked by their score, as ``vmr predict`` ranks them within a video.
+   their tokens read from the shards on disk; moments are ranked by their relevance, which
+   model.corpus also trained against other videos, so that it compares across videos.
 
-Cost per query: the shortlist is linear in the number of frames in the collection with a small
-constant (one dot product per patch); the rerank is constant in the collection's size (``candidates``
-videos). ``candidates=0`` reranks every video (exhaustive, linear with the full model's cost).
+Cost per query: the ANN search (sub-linear with IVF-PQ), then ``candidates`` videos' reads and
+forward passes, constant in the collection's size. Memory: the ANN index and a table per video.
+``candidates=0`` reranks every video (exhaustive).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 
-from vmr.encode import EncodedVideo, open_encodings
 from vmr.errors import UserError
 from vmr.io import field, json_text, read_json, write_text_atomic
 from vmr.text import check_query
@@ -35,122 +32,100 @@ from vmr.text import check_query
 INDEX = "index.json"
 CANDIDATES = 20  # videos the full model reranks (0: all)
 WINDOWS_AT_ONCE = 64  # windows of the rerank in one forward: memory bounded whatever the shortlist
-
-
-def check_searchable(model) -> None:
-    """The collection search's shortlist scores a video by vmr's head's query pooling over its
-    stored patch keys; a published head has no such first stage."""
-    if model.config.head != "vmr":
-        raise UserError(f"a model with model.head {model.config.head} cannot search a collection: the shortlist "
-                        "reads vmr's head (its query pooling over patches); use vmr predict or vmr eval per video")
+MAX_PREDICTIONS = 100  # per query in a TVR prediction file
 
 
 class Index:
-    """An opened index: its videos' encodings, and the shortlist's keys of every frame's patches.
-    ``Index.open(folder, model)``; ``search(query)``."""
+    """An opened index: ``Index.open(folder, model)``; ``search(query)``; ``len(index)`` videos,
+    ``index.ids`` their ids, ``index.load(i)`` one video's encoding (read from disk)."""
 
-    def __init__(self, model, videos: list[EncodedVideo], skipped: list | None = None, folder: Path | None = None):
-        import torch
+    def __init__(self, model, collection, folder: Path | None = None):
+        from vmr.ann import check_corpus_model
 
-        from vmr.model import patch_grid
-
-        if not videos:
-            raise UserError(f"{folder or 'the index'}: holds no video")
-        check_searchable(model)
+        check_corpus_model(model.config, str(folder or "the index"))
         if model.config.text_feature_dim:
             raise UserError("this model reads imported query features, not sentences: it cannot search with text")
-        self.model, self.videos, self.skipped, self.folder = model.eval(), videos, skipped or [], folder
-        # The encodings stay on the host (their windows go to the device as the rerank takes them);
-        # the shortlist's keys live where the model is, in float16 (half the memory), scored in float32.
-        self.device, dtype = model.head.patch_in.weight.device, model.head.patch_in.weight.dtype
-        pool = model.head.pool
-        self.heads = pool.heads
-        with torch.no_grad():
-            # (frames, slots, d) keys of each frame's patches (the pooled vector when there is no grid)
-            keys = [pool.to_k(pool.norm(model.head.patch_in(patch_grid(v.tokens).to(self.device, dtype)))).to(torch.float16)
-                    for v in videos]
-            self.null_key = pool.to_k(pool.null)[0].float()  # (d,)
-        self.keys = torch.cat(keys)
-        self.frame_video = torch.repeat_interleave(torch.arange(len(videos)),
-                                                   torch.tensor([len(k) for k in keys])).to(self.device)
+        self.model, self.collection, self.folder = model.eval(), collection, folder
+        self.ids, self.skipped = collection.ids, collection.skipped
+        self.device = model.head.frame_in.weight.device
 
     @classmethod
-    def open(cls, folder: str | Path, model) -> Index:
-        skipped: list = []
-        return cls(model, list(open_encodings(folder, model, skipped)), skipped, Path(folder))
+    def open(cls, folder: str | Path, model, progress: bool = False) -> Index:
+        from vmr.ann import Collection, check_corpus_model
 
-    @property
-    def nbytes(self) -> int:
-        tokens = sum(v.nbytes for v in self.videos)
-        return tokens + self.keys.numel() * self.keys.element_size()
+        check_corpus_model(model.config, str(folder))
+        return cls(model, Collection.open(Path(folder), model, progress), Path(folder))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, video: int):
+        return self.collection.load(video)
 
     def _sentence(self, query: str):
-        """(the text as forward takes it, the pooling layer's query (d,))."""
+        """(the text as forward takes it, the sentence's key (r,) as numpy)."""
         text, sentence = self.model.encode_queries([query])
-        return text, self.model.head.pool.to_q(self.model.head.sentence_in(sentence))[0].float()
+        return text, self.model.head.query_keys(sentence)[0].cpu().numpy()
 
     def shortlist(self, query: str, count: int) -> list[tuple[int, float]]:
-        """(video index, score) of the ``count`` best videos for ``query`` by the first stage alone."""
+        """(video index, score) of the ``count`` best videos for ``query`` by their keys alone."""
         import torch
 
         check_query(self.model.tokenizer, query)
         with torch.no_grad():
-            return self._shortlist(self._sentence(query)[1], count)
-
-    def _shortlist(self, query_vector, count: int) -> list[tuple[int, float]]:
-        """(video, score) of the ``count`` best videos by the shortlist's score (module docstring)."""
-        import torch
-
-        h = self.heads
-        e = query_vector.numel() // h
-        q = query_vector.view(h, e) / math.sqrt(e)
-        null = (self.null_key.view(h, e) * q).sum(-1)  # (h,)
-        slots = self.keys.shape[1]
-        frame_scores = []
-        for chunk in self.keys.split(1 << 14):  # (f, p, d) in float16 -> float32, a chunk at a time
-            logits = torch.einsum("fphe,he->fhp", chunk.float().view(len(chunk), slots, h, e), q)
-            frame_scores.append((torch.logsumexp(logits, dim=-1) - null).mean(dim=-1))
-        scores = torch.full((len(self.videos),), -math.inf, device=self.device).scatter_reduce(
-            0, self.frame_video, torch.cat(frame_scores), reduce="amax")
-        best = scores.topk(min(count, len(self.videos)))
-        return list(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+            return self.collection.shortlist(self._sentence(query)[1], count)
 
     def search(self, query: str, top_k: int = 10, candidates: int = CANDIDATES, per_video: int = 5) -> dict:
         """The ``top_k`` best moments over the collection: ``{"query", "videos", "reranked", "results":
-        [{"video", "start", "end", "score", "shortlist"}, ...]}``, best first; ``candidates`` videos go to
-        the full model (0: all of them); each gives at most ``per_video`` moments."""
+        [{"video", "start", "end", "score", "shortlist"}, ...], "ranked_videos": [[video, score], ...]}``,
+        best first; ``candidates`` videos go to the full model (0: all of them); each gives at most
+        ``per_video`` moments. ``ranked_videos``: the reranked videos by their best moment."""
         import torch
 
         from vmr.model import rank_moments
 
         check_query(self.model.tokenizer, query)
         with torch.no_grad():
-            text, pooled = self._sentence(query)
-            picked = self._shortlist(pooled, candidates or len(self.videos))
-            results = []
+            text, key = self._sentence(query)
+            picked = self.collection.shortlist(key, candidates or len(self.ids))
+            results, best = [], {}
             for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], text), strict=True):
                 for start, end, score in rank_moments(scores, per_video, self.model.config.nms_iou):
-                    results.append({"video": self.videos[index].video_id, "start": round(start, 4),
-                                    "end": round(end, 4), "score": round(score, 4), "shortlist": round(prior, 4)})
+                    results.append({"video": self.ids[index], "start": round(start, 4), "end": round(end, 4),
+                                    "score": round(score, 4), "shortlist": round(prior, 4)})
+                    best.setdefault(index, score)
         results.sort(key=lambda r: (-r["score"], -r["shortlist"]))
-        return {"query": query, "videos": len(self.videos), "reranked": len(picked), "results": results[:top_k]}
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        return {"query": query, "videos": len(self.ids), "reranked": len(picked), "results": results[:top_k],
+                "ranked_videos": [[self.ids[i], round(s, 4)] for i, s in ranked]}
+
+    def in_video(self, query: str, video: int, top_k: int) -> list[tuple[float, float, float]]:
+        """The ``top_k`` best moments of one video of the index (TVR's SVMR)."""
+        import torch
+
+        from vmr.model import rank_moments
+
+        with torch.no_grad():
+            text, _ = self._sentence(query)
+            return rank_moments(self._rerank([video], text)[0], top_k, self.model.config.nms_iou)
 
     def _rerank(self, indices: list[int], text: dict) -> list[dict]:
-        """The full model on the windows of the videos ``indices`` (WINDOWS_AT_ONCE windows per
-        forward, padded to the longest): per video, its ``frame_outputs`` merged over its windows."""
+        """The full model on the windows of the videos ``indices`` (read from disk one at a time;
+        WINDOWS_AT_ONCE windows per forward, padded to the longest): per video, its ``frame_outputs``
+        merged over its windows."""
         import torch
 
         from vmr.model import FRAME_KEYS, frame_outputs
 
-        windows = [(n, window) for n, i in enumerate(indices) for window in self.videos[i].windows()]
         merged = [{key: [] for key in FRAME_KEYS} for _ in indices]
         dtype = self.model.head.frame_in.weight.dtype
-        for first in range(0, len(windows), WINDOWS_AT_ONCE):
-            batch = windows[first:first + WINDOWS_AT_ONCE]
-            t = max(len(w[0]) for _, w in batch)
-            tokens = torch.zeros(len(batch), t, *batch[0][1][0].shape[1:], dtype=dtype)
+        pending: list = []
+
+        def run(batch):
+            t = max(len(w[0]) for _, _, w in batch)
+            tokens = torch.zeros(len(batch), t, *batch[0][2][0].shape[1:], dtype=dtype)
             times, frame_mask = torch.zeros(len(batch), t), torch.zeros(len(batch), t, dtype=torch.bool)
-            for row, (_, (frames, at, start, _, _)) in enumerate(batch):
+            for row, (_, _, (frames, at, start, _, _)) in enumerate(batch):
                 tokens[row, :len(frames)] = frames
                 times[row, :len(frames)] = torch.as_tensor(at, dtype=torch.float) - start
                 frame_mask[row, :len(frames)] = True
@@ -158,14 +133,22 @@ class Index:
             outputs = self.model(tokens.to(device), {k: v.expand(b, *v.shape[1:]) for k, v in text.items()},
                                  frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
                                  frame_times=times.to(device),
-                                 duration=torch.tensor([w[3] - w[2] for _, w in batch], device=device))
-            video_length = torch.tensor([self.videos[indices[n]].duration for n, _ in batch], dtype=torch.float64)
-            parts = frame_outputs(outputs, torch.tensor([w[4] for _, w in batch]),
-                                  torch.tensor([w[2] for _, w in batch], dtype=torch.float64), video_length,
-                                  self.model.config)
-            for (n, _), part in zip(batch, parts, strict=True):
+                                 duration=torch.tensor([w[3] - w[2] for _, _, w in batch], device=device))
+            parts = frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]),
+                                  torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
+                                  torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
+            for (n, _, _), part in zip(batch, parts, strict=True):
                 for key in FRAME_KEYS:
                     merged[n][key] += part[key]
+
+        for n, index in enumerate(indices):
+            video = self.collection.load(index)
+            pending += [(n, video.duration, window) for window in video.windows()]
+            while len(pending) >= WINDOWS_AT_ONCE:
+                run(pending[:WINDOWS_AT_ONCE])
+                pending = pending[WINDOWS_AT_ONCE:]
+        if pending:
+            run(pending)
         return merged
 
 
@@ -187,6 +170,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    from vmr.ann import build_keys, check_corpus_model, merge_keys
     from vmr.bundle import resolve_bundle
     from vmr.config import load_config
     from vmr.data.annotations import VIDEO_EXTENSIONS
@@ -196,10 +180,8 @@ def run_index(args: argparse.Namespace) -> int:
     from vmr.runtime import process_group_scope, process_state
 
     bundle = resolve_bundle(args.checkpoint).resolve()
-    head = load_config(bundle / "config.yaml").model.head
-    if head != "vmr":  # refused before any encoding: its index could never be searched
-        raise UserError(f"{bundle}: a model with model.head {head} cannot search a collection: the shortlist reads "
-                        "vmr's head (its query pooling over patches); use vmr predict or vmr eval per video")
+    cfg = load_config(bundle / "config.yaml").model
+    check_corpus_model(cfg, str(bundle))  # refused before any encoding: an index it could not search
     if not 1 <= args.videos_per_part <= 100_000:
         raise UserError(f"--videos-per-part must be between 1 and 100000, got {args.videos_per_part}")
     if args.videos is not None:
@@ -218,11 +200,22 @@ def run_index(args: argparse.Namespace) -> int:
         parts, source = shard_parts(urls), {"shards": [str(Path(u).resolve()) if Path(u).is_file() else u for u in urls]}
     if (args.out / INDEX).is_file():
         read_index(args.out)  # a damaged or foreign index.json is refused before any work
+    from vmr.bundle import load_model
+
+    model, _ = load_model(bundle, fast=False)
     state = process_state()
     options = argparse.Namespace(checkpoint=str(bundle), config=None, out=args.out, pooled_only=False, views=1,
                                  overwrite=False)
     with process_group_scope():
         code = extract_command(options, state, parts, [])
+        # The compact keys: every process its shards' parts, then one merge into the ANN index.
+        made = build_keys(args.out, model.to(state.device), state.process_index, state.num_processes,
+                          progress=state.is_main_process)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            record = merge_keys(args.out, model)
+            print(f"keys: {made} part(s) made here; {record['videos']} videos, {record['frames']} frame keys in a "
+                  f"{record['kind']} index")
     if state.is_main_process:
         write_text_atomic(args.out / INDEX, json_text({"checkpoint": str(bundle), **source}, args.out / INDEX, indent=1) + "\n")
         print(f"index written to {args.out}; search it with: vmr search --index {args.out} --query '...'")
@@ -255,34 +248,98 @@ def index_videos(record: dict) -> dict[str, Path]:
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", type=Path, required=True, help="an index folder made by 'vmr index'")
-    p.add_argument("--query", required=True, action="append",
-                   help="the sentence to find; repeat it for several (the index is opened once; a JSON list)")
-    p.add_argument("--top-k", type=int, default=10, help="moments to return, over all videos (default 10)")
+    asked = p.add_mutually_exclusive_group(required=True)
+    asked.add_argument("--query", action="append",
+                       help="the sentence to find; repeat it for several (the index is opened once; a JSON list)")
+    asked.add_argument("--queries", type=Path,
+                       help="a TVR JSONL query file (desc_id, desc; vid_name for the single-video task): every "
+                            "query is searched and --out gets a TVR prediction file ('vmr eval --protocol tvr')")
+    p.add_argument("--out", type=Path, help="with --queries: the prediction file to write (JSON)")
+    p.add_argument("--top-k", type=int, default=10, help="moments to return, over all videos (default 10; with "
+                                                         f"--queries, {MAX_PREDICTIONS})")
     p.add_argument("--candidates", type=int, default=CANDIDATES,
                    help=f"videos the full model reranks after the shortlist (default {CANDIDATES}; 0: every video, "
                         "exhaustive and slower)")
     p.add_argument("--checkpoint", help="the model to search with (default: the one the index was made with; another "
-                                        "is accepted only if it has the same vision tower)")
+                                        "is accepted only if it has the same vision tower; its keys are made on "
+                                        "first use)")
 
 
 def run_search(args: argparse.Namespace) -> int:
+    import psutil
+
     from vmr.bundle import load_model
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     if args.candidates < 0:
         raise UserError(f"--candidates must be 0 (all videos) or more, got {args.candidates}")
+    if args.queries is not None and args.out is None:
+        raise UserError("--queries needs --out, the prediction file to write")
+    if args.out is not None and args.out.is_dir():
+        raise UserError(f"--out: {args.out} is a folder; name the prediction file to write")
     record = read_index(args.index)
     model, _ = load_model(args.checkpoint or record["checkpoint"], fast=False)
-    for query in args.query:  # before the index is read: a bad query costs nothing
-        check_query(model.tokenizer, query)
+    rows = read_queries(args.queries) if args.queries is not None else [{"desc": q} for q in args.query]
+    for row in rows:  # before the index is read: a bad query costs nothing
+        check_query(model.tokenizer, row["desc"])
     start = time.perf_counter()
-    index = Index.open(args.index, model)
+    index = Index.open(args.index, model, progress=True)
     opened = time.perf_counter()
-    results = [index.search(query, args.top_k, args.candidates) for query in args.query]
-    print(f"opened {len(index.videos)} videos in {opened - start:.1f} s "
-          f"({index.nbytes / 2**20:.0f} MB in memory); {len(results)} search(es) in {time.perf_counter() - opened:.2f} s"
+    if args.queries is not None:
+        write_text_atomic(args.out, json_text(predictions(index, rows, args.candidates), args.out) + "\n")
+    else:
+        results = [index.search(row["desc"], args.top_k, args.candidates) for row in rows]
+    print(f"opened {len(index)} videos in {opened - start:.1f} s; {len(rows)} search(es) in "
+          f"{time.perf_counter() - opened:.2f} s; {psutil.Process().memory_info().rss / 2**20:.0f} MB resident"
           + (f"; {len(index.skipped)} unreadable video(s) left out (first: {index.skipped[0]['reason']})"
              if index.skipped else ""), file=sys.stderr)
-    print(json_text(results[0] if len(results) == 1 else results, "the search results", indent=2))
+    if args.queries is not None:
+        print(f"predictions written to {args.out}; score them with: vmr eval --protocol tvr --predictions {args.out} "
+              f"--ground-truth {args.queries}")
+    else:
+        print(json_text(results[0] if len(results) == 1 else results, "the search results", indent=2))
     return 0
+
+
+def read_queries(path: Path) -> list[dict]:
+    """A TVR JSONL query file's rows, each with an integer ``desc_id`` and a ``desc``."""
+    from vmr.eval.metrics import BadInput, load_jsonl
+
+    try:
+        rows = load_jsonl(path, key="desc_id")
+    except BadInput as error:
+        raise UserError(str(error)) from None
+    for number, row in enumerate(rows, 1):
+        if isinstance(row["desc_id"], str) or not isinstance(row.get("desc"), str):
+            raise UserError(f"{path}:{number}: needs an integer 'desc_id' and the sentence in 'desc'")
+        field(row, "vid_name", str, f"{path}:{number}", default=None)
+    return rows
+
+
+def predictions(index: Index, rows: list[dict], candidates: int) -> dict:
+    """TVR's prediction file for ``rows``: VCMR (the collection's best 100 moments), VR (the reranked
+    videos by their best moment, then the rest of the shortlist by key score), and SVMR (the query's
+    own video alone) where a row names a video of the index."""
+    from tqdm import tqdm
+
+    number = {video: n for n, video in enumerate(index.ids)}
+    vcmr, vr, svmr = [], [], []
+    per_video = max(5, -(-MAX_PREDICTIONS // max(1, candidates or len(index))))
+    for row in tqdm(rows, desc="searching", unit="query"):
+        found = index.search(row["desc"], MAX_PREDICTIONS, candidates, per_video)
+        entry = {"desc_id": row["desc_id"], "desc": row["desc"]}
+        vcmr.append({**entry, "predictions": [[number[r["video"]], r["start"], r["end"], r["score"]]
+                                              for r in found["results"]]})
+        videos = [[number[v], 0, 0, s] for v, s in found["ranked_videos"]]
+        seen = {v for v, *_ in videos}
+        videos += [[v, 0, 0, round(s - 2, 4)] for v, s in index.shortlist(row["desc"], MAX_PREDICTIONS) if v not in seen]
+        vr.append({**entry, "predictions": videos[:MAX_PREDICTIONS]})
+        if row.get("vid_name") in number:
+            moments = index.in_video(row["desc"], number[row["vid_name"]], MAX_PREDICTIONS)
+            svmr.append({**entry, "predictions": [[number[row["vid_name"]], round(s, 4), round(e, 4), round(p, 4)]
+                                                  for s, e, p in moments]})
+    result = {"video2idx": number, "VCMR": vcmr, "VR": vr}
+    if len(svmr) == len(rows):  # the protocol scores a task only when it answers every query
+        result["SVMR"] = svmr
+    return result

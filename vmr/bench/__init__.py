@@ -14,8 +14,10 @@ train   the real training loop (vmr.train) for a few dozen steps: steps/s, sampl
 features  the frozen-feature cache: extraction rate against decode + one forward per frame, and a
         frozen-backbone training step from video shards against the same step from feature shards.
 search  encode once and ask many (first query, later queries, their ratio, memory per video minute;
-        the default architecture), and searching a collection (index build rate, search latency
-        against the number of videos, up to 1,000; the tiny preset): vmr/bench/search.py.
+        the default architecture), and searching a collection (index build rate; at 1,000, 10,000 and
+        100,000 videos, keys synthetic beyond the real ones: ANN build time, the search process's
+        memory, shortlist and whole-search latency, the shortlist's recall against exact search;
+        the tiny preset): vmr/bench/search.py.
 backbones  CLIP ViT-B/32 against SigLIP B/16 towers under the default architecture (parameters,
         tower throughput, inference and training step; random weights), and the quickstart's task
         trained the same steps with the tiny CLIP and a tiny SigLIP, held-out R1@0.5 of both:
@@ -59,7 +61,11 @@ TARGETS = {
     "features.features_speedup": ((10.0, "min"), None),
     "encode.later_query_speedup": ((20.0, "min"), None),  # issue goals: later queries 20x faster than the first,
     "encode.first_query_vs_full_pass": ((1.0, "max"), None),  # and the first no slower than a full pass
-    "search.search_1000_videos_shortlist_s": ((1.0, "max"), None),  # 1,000 videos in at most 1 s, 2 cores
+    # the collection issue's goals, on 2 cores: 100,000 videos searched in at most 100 ms (median) by a
+    # process under 2 GB, the shortlist keeping 95% of what exact search finds
+    "search.search_100000_videos_ms": ((100.0, "max"), None),
+    "search.search_100000_videos_memory_mb": ((2048.0, "max"), None),
+    "search.search_100000_videos_recall": ((0.95, "min"), None),
 }
 
 

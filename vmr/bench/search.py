@@ -13,10 +13,15 @@ search   the tiny preset: an index built from sample shards (videos/s and frames
 
 from __future__ import annotations
 
-import copy
+import json
+import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 from vmr.bench.common import Options, figure
 
@@ -89,18 +94,23 @@ def bench_encode(device: str, quick: bool, workdir: Path, options: Options) -> d
 
 
 def bench_search(quick: bool, workdir: Path) -> dict:
+    """Building an index (real: extraction and keys of sample shards), then collections of 1,000,
+    10,000 and 100,000 videos (10,000 at most with --quick) made of those real videos' keys with
+    noise added per copy (synthetic beyond the real encodings), searched by a fresh process: its
+    memory, the shortlist's latency and recall against exact search, and a whole search's latency
+    (the shortlist then the full model on 20 candidates, whose tokens are the real ones on disk)."""
     import torch
 
+    from vmr.bundle import write_bundle
     from vmr.config import load_config, preset
     from vmr.data.shards import build_shards
-    from vmr.features import extract_features
     from vmr.model import VideoMomentRetrievalModel
-    from vmr.search import Index
     from vmr.synth import synthesize
 
-    cfg = load_config(preset("tiny"))
+    cfg = load_config(preset("tiny"), ["data.sampling.size=32"])
     torch.manual_seed(0)
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).eval()
+    bundle = write_bundle(model, workdir / "search-bundle", cfg)
     synth, shards, index = workdir / "search-synth", workdir / "search-shards", workdir / "search-index"
     count = 8 if quick else 24
     synthesize(synth, videos=count, queries_per_video=2, min_duration=20, max_duration=40, fps=4, size=32,
@@ -108,33 +118,127 @@ def bench_search(quick: bool, workdir: Path) -> dict:
     build_shards(synth / "videos", [synth / "train.jsonl"], shards, split="train", fps=2.0, size=32,
                  max_videos_per_shard=4, progress=False)
     start = time.perf_counter()
-    totals = extract_features(model, model.sampling, sorted(map(str, shards.glob("*.tar"))), index, progress=False)
+    subprocess.run([sys.executable, "-m", "vmr.cli", "index", "--checkpoint", str(bundle), "--shards", str(shards),
+                    "--out", str(index)], check=True, capture_output=True)
     build = time.perf_counter() - start
-    from vmr.features import write_manifest
+    from vmr.ann import Collection
 
-    write_manifest(index, totals["extractor"])
-    real = Index.open(index, model).videos
-    results = {"index_videos_per_s": figure([totals["samples"] / build], "videos/s"),
-               "index_frames_per_s": figure([totals["frames"] / build], "frames/s")}
-    sizes = (100, 300) if quick else (100, 300, 1000)
-    repeats = 3 if quick else 5
-    for n in sizes:
-        videos = []
-        for i in range(n):  # copies of real encodings: a search's cost depends on sizes, not content
-            video = copy.copy(real[i % len(real)])
-            video.video_id = f"{video.video_id}-{i}"
-            videos.append(video)
+    real = Collection.open(index, model)
+    frames = len(real.keys)
+    results = {"index_videos_per_s": figure([len(real) / build], "videos/s"),
+               "index_frames_per_s": figure([frames / build], "frames/s")}
+    kinds = {}  # the ANN index each size got
+    for n in (1000, 10000) if quick else (1000, 10000, 100000):
+        folder = workdir / f"collection-{n}"
         start = time.perf_counter()
-        opened = Index(model, videos)
-        results[f"open_{n}_videos_s"] = figure([time.perf_counter() - start], "s")
-        for label, candidates in (("shortlist", 20), ("exhaustive", 0)):
-            times = []
-            for query in (QUERIES * 3)[:repeats]:
-                start = time.perf_counter()
-                opened.search(query, candidates=candidates)
-                times.append(time.perf_counter() - start)
-            results[f"search_{n}_videos_{label}_s"] = figure(times, "s")
-        results[f"index_{n}_videos_mb"] = figure([opened.nbytes / 2**20], "MB")
-    frames = sum(len(v.times) for v in real) / len(real)
-    return {"config": "tiny (random init)", "indexed_videos": totals["samples"], "frames_per_video": frames,
-            "results": results}
+        kind = synthetic_collection(real, index, folder, n)
+        results[f"ann_build_{n}_videos_s"] = figure([time.perf_counter() - start], "s")
+        measured = json.loads(subprocess.run([sys.executable, "-m", "vmr.bench.search", str(bundle), str(folder),
+                                              str(3 if quick else 10)], check=True, capture_output=True,
+                                             text=True).stdout)
+        kinds[n] = kind
+        results[f"search_{n}_videos_memory_mb"] = figure([measured["rss_mb"]], "MB")
+        results[f"search_{n}_videos_shortlist_ms"] = figure(measured["shortlist_ms"], "ms")
+        results[f"search_{n}_videos_shortlist_p99_ms"] = figure([float(np.percentile(measured["shortlist_ms"], 99))],
+                                                                "ms")
+        results[f"search_{n}_videos_ms"] = figure(measured["search_ms"], "ms")
+        results[f"search_{n}_videos_p99_ms"] = figure([float(np.percentile(measured["search_ms"], 99))], "ms")
+        results[f"search_{n}_videos_recall"] = figure([recall(folder, measured["shortlists"],
+                                                              measured["query_keys"])], "share")
+        shutil.rmtree(folder)
+    return {"config": "tiny (random init); keys beyond the real videos synthetic", "real_videos": len(real),
+            "frames_per_video": frames / len(real), "ann_index": kinds, "results": results}
+
+
+def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
+    """An index folder of ``n`` videos: the real index's shards and manifest (hard links), and merged keys
+    made of its videos' keys, each copy with its own noise, pointing at the real videos' tokens."""
+    from vmr.ann import COLLECTION, LARGE, SMALL, _save_npy, ann_index
+    from vmr.data.tars import sha256_of
+    from vmr.io import json_text
+
+    folder.mkdir(parents=True)
+    for item in index.iterdir():  # hard links: the same bytes, inside the folder
+        if item.is_file():
+            os.link(item, folder / item.name)
+    out = folder / "keys" / real.root.name
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(n)
+    starts = np.searchsorted(real.frame_video, np.arange(len(real)))
+    counts = np.bincount(real.frame_video, minlength=len(real))
+    source = np.arange(n) % len(real)
+    keys, frame_video = [], []
+    base = np.asarray(real.keys, dtype=np.float32)
+    for first in range(0, n, 1000):  # 1,000 videos at a time: the build's memory stays small
+        chunk = []
+        for v in range(first, min(n, first + 1000)):
+            s = source[v]
+            copy = base[starts[s]:starts[s] + counts[s]] + rng.normal(scale=0.05, size=(counts[s], base.shape[1]))
+            chunk.append(copy / np.linalg.norm(copy, axis=1, keepdims=True))
+            frame_video.append(np.full(counts[s], v, dtype=np.int32))
+        keys.append(np.concatenate(chunk).astype(np.float16))
+    keys = np.concatenate(keys)
+    _save_npy(out / "keys.npy", keys)
+    _save_npy(out / "frames.npy", np.concatenate(frame_video))
+    _save_npy(out / "table.npy", real.table[source])
+    _save_npy(out / "durations.npy", real.durations[source])
+    (out / "ids.json").write_text(json_text([f"{real.ids[s]}-{v}" for v, s in enumerate(source)], "ids") + "\n")
+    ann, kind = ann_index(keys)
+    import faiss
+
+    faiss.write_index(ann, str(out / "ann.faiss"))
+    record = json.loads((real.root / COLLECTION).read_text())
+    record.update(kind=kind, videos=n, frames=len(keys), skipped=[], files={
+        name: {"bytes": (out / name).stat().st_size, **({"sha256": sha256_of(out / name)} if name in SMALL else {})}
+        for name in (*SMALL, *LARGE)})
+    (out / COLLECTION).write_text(json_text(record, COLLECTION) + "\n")
+    return kind
+
+
+def recall(folder: Path, shortlists: list[list[int]], query_keys: list[list[float]]) -> float:
+    """The share of each exact top-20 (every key scored, a video by its best frame) the shortlist kept."""
+    root = next((folder / "keys").iterdir())
+    keys = np.load(root / "keys.npy", mmap_mode="r")
+    frame_video = np.load(root / "frames.npy", mmap_mode="r")
+    queries = np.asarray(query_keys, dtype=np.float32)
+    n = int(frame_video[-1]) + 1
+    best = np.full((len(queries), n), -np.inf, dtype=np.float32)
+    for first in range(0, len(keys), 1 << 20):
+        scores = np.asarray(keys[first:first + (1 << 20)], dtype=np.float32) @ queries.T  # (frames, queries)
+        videos = np.asarray(frame_video[first:first + (1 << 20)])
+        for q in range(len(queries)):
+            np.maximum.at(best[q], videos, scores[:, q])
+    kept = [len(set(np.argsort(-best[q], kind="stable")[:len(s)]) & set(s)) / len(s)
+            for q, s in enumerate(shortlists)]
+    return float(np.mean(kept))
+
+
+def _measure(bundle: str, folder: str, repeats: int) -> dict:
+    """In a fresh process (``python -m vmr.bench.search BUNDLE FOLDER REPEATS``): open the collection,
+    search, report resident memory and latencies as JSON."""
+    import psutil
+    import torch
+
+    from vmr.bundle import load_model
+    from vmr.search import Index
+
+    torch.set_num_threads(2)
+    model, _ = load_model(bundle, fast=False)
+    index = Index.open(folder, model)
+    queries = (QUERIES * repeats)[:max(repeats, len(QUERIES))]
+    shortlist_ms, search_ms, shortlists, keys = [], [], [], []
+    for query in queries:
+        start = time.perf_counter()
+        shortlists.append([v for v, _ in index.shortlist(query, 20)])
+        shortlist_ms.append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        index.search(query, top_k=10, candidates=20)
+        search_ms.append(1000 * (time.perf_counter() - start))
+        with torch.no_grad():
+            keys.append(index._sentence(query)[1].tolist())
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20, "shortlist_ms": shortlist_ms,
+            "search_ms": search_ms, "shortlists": shortlists, "query_keys": keys}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_measure(*sys.argv[1:3], int(sys.argv[3]))))

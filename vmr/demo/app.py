@@ -69,7 +69,7 @@ def search_page(checkpoint: Path, folder: Path, top_k: int) -> None:
     except UserError as error:
         st.error(f"Cannot open the index: {error}")
         return
-    st.caption(f"{len(index.videos)} videos in {folder}"
+    st.caption(f"{len(index)} videos in {folder}"
                + (f"; {len(index.skipped)} unreadable ones left out" if index.skipped else ""))
     query = st.text_input("Sentence", placeholder="a red circle moves left", key="search_query")
     if st.button("Search", type="primary"):

@@ -142,12 +142,29 @@ def video_level_loss(own: dict, batch: dict, cfg: CorpusConfig) -> torch.Tensor:
     return torch.where(used, per_query, 0.0).sum() / used.sum().clamp(min=1)
 
 
-def moment_level_loss(negative: dict, relevance_loss: str, focal_gamma: float) -> torch.Tensor:
-    """Every valid frame of a query's negative videos: relevance 0."""
+def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: str, focal_gamma: float) -> torch.Tensor:
+    """Every valid frame of a query's negative videos: relevance 0; and the best relevance in the
+    query's own moment above the best anywhere in each of its negative videos (a softmax over the
+    query's videos by their best frame: what a search ranks moments of different videos by)."""
     from vmr.model.losses import focal_loss, masked_mean
 
     logits = negative["relevance_logits"].float()
     zeros = torch.zeros_like(logits)
     per_frame = focal_loss(logits, zeros, focal_gamma) if relevance_loss == "focal" \
         else F.binary_cross_entropy_with_logits(logits, zeros, reduction="none")
-    return masked_mean(per_frame, negative["frame_mask"])
+    absent = masked_mean(per_frame, negative["frame_mask"])
+    # (q, 1 + negatives): the own video's best frame inside a moment, then each negative's best frame.
+    inside = own["frame_mask"] & batch["relevance"].bool()
+    # Finite fill values: a query without a positive frame is left out below, and an infinity would
+    # still send NaN through the backward of the rows left out.
+    best_own = own["relevance_logits"].float().masked_fill(~inside, -1e4).amax(dim=-1)
+    best_negative = logits.masked_fill(~negative["frame_mask"], -1e4).amax(dim=-1)  # (n,)
+    rows = batch["negatives"][:, 0]
+    place = torch.arange(len(rows), device=rows.device) - torch.searchsorted(rows, rows)  # pairs come by query
+    columns = int(place.max()) + 2 if len(rows) else 1
+    table = torch.full((len(best_own), columns), -torch.inf, device=logits.device)
+    table[:, 0] = best_own
+    table = table.index_put((rows, place + 1), best_negative)
+    used = inside.any(-1) & (torch.bincount(rows, minlength=len(best_own)) > 0)
+    contrast = torch.logsumexp(table, dim=-1) - best_own
+    return absent + torch.where(used, contrast, 0.0).sum() / used.sum().clamp(min=1)

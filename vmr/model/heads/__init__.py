@@ -42,7 +42,7 @@ def head_losses(outputs: dict, batch: dict, cfg) -> dict:
         own, negative = split_negatives(outputs, len(batch["video_index"]))
         losses = moment_losses(own, batch, cfg)
         losses["video"] = video_level_loss(own, batch, cfg.corpus)
-        losses["negative"] = moment_level_loss(negative, cfg.relevance_loss, cfg.focal_gamma) \
+        losses["negative"] = moment_level_loss(own, negative, batch, cfg.relevance_loss, cfg.focal_gamma) \
             if len(batch["negatives"]) else losses["video"] * 0
         losses["loss"] = losses["loss"] + cfg.corpus.loss_video * losses["video"] \
             + cfg.corpus.loss_negative * losses["negative"]

@@ -1,0 +1,223 @@
+"""Training for a collection (model.corpus, vmr/model/corpus.py) and the search it serves (vmr/ann.py,
+vmr/search.py): which pairs are negatives, a search on hand-made data that only the negatives-aware
+model gets right, an index larger than a memory cap answering, ``vmr search --queries`` writing a
+prediction file ``vmr eval --protocol tvr`` scores, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vmr.cli import main
+from vmr.model.corpus import corpus_batch, text_hash
+
+from .test_search import TINY
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_negatives_are_other_videos_that_lack_the_sentence():
+    from vmr.config import CorpusConfig
+
+    batch = {"video_id": ["a", "b", "a", "c"], "query": ["red", "blue", "green"],
+             "video_index": torch.tensor([0, 1, 3, 0]),  # the last row is padding
+             "sentences": [["red"], ["blue", "red"], ["red"], ["green"]]}
+    out = corpus_batch(batch, CorpusConfig(negatives=3))
+    pairs = sorted(map(tuple, out["negatives"].tolist()))
+    # "red" (video a): not b (holds red), not the other window of a, so c only; "blue" (b): a, a, c;
+    # "green" (c): a, b, a.
+    assert pairs == [(0, 3), (1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2)]
+    assert out["query_hash"].tolist() == [text_hash("red"), text_hash("blue"), text_hash("green"), -2]
+    assert out["sentence_hash"].shape == (4, 2) and out["sentence_hash"][0, 1] == -1
+    assert len(corpus_batch(batch, CorpusConfig(negatives=1))["negatives"]) == 3  # one each
+
+
+def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[str, set[str]]]:
+    """Videos of 20 two-second clips, each showing ONE of six objects (three clips), with a query
+    for it. Every training query occurs in its video, so a model trained on them alone can find the
+    event without reading the sentence; across videos only the sentence tells them apart."""
+    rng = np.random.default_rng(4)
+    sentences = ["a red circle blinks", "a blue square grows", "a green triangle moves left",
+                 "a yellow circle shrinks", "a red square moves up", "a blue triangle moves down"]
+    concepts = np.eye(8, dtype=np.float32)[:6] * 3
+    folder = root / "features"
+    folder.mkdir(parents=True)
+    rows, owners = [], {}
+    for i in range(videos):
+        clips = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
+        j, start = i % 6, int(rng.integers(0, 17))
+        clips[start:start + 3] += concepts[j]
+        rows.append({"qid": i, "query": sentences[j], "vid": f"video{i}", "duration": 40,
+                     "relevant_windows": [[2 * start, 2 * start + 6]], "relevant_clip_ids": [start, start + 1, start + 2],
+                     "saliency_scores": [[4, 4, 4]] * 3})
+        owners.setdefault(sentences[j], set()).add(f"video{i}")
+        np.savez(folder / f"video{i}.npz", features=clips)
+    annotations = root / "ann.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, annotations, owners
+
+
+def train_on(index: Path, run: Path, corpus: bool) -> Path:
+    assert main(["train", "--config", str(TINY), f"data.train_shards={index}/train-*.tar", "data.val_shards=[]",
+                 "data.num_workers=0", "data.sampling.fps=0.5", "data.sampling.window=20", "model.feature_dim=8",
+                 f"model.corpus.enabled={str(corpus).lower()}", f"train.output_dir={run}", "train.max_steps=300",
+                 "train.batch_size=6", "train.warmup_steps=10", "train.save_every=0", "train.eval_every=0",
+                 "train.log_every=100"]) == 0
+    return run / "export"
+
+
+@pytest.mark.slow
+def test_only_the_negatives_aware_model_ranks_the_right_video_first(tmp_path, capsys):
+    from vmr.bundle import load_model
+    from vmr.encode import open_encodings
+
+    folder, annotations, owners = one_event_release(tmp_path)
+    index = tmp_path / "index"
+    assert main(["features", "import", "--video-features", str(folder), "--annotations", str(annotations),
+                 "--out", str(index), "--split", "train"]) == 0
+    plain, aware = train_on(index, tmp_path / "plain", False), train_on(index, tmp_path / "aware", True)
+    # The plain model: each video's best moment by its own score, the best over the collection.
+    model, _ = load_model(plain)
+    videos = list(open_encodings(index, model))
+    plain_right = 0
+    for sentence, holders in owners.items():
+        best = max(((v.video_id, m["score"]) for v in videos for m in v.ask(model, sentence)[0]["moments"][:1]),
+                   key=lambda vm: vm[1])
+        plain_right += best[0] in holders
+    # The negatives-aware one, through vmr search (its keys are made on first use).
+    (index / "index.json").write_text(json.dumps({"checkpoint": str(aware)}))
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), *sum((["--query", s] for s in owners), []), "--top-k", "1",
+                 "--candidates", "0"]) == 0
+    aware_right = sum(found["results"][0]["video"] in owners[found["query"]]
+                      for found in json.loads(capsys.readouterr().out))
+    assert aware_right == len(owners) and plain_right <= len(owners) // 2, (aware_right, plain_right)
+    # A model trained without negatives cannot search a collection: one line.
+    (index / "index.json").write_text(json.dumps({"checkpoint": str(plain)}))
+    assert main(["search", "--index", str(index), "--query", "a red circle blinks"]) == 2
+    assert "without model.corpus" in capsys.readouterr().err
+
+
+def wide_release(root: Path, videos: int, frames: int = 400, width: int = 512) -> tuple[Path, Path]:
+    rng = np.random.default_rng(videos)
+    folder = root / f"features-{videos}"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(videos):
+        np.savez(folder / f"video{i}.npz", features=rng.normal(size=(frames, width)).astype(np.float16))
+        rows.append({"qid": i, "query": "a red circle blinks", "vid": f"video{i}", "duration": 2.0 * frames,
+                     "relevant_windows": [[10, 20]]})
+    annotations = root / f"ann-{videos}.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, annotations
+
+
+PEAK = """
+import resource, sys
+from vmr.cli import main
+code = main(sys.argv[1:])
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_an_index_larger_than_a_memory_cap_still_answers(tmp_path):
+    """Two indexes of 400-frame videos of 512 numbers (feature_dim): 10 videos, and 250 (200 MB of
+    tokens on disk). A search of the larger may use at most 60 MB more than one of the smaller: it
+    reads only its candidates' tokens (20 videos, 8 MB)."""
+    from vmr.bundle import write_bundle
+    from vmr.config import load_config
+    from vmr.model import VideoMomentRetrievalModel
+
+    cfg = load_config(TINY, ["model.feature_dim=512", "data.sampling.fps=0.5", "data.sampling.window=200"])
+    torch.manual_seed(0)
+    bundle = write_bundle(VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling),
+                          tmp_path / "bundle", cfg)
+    peaks, cap = {}, 60
+    for videos in (10, 250):
+        folder, annotations = wide_release(tmp_path, videos)
+        index = tmp_path / f"index-{videos}"
+        assert main(["features", "import", "--video-features", str(folder), "--annotations", str(annotations),
+                     "--out", str(index), "--split", "train"]) == 0
+        (index / "index.json").write_text(json.dumps({"checkpoint": str(bundle)}))
+        argv = [sys.executable, "-c", PEAK, "search", "--index", str(index), "--query", "a red circle blinks"]
+        subprocess.run(argv, check=True, capture_output=True, timeout=300)  # the keys, made once
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        peaks[videos] = int(done.stdout.strip().splitlines()[-1])
+        found = json.loads("\n".join(done.stdout.strip().splitlines()[:-1]))
+        assert found["videos"] == videos and found["reranked"] == min(20, videos) and found["results"]
+    tokens = sum(p.stat().st_size for p in (tmp_path / "index-250").glob("*.tar")) / 2**20
+    assert tokens > 3 * cap and peaks[250] - peaks[10] < cap, (tokens, peaks)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
+
+
+def test_a_query_file_gives_a_prediction_file_the_corpus_protocol_scores(bundle, shard_dir, tmp_path, capsys):
+    from vmr.data.tars import iter_shard
+
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--shards", str(shard_dir / "val-*.tar"), "--out",
+                 str(index)]) == 0
+    truth = [{"desc_id": q["qid"], "desc": q["query"], "vid_name": meta["video_id"], "ts": q["windows"][0],
+              "duration": meta["duration"]}
+             for shard in sorted(shard_dir.glob("val-*.tar")) for _, _, meta in iter_shard(shard) for q in meta["queries"]]
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps(r) + "\n" for r in truth))
+    out = tmp_path / "predictions.json"
+    assert main(["search", "--index", str(index), "--queries", str(queries), "--out", str(out), "--candidates", "3"]) == 0
+    submission = json.loads(out.read_text())
+    assert set(submission) == {"video2idx", "VCMR", "SVMR", "VR"}
+    assert len(submission["VCMR"]) == len(truth) and all(len(e["predictions"]) <= 100 for e in submission["VCMR"])
+    own = submission["SVMR"][0]
+    assert {p[0] for p in own["predictions"]} == {submission["video2idx"][truth[0]["vid_name"]]}
+    capsys.readouterr()
+    assert main(["eval", "--protocol", "tvr", "--predictions", str(out), "--ground-truth", str(queries)]) == 0
+    assert "| VCMR | 0.5 |" in capsys.readouterr().out
+    # Bad query files and options: one line each, nothing written.
+    bad = tmp_path / "bad.jsonl"
+    for text, reason in (('{"desc_id": 1}\n', "'desc'"), ('{"desc": "a red circle"}\n', "desc_id"),
+                         ('{"desc_id": 1, "desc": "a red circle", "vid_name": 5}\n', "vid_name"), ("[1]\n", "desc_id")):
+        bad.write_text(text)
+        assert main(["search", "--index", str(index), "--queries", str(bad), "--out", str(tmp_path / "p2.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and reason in err, err
+    assert main(["search", "--index", str(index), "--queries", str(queries)]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert not (tmp_path / "p2.json").exists()
+
+
+def test_damaged_keys_are_refused_or_rebuilt(bundle, shard_dir, tmp_path, capsys):
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--shards", str(shard_dir / "val-*.tar"), "--out",
+                 str(index)]) == 0
+    root = next((index / "keys").iterdir())
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--query", "a red circle"]) == 0
+    answer = json.loads(capsys.readouterr().out)
+    (root / "collection.json").unlink()  # a merge that never finished: made again, the same answer
+    assert main(["search", "--index", str(index), "--query", "a red circle"]) == 0
+    assert json.loads(capsys.readouterr().out) == answer
+    ids = json.loads((root / "ids.json").read_text())
+    (root / "ids.json").write_text(json.dumps(["renamed", *ids[1:]]))
+    assert main(["search", "--index", str(index), "--query", "a red circle"]) == 2
+    assert "ids.json" in capsys.readouterr().err
+    (root / "ids.json").write_text(json.dumps(ids))
+    import tarfile
+
+    shard = sorted(index.glob("*.tar"))[0]
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".tokens.npy"))
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0xFF  # the same size, other tokens: found when read
+    shard.write_bytes(bytes(data))
+    code = main(["search", "--index", str(index), "--query", "a red circle", "--candidates", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "rebuild the index" in err, err
