@@ -63,8 +63,7 @@ def main() -> int:
                     ["eval", "--protocol", "tvr", "--predictions", str(predictions), "--ground-truth", str(gt),
                      "--json", str(metrics)]):
         print("vmr", " ".join(command), flush=True)
-        subprocess.run([str(BIN / "vmr"), *command], check=True, stderr=subprocess.DEVNULL
-                       if command[0] == "search" else None)
+        subprocess.run([str(BIN / "vmr"), *command], check=True)
     submission = json.loads(predictions.read_text())
     names = {n: v for v, n in submission["video2idx"].items()}
 

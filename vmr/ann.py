@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from vmr.data.tars import TIMES, TOKENS, sha256_of
-from vmr.encode import EncodedVideo, check_encodings, encoded
+from vmr.encode import EncodedVideo, check_encodings, encoded, sample_video
 from vmr.errors import UserError
 from vmr.io import confined, first_line, json_text, objects, read_json, write_text_atomic
 
@@ -136,8 +136,6 @@ def build_keys(folder: Path, model, rank: int = 0, world: int = 1, progress: boo
 def _samples(path: Path, spec, extractor: dict, skipped: list):
     """(EncodedVideo, [tokens offset, size, crc32, times offset, size, crc32]) of each readable sample
     of a feature shard, with where its arrays lie in the tar; unreadable ones go to ``skipped``."""
-    from vmr.data.decode import _array, sample_meta
-
     members: dict[str, dict] = {}
     try:
         with tarfile.open(path) as tar:
@@ -150,10 +148,8 @@ def _samples(path: Path, spec, extractor: dict, skipped: list):
         raise UserError(f"{path}: not a readable tar shard ({first_line(error, 160)})") from None
     for key, sample in members.items():
         try:
-            meta = sample_meta({"json": sample["json"][2], "__key__": key})
             tokens, times = sample[TOKENS], sample[TIMES]
-            video = encoded(meta["video_id"], meta["duration"], _array(tokens[2], TOKENS), _array(times[2], TIMES),
-                            spec, extractor)
+            video = sample_video(key, sample["json"][2], tokens[2], times[2], spec, extractor)
         except Exception as error:  # one bad sample: listed, the others go on
             skipped.append({"key": key, "shard": path.name, "reason": first_line(error)})
             continue
@@ -177,8 +173,9 @@ def merge_keys(folder: Path, model) -> dict:
         if record.get("sha256") != entry.get("sha256") or record.get("shard") != entry["path"]:
             raise UserError(f"{record_path}: made from another {entry['path']}; run 'vmr index' again")
         part = read_npy(out / f"{n:06d}.npy", "f", (None, model.config.corpus.key_dim))
-        videos = record.get("videos")
-        if not isinstance(videos, list) or sum(v.get("frames", 0) for v in videos if isinstance(v, dict)) != len(part):
+        videos = [_part_video(v, f"{record_path}: videos[{i}]") for i, v in enumerate(objects(record, "videos",
+                                                                                            str(record_path)))]
+        if sum(v["frames"] for v in videos) != len(part):
             raise UserError(f"{record_path}: its videos do not account for the {len(part)} keys beside it; "
                             "run 'vmr index' again")
         skipped += objects(record, "skipped", str(record_path), default=[])
@@ -205,6 +202,25 @@ def merge_keys(folder: Path, model) -> dict:
               "key_dim": keys.shape[1], "skipped": skipped, "shards": [{"path": e["path"], "sha256": e.get("sha256")} for e in shards]}
     write_text_atomic(out / COLLECTION, json_text(record, out / COLLECTION, indent=1) + "\n")
     return record
+
+
+def _part_video(video: dict, where: str) -> dict:
+    """One video of a key part, checked field by field (what build_keys wrote)."""
+    import math
+
+    duration, frames, ranges = video.get("duration"), video.get("frames"), video.get("ranges")
+    if not isinstance(video.get("id"), str) or not video["id"]:
+        raise UserError(f"{where}: 'id' must be a video id; run 'vmr index' again")
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration) \
+            or duration <= 0:
+        raise UserError(f"{where}: 'duration' must be a positive number; run 'vmr index' again")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise UserError(f"{where}: 'frames' must be a positive integer; run 'vmr index' again")
+    if not isinstance(ranges, list) or len(ranges) != COLUMNS - 1 or any(
+            isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 2**63 for r in ranges):
+        raise UserError(f"{where}: 'ranges' must be {COLUMNS - 1} byte offsets, sizes and checksums; "
+                        "run 'vmr index' again")
+    return video
 
 
 def ann_index(keys: np.ndarray):

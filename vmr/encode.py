@@ -238,8 +238,6 @@ def open_encodings(folder: str | Path, model, skipped: list | None = None) -> It
 def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list | None) -> Iterator[EncodedVideo]:
     import webdataset as wds
 
-    from vmr.data.decode import _array, sample_meta
-
     if not path.is_file():
         raise UserError(f"{path}: missing (listed in its folder's manifest.json)")
     try:
@@ -249,17 +247,26 @@ def _read_shard(path: Path, spec: SamplingConfig, extractor: dict, skipped: list
     for sample in samples:
         key = sample.get("__key__", "?")
         try:
-            meta = sample_meta(sample)  # the loader's checks of a sample's json: id, duration, start, queries
-            if sanitise_key(meta["video_id"]) != key:  # an index's samples are keyed by their video
-                raise ValueError(f"'video_id' {meta['video_id']!r:.60} is not the video of sample {key!r}")
-            video = encoded(str(meta["video_id"]), meta["duration"], _array(sample[TOKENS], TOKENS),
-                            _array(sample[TIMES], TIMES), spec, extractor)
+            video = sample_video(key, sample["json"], sample[TOKENS], sample[TIMES], spec, extractor)
         except Exception as error:  # one bad sample: listed, the others go on
             if skipped is None:
                 raise UserError(f"{path}: sample {key}: {first_line(error)}") from None
             skipped.append({"key": key, "shard": path.name, "reason": first_line(error)})
             continue
         yield video
+
+
+def sample_video(key: str, meta: bytes, tokens: bytes, times: bytes, spec: SamplingConfig,
+                 extractor: dict) -> EncodedVideo:
+    """A feature shard's sample (its key and members' bytes) as an EncodedVideo, checked (ValueError):
+    the loader's checks of its json, its video id its key's, and ``encoded``'s of its arrays."""
+    from vmr.data.decode import _array, sample_meta
+
+    meta = sample_meta({"json": meta, "__key__": key})  # id, duration, start, queries
+    if sanitise_key(meta["video_id"]) != key:  # an index's samples are keyed by their video
+        raise ValueError(f"'video_id' {meta['video_id']!r:.60} is not the video of sample {key!r}")
+    return encoded(str(meta["video_id"]), meta["duration"], _array(tokens, TOKENS), _array(times, TIMES), spec,
+                   extractor)
 
 
 def encoded(video_id: str, duration: float, tokens, times, spec: SamplingConfig, extractor: dict) -> EncodedVideo:

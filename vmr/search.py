@@ -77,7 +77,8 @@ class Index:
 
     def search(self, query: str, top_k: int = 10, candidates: int = CANDIDATES, per_video: int = 5) -> dict:
         """The ``top_k`` best moments over the collection: ``{"query", "videos", "reranked", "results":
-        [{"video", "start", "end", "score", "shortlist"}, ...], "ranked_videos": [[video, score], ...]}``,
+        [{"video", "start", "end", "score", "relevance", "presence", "shortlist"}, ...], "ranked_videos":
+        [[video, score], ...]}`` (score: relevance x the video's presence),
         best first; ``candidates`` videos go to the full model (0: all of them); each gives at most
         ``per_video`` moments. ``ranked_videos``: the reranked videos by their best moment."""
         import torch
@@ -90,10 +91,14 @@ class Index:
             picked = self.collection.shortlist(key, candidates or len(self.ids))
             results, best = [], {}
             for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], text), strict=True):
+                # A moment's relevance ranks it within its video; times the video's presence (its best
+                # frame's), it compares across videos.
+                presence = max(scores.get("presence") or [1.0])
                 for start, end, score in rank_moments(scores, per_video, self.model.config.nms_iou):
                     results.append({"video": self.ids[index], "start": round(start, 4), "end": round(end, 4),
-                                    "score": round(score, 4), "shortlist": round(prior, 4)})
-                    best.setdefault(index, score)
+                                    "score": round(score * presence, 4), "relevance": round(score, 4),
+                                    "presence": round(presence, 4), "shortlist": round(prior, 4)})
+                    best.setdefault(index, score * presence)
         results.sort(key=lambda r: (-r["score"], -r["shortlist"]))
         ranked = sorted(best.items(), key=lambda kv: -kv[1])
         return {"query": query, "videos": len(self.ids), "reranked": len(picked), "results": results[:top_k],
@@ -117,7 +122,7 @@ class Index:
 
         from vmr.model import FRAME_KEYS, frame_outputs
 
-        merged = [{key: [] for key in FRAME_KEYS} for _ in indices]
+        merged = [{key: [] for key in FRAME_KEYS} for _ in indices]  # and presence, with model.corpus
         dtype = self.model.head.frame_in.weight.dtype
         pending: list = []
 
@@ -138,8 +143,8 @@ class Index:
                                   torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
                                   torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
             for (n, _, _), part in zip(batch, parts, strict=True):
-                for key in FRAME_KEYS:
-                    merged[n][key] += part[key]
+                for key, values in part.items():
+                    merged[n].setdefault(key, []).extend(values)
 
         for n, index in enumerate(indices):
             video = self.collection.load(index)

@@ -86,7 +86,8 @@ def corpus_batch(batch: dict, cfg: CorpusConfig) -> dict:
 
 def split_negatives(outputs: dict, q: int) -> tuple[dict, dict]:
     """The head's outputs for the batch's own q queries, and for the negative pairs after them."""
-    per_query = ("relevance_logits", "boundaries", "saliency", "frame_mask", "frame_times", "duration", "query_keys")
+    per_query = ("relevance_logits", "boundaries", "saliency", "frame_mask", "frame_times", "duration", "query_keys",
+                 "presence_logits")
     own = {k: (v[:q] if k in per_query else v) for k, v in outputs.items()}
     return own, {k: outputs[k][q:] for k in per_query if k in outputs}
 
@@ -143,9 +144,9 @@ def video_level_loss(own: dict, batch: dict, cfg: CorpusConfig) -> torch.Tensor:
 
 
 def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: str, focal_gamma: float) -> torch.Tensor:
-    """Every valid frame of a query's negative videos: relevance 0; and the best relevance in the
-    query's own moment above the best anywhere in each of its negative videos (a softmax over the
-    query's videos by their best frame: what a search ranks moments of different videos by)."""
+    """Every valid frame of a query's negative videos: relevance 0; and presence (the best frame's
+    presence logit) 1 in the query's own window when its moment is there, 0 in each negative video.
+    Presence is a head of its own: training it leaves the in-video ranking by relevance alone."""
     from vmr.model.losses import focal_loss, masked_mean
 
     logits = negative["relevance_logits"].float()
@@ -153,18 +154,11 @@ def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: st
     per_frame = focal_loss(logits, zeros, focal_gamma) if relevance_loss == "focal" \
         else F.binary_cross_entropy_with_logits(logits, zeros, reduction="none")
     absent = masked_mean(per_frame, negative["frame_mask"])
-    # (q, 1 + negatives): the own video's best frame inside a moment, then each negative's best frame.
-    inside = own["frame_mask"] & batch["relevance"].bool()
-    # Finite fill values: a query without a positive frame is left out below, and an infinity would
-    # still send NaN through the backward of the rows left out.
-    best_own = own["relevance_logits"].float().masked_fill(~inside, -1e4).amax(dim=-1)
-    best_negative = logits.masked_fill(~negative["frame_mask"], -1e4).amax(dim=-1)  # (n,)
-    rows = batch["negatives"][:, 0]
-    place = torch.arange(len(rows), device=rows.device) - torch.searchsorted(rows, rows)  # pairs come by query
-    columns = int(place.max()) + 2 if len(rows) else 1
-    table = torch.full((len(best_own), columns), -torch.inf, device=logits.device)
-    table[:, 0] = best_own
-    table = table.index_put((rows, place + 1), best_negative)
-    used = inside.any(-1) & (torch.bincount(rows, minlength=len(best_own)) > 0)
-    contrast = torch.logsumexp(table, dim=-1) - best_own
-    return absent + torch.where(used, contrast, 0.0).sum() / used.sum().clamp(min=1)
+    # Finite fill values: an infinity would send NaN through the backward of rows left out.
+    best_own = own["presence_logits"].float().masked_fill(~own["frame_mask"], -1e4).amax(dim=-1)
+    best_negative = negative["presence_logits"].float().masked_fill(~negative["frame_mask"], -1e4).amax(dim=-1)
+    used = batch["relevance"].bool().any(-1) & (batch["query_mask"] if "query_mask" in batch else True)
+    present = F.binary_cross_entropy_with_logits(best_own, torch.ones_like(best_own), reduction="none")
+    missing = F.binary_cross_entropy_with_logits(best_negative, torch.zeros_like(best_negative), reduction="none")
+    presence = (torch.where(used, present, 0.0).sum() + missing.sum()) / (used.sum() + len(missing)).clamp(min=1)
+    return absent + presence

@@ -42,11 +42,14 @@ class VmrHead(nn.Module):
         self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
         # Only with model.corpus: bundles trained without it load as they were saved.
         self.keys = CorpusKeys(d, config.corpus.key_dim) if config.corpus.enabled else None
+        # Whether the query's event is in this video at all, comparable across videos (model.corpus)
+        self.presence_head = nn.Linear(d, 1) if config.corpus.enabled else None
 
     def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index) -> dict[str, torch.Tensor]:
         """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
         frame to its moment's start and end, over the duration); with model.corpus, the compact
-        ``frame_keys`` (b, t, r) and ``query_keys`` (q, r) (vmr/model/corpus.py)."""
+        ``frame_keys`` (b, t, r) and ``query_keys`` (q, r), and (q, t) ``presence_logits``, whose best
+        frame says whether the event is in the video at all (vmr/model/corpus.py)."""
         dtype = self.frame_in.weight.dtype
         tokens, words, sentence = tokens.to(dtype), words.to(dtype), sentence.to(dtype)
         frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(patch_grid(tokens))  # (b,t,d) (b,t,p,d)
@@ -63,7 +66,8 @@ class VmrHead(nn.Module):
                    "boundaries": F.softplus(self.boundary_head(x)),
                    "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
         if self.keys is not None:
-            outputs.update(frame_keys=self.keys.frames(frames, frame_mask), query_keys=self.keys.queries(sentence))
+            outputs.update(frame_keys=self.keys.frames(frames, frame_mask), query_keys=self.keys.queries(sentence),
+                           presence_logits=rearrange(self.presence_head(x), "q t 1 -> q t"))
         return outputs
 
     def frame_keys(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
@@ -92,6 +96,7 @@ def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.
     probs = torch.sigmoid(outputs["relevance_logits"].float()).cpu()
     saliency = outputs["saliency"].float().cpu()
     bounds = outputs["boundaries"].float().cpu()
+    presence = torch.sigmoid(outputs["presence_logits"].float()).cpu() if "presence_logits" in outputs else None
     times, duration = outputs["frame_times"].double().cpu(), outputs["duration"].double().cpu()
     mask = outputs["frame_mask"].cpu().clone()
     q, t = mask.shape
@@ -109,5 +114,6 @@ def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.
         results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": relevance,
                         "saliency": saliency[i][valid].tolist(),
                         "starts": start.clamp(0, float(total[i])).tolist(),
-                        "ends": end.clamp(0, float(total[i])).tolist(), "scores": relevance})
+                        "ends": end.clamp(0, float(total[i])).tolist(), "scores": relevance,
+                        **({"presence": presence[i][valid].tolist()} if presence is not None else {})})
     return results
