@@ -35,8 +35,9 @@ def test_bench_all_quick_reports_every_figure(tmp_path, capsys):
             "frozen_step_from_features_s", "features_speedup"} <= set(report["features"]["results"])
     assert {"first_query_s", "later_query_s", "later_query_speedup", "full_pass_per_query_s",
             "encoding_mb_per_video_minute"} <= set(report["encode"]["results"])
-    assert {"index_videos_per_s", "search_300_videos_shortlist_s", "search_300_videos_exhaustive_s"} <= set(
-        report["search"]["results"])
+    assert {"index_videos_per_s", "ann_build_1000_videos_s", "search_1000_videos_memory_mb", "search_1000_videos_ms",
+            "search_1000_videos_shortlist_ms", "search_1000_videos_recall"} <= set(report["search"]["results"])
+    assert report["search"]["results"]["search_1000_videos_recall"]["median"] == 1.0  # exact at this size
     costs = report["backbones"]["results"]
     for tower in ("clip_b32", "siglip_b16"):
         assert {f"{tower}_{k}" for k in ("params_m", "vision_frames_per_s", "text_queries_per_s", "infer_window_s",

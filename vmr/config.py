@@ -60,7 +60,7 @@ class CorpusConfig:
 
     enabled: bool = False
     key_dim: int = 64  # width of the frame and query keys the collection index stores and asks
-    negatives: int = 3  # other videos each query is run against (moment level); 0: video level only
+    negatives: int = 2  # other videos each query is run against (moment level); 0: video level only
     temperature: float = 0.05  # of the video-level contrast over key scores
     loss_video: float = 1.0
     loss_negative: float = 1.0

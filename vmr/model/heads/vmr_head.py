@@ -42,8 +42,10 @@ class VmrHead(nn.Module):
         self.saliency_head = nn.Linear(d, 1, bias=False)  # a ranking loss cannot see a shift
         # Only with model.corpus: bundles trained without it load as they were saved.
         self.keys = CorpusKeys(d, config.corpus.key_dim) if config.corpus.enabled else None
-        # Whether the query's event is in this video at all, comparable across videos (model.corpus)
-        self.presence_head = nn.Linear(d, 1) if config.corpus.enabled else None
+        # Whether the query's event is in this video at all, comparable across videos (model.corpus).
+        # It reads the layers' output without training them: in-video ranking stays relevance's alone.
+        self.presence_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1)) \
+            if config.corpus.enabled else None
 
     def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index) -> dict[str, torch.Tensor]:
         """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
@@ -67,7 +69,7 @@ class VmrHead(nn.Module):
                    "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
         if self.keys is not None:
             outputs.update(frame_keys=self.keys.frames(frames, frame_mask), query_keys=self.keys.queries(sentence),
-                           presence_logits=rearrange(self.presence_head(x), "q t 1 -> q t"))
+                           presence_logits=rearrange(self.presence_head(x.detach()), "q t 1 -> q t"))
         return outputs
 
     def frame_keys(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
