@@ -56,14 +56,17 @@ class DataConfig:
 
 @dataclass
 class CorpusConfig:
-    """Training for a collection: scores that compare across videos (vmr/model/corpus.py says how)."""
+    """Training for a collection: scores that compare across videos (vmr/model/corpus.py)."""
 
     enabled: bool = False
     key_dim: int = 64  # width of the frame and query keys the collection index stores and asks
     negatives: int = 2  # other videos each query is run against (moment level); 0: video level only
     temperature: float = 0.05  # of the video-level contrast over key scores
-    loss_video: float = 1.0
-    loss_negative: float = 1.0
+    # loss_video and loss_presence train only the key and presence layers (their inputs detached): small,
+    # so that they do not dominate the global clipping norm (Adam's steps do not depend on the weight).
+    loss_video: float = 0.05
+    loss_presence: float = 0.05
+    loss_negative: float = 1.0  # relevance 0 in the negative videos: it trains the layers
 
 
 @dataclass
@@ -115,8 +118,7 @@ class ModelConfig:
     name: str = "openai/clip-vit-base-patch32"  # hub name or local directory (from_pretrained), of that kind
     init: Literal["pretrained", "random"] = "pretrained"  # random: towers of the sizes below, untrained
     tokenizer: str = ""  # "" = the model's; "synthetic" = built locally for `vmr synth` data
-    # Tower sizes for init=random (pretrained towers bring their own); defaults are CLIP ViT-B/32's.
-    # projection_dim is CLIP's shared space; SigLIP's is the vision width.
+    # Tower sizes for init=random (pretrained towers bring their own; CLIP ViT-B/32's by default)
     image_size: int = 224
     patch_size: int = 32
     vision_width: int = 768
@@ -125,16 +127,14 @@ class ModelConfig:
     text_width: int = 512
     text_layers: int = 12
     text_heads: int = 8
-    projection_dim: int = 512
-    # Backbone handling
+    projection_dim: int = 512  # CLIP's shared space; SigLIP's is the vision width
     freeze_backbone: bool = False  # the towers get no gradient (freeze_clip: its earlier name)
     gradient_checkpointing: bool = False  # recompute the towers' activations in backward
     frame_chunk: int = 256  # frames per vision-tower call: bounds activation memory on long batches
-    # Cached features (vmr features): widths of imported features the layers above read instead of
-    # the towers'; 0 = the towers' own (extracted caches, or videos)
+    # Widths of imported features (vmr features) read instead of the towers'; 0 = the towers' own
     feature_dim: int = 0  # per-frame video features, e.g. 2816 for SlowFast + CLIP (2304 + 512)
     text_feature_dim: int = 0  # per-token query features, e.g. 512 for CLIP's text tower
-    # Temporal and cross-attention layers on top of the towers
+    # Temporal and cross-attention layers on top of the towers (the head)
     temporal_modeling: bool = True  # self-attention over time; off: frames only see the query
     motion: bool = True  # the query reads each patch's change from/to the neighbouring frames too
     motion_span: int = 2  # with motion: changes over 1..motion_span frames on each side
@@ -260,8 +260,8 @@ class Config:
               for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
                         "max_q_l")),
             (not m.corpus.enabled or m.head == "vmr", "model.corpus.enabled", "needs model.head vmr"),
-            (m.corpus.key_dim >= 1 and m.corpus.negatives >= 0 and m.corpus.temperature > 0 and
-             min(m.corpus.loss_video, m.corpus.loss_negative) >= 0, "model.corpus",
+            (m.corpus.key_dim >= 1 and m.corpus.negatives >= 0 and m.corpus.temperature > 0 and min(
+                m.corpus.loss_video, m.corpus.loss_negative, m.corpus.loss_presence) >= 0, "model.corpus",
              "key_dim must be >= 1, temperature > 0, negatives and loss weights >= 0"),
             (1 <= m.detr.n_input_proj <= 3, "model.detr.n_input_proj", "must be 1, 2 or 3"),
             (m.detr.hidden_dim % m.detr.nheads == 0, "model.detr.hidden_dim", "must be a multiple of model.detr.nheads"),

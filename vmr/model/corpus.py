@@ -143,10 +143,11 @@ def video_level_loss(own: dict, batch: dict, cfg: CorpusConfig) -> torch.Tensor:
     return torch.where(used, per_query, 0.0).sum() / used.sum().clamp(min=1)
 
 
-def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: str, focal_gamma: float) -> torch.Tensor:
-    """Every valid frame of a query's negative videos: relevance 0; and presence (the best frame's
-    presence logit) 1 in the query's own window when its moment is there, 0 in each negative video.
-    Presence is a head of its own: training it leaves the in-video ranking by relevance alone."""
+def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: str,
+                      focal_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every valid frame of a query's negative videos: relevance 0; presence, the best frame's
+    presence logit: 1 in the query's own window when its moment is there, 0 in each negative video).
+    Presence is a head of its own on detached inputs: the in-video ranking stays relevance's alone."""
     from vmr.model.losses import focal_loss, masked_mean
 
     logits = negative["relevance_logits"].float()
@@ -161,4 +162,4 @@ def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: st
     present = F.binary_cross_entropy_with_logits(best_own, torch.ones_like(best_own), reduction="none")
     missing = F.binary_cross_entropy_with_logits(best_negative, torch.zeros_like(best_negative), reduction="none")
     presence = (torch.where(used, present, 0.0).sum() + missing.sum()) / (used.sum() + len(missing)).clamp(min=1)
-    return absent + presence
+    return absent, presence

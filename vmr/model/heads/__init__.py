@@ -42,10 +42,12 @@ def head_losses(outputs: dict, batch: dict, cfg) -> dict:
         own, negative = split_negatives(outputs, len(batch["video_index"]))
         losses = moment_losses(own, batch, cfg)
         losses["video"] = video_level_loss(own, batch, cfg.corpus)
-        losses["negative"] = moment_level_loss(own, negative, batch, cfg.relevance_loss, cfg.focal_gamma) \
-            if len(batch["negatives"]) else losses["video"] * 0
-        losses["loss"] = losses["loss"] + cfg.corpus.loss_video * losses["video"] \
-            + cfg.corpus.loss_negative * losses["negative"]
+        losses["negative"], losses["presence"] = moment_level_loss(
+            own, negative, batch, cfg.relevance_loss, cfg.focal_gamma) if len(batch["negatives"]) \
+            else (losses["video"] * 0, losses["video"] * 0)
+        c = cfg.corpus
+        losses["loss"] = losses["loss"] + c.loss_video * losses["video"] + c.loss_negative * losses["negative"] \
+            + c.loss_presence * losses["presence"]
         return losses
     return batch_losses(outputs, batch, cfg.detr, HEADS[cfg.head].saliency_loss_of)
 

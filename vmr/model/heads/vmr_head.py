@@ -68,17 +68,19 @@ class VmrHead(nn.Module):
                    "boundaries": F.softplus(self.boundary_head(x)),
                    "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
         if self.keys is not None:
-            outputs.update(frame_keys=self.keys.frames(frames, frame_mask), query_keys=self.keys.queries(sentence),
+            # The keys and presence read the layers without training them (vmr/model/corpus.py).
+            outputs.update(frame_keys=self.keys.frames(frames.detach(), frame_mask),
+                           query_keys=self.keys.queries(sentence.detach()),
                            presence_logits=rearrange(self.presence_head(x.detach()), "q t 1 -> q t"))
         return outputs
 
     def frame_keys(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         """(b, t, k, c) tokens -> (b, t, r) the keys a collection index stores (model.corpus)."""
-        return self.keys.frames(self.frame_in(tokens[:, :, 0].to(self.frame_in.weight.dtype)), frame_mask)
+        return self.keys.frames(self.frame_in(tokens[:, :, 0].to(self.frame_in.weight.dtype)).detach(), frame_mask)
 
     def query_keys(self, sentence: torch.Tensor) -> torch.Tensor:
         """(q, c) sentence embeddings -> (q, r) the keys a collection index is asked with."""
-        return self.keys.queries(self.sentence_in(sentence.to(self.sentence_in.weight.dtype)))
+        return self.keys.queries(self.sentence_in(sentence.to(self.sentence_in.weight.dtype)).detach())
 
     def losses(self, outputs: dict, batch: dict) -> dict[str, torch.Tensor]:
         return moment_losses(outputs, batch, self.config)
