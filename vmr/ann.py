@@ -38,9 +38,9 @@ from vmr.io import confined, first_line, json_text, objects, read_json, write_te
 KEYS = "keys"
 COLLECTION = "collection.json"
 FLAT_MAX = 1_000_000  # frame keys searched exactly; beyond, IVF-PQ (vmr bench search measured why)
-NPROBE = 48  # IVF lists a query visits
+NPROBE = 256  # IVF lists a query visits (of at most MAX_LISTS)
 MAX_LISTS = 2048
-FRAMES_PER_VIDEO = 32  # best frames asked per video wanted (more are asked until enough videos are seen)
+FRAMES_PER_VIDEO = 128  # best frames asked per video wanted (more are asked until enough videos are seen)
 SMALL = ("ids.json", "table.npy", "durations.npy")  # checked by sha256 when opened: a few bytes per video
 LARGE = ("keys.npy", "frames.npy", "ann.faiss")  # by size (each row read is checked when used)
 COLUMNS = 7  # table.npy: shard, tokens (offset, size, crc32), times (offset, size, crc32)
