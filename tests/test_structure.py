@@ -21,9 +21,9 @@ FLOORS = [
     ["vmr.io"],
     ["vmr.config"],
     ["vmr.vocab", "vmr.text", "vmr.runtime", "vmr.figures", "vmr.eval.metrics", "vmr.checkpoint"],
-    ["vmr.data.*", "vmr.model.*", "vmr.eval.report"],  # data and model: never each other
+    ["vmr.data.*", "vmr.model.*", "vmr.eval.report", "vmr.eval.corpus"],  # data and model: never each other
     ["vmr.cache", "vmr.bundle", "vmr.synth"],
-    ["vmr.convert", "vmr.encode", "vmr.eval.predict", "vmr.features", "vmr.search", "vmr.train"],
+    ["vmr.convert", "vmr.encode", "vmr.ann", "vmr.eval.predict", "vmr.features", "vmr.search", "vmr.train"],
     ["vmr.bench.*"],
     ["vmr", "vmr.cli", "vmr.demo.*"],  # the command layer
 ]

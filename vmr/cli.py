@@ -127,10 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_command(
         commands, predict.add_eval_arguments, predict.run_eval,
         "eval", help="score predictions (official protocols), or predict on shards and score",
-        description="Score a predictions file against ground truth with the official QVHighlights or "
-                    "Charades-STA protocol, or run a trained model over shards first. Prints a "
+        description="Score a predictions file against ground truth with an official protocol (QVHighlights, "
+                    "Charades-STA, ..., TVR's corpus protocol), or run a trained model over shards first. Prints a "
                     "leaderboard row; --json writes the official metrics layout.",
         epilog="examples:\n  vmr eval --predictions preds.jsonl --ground-truth data/highlight_val_release.jsonl\n"
+               "  vmr eval --protocol tvr --predictions predictions.json --ground-truth tvr_val_release.jsonl\n"
                "  vmr eval --checkpoint runs/quickstart --shards data/shards/val-*.tar --json metrics.json",
     )
 
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "search", help="find a sentence's best moments over a whole indexed collection (JSON on stdout)",
         description="Rank the moments of every video of an index for a sentence: a cheap shortlist of the "
                     "videos over the whole collection, then the full model on the best of them.",
-        epilog="example:\n  vmr search --index my_index --query 'a person opens the fridge' --top-k 5",
+        epilog="examples:\n  vmr search --index my_index --query 'a person opens the fridge' --top-k 5\n"
+               "  vmr search --index my_index --queries tvr_val.jsonl --out predictions.json",
     )
 
     from vmr import convert

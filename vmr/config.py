@@ -111,7 +111,7 @@ class ModelConfig:
     # identical to its reference code (Moment-DETR, QD-DETR; their settings in model.detr)
     head: Literal["vmr", "moment_detr", "qd_detr"] = "vmr"
     detr: DetrConfig = field(default_factory=DetrConfig)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # vmr's head only
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)  # vmr's head only (the others ignore it)
     # The image-text towers (vmr/model/backbone.py): clip (CLIPModel), siglip (SiglipModel, also SigLIP 2's
     # fixed-resolution checkpoints) or siglip2 (Siglip2Model, the NaFlex checkpoints)
     backbone: Literal["clip", "siglip", "siglip2"] = "clip"
@@ -259,7 +259,6 @@ class Config:
             *((getattr(m.detr, k) >= 1, f"model.detr.{k}", "must be at least 1")
               for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
                         "max_q_l")),
-            (not m.corpus.enabled or m.head == "vmr", "model.corpus.enabled", "needs model.head vmr"),
             (m.corpus.key_dim >= 1 and m.corpus.negatives >= 0 and m.corpus.temperature > 0 and min(
                 m.corpus.loss_video, m.corpus.loss_negative, m.corpus.loss_presence) >= 0, "model.corpus",
              "key_dim must be >= 1, temperature > 0, negatives and loss weights >= 0"),

@@ -280,7 +280,7 @@ def optimizer_step(run: Run) -> tuple[dict, object]:
         perf["videos"] += len(batch["video_id"]) * accelerator.num_processes
         perf["frames"] += batch["frames"] * accelerator.num_processes
         config = accelerator.unwrap_model(model).config
-        if config.corpus.enabled:  # other videos of the batch as negatives (vmr/model/corpus.py)
+        if config.corpus.enabled and config.head == "vmr":  # other videos as negatives (vmr/model/corpus.py)
             batch = corpus_batch(batch, config.corpus)
         with accelerator.accumulate(model):
             losses = moment_losses(batch_forward(model, batch), batch, config)

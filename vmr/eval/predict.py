@@ -185,8 +185,9 @@ def predict_video(model, cfg, path: str | Path, query: str | list[str], top_k: i
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     files = p.add_argument_group("scoring a predictions file")
-    files.add_argument("--predictions", help="predictions JSONL in the official QVHighlights schema")
-    files.add_argument("--ground-truth", help="ground truth in any annotation format vmr reads (QVHighlights or "
+    files.add_argument("--predictions", help="predictions JSONL in the official QVHighlights schema (with --protocol "
+                                             "tvr: TVR's prediction JSON)")
+    files.add_argument("--ground-truth", help="ground truth in any annotation format vmr reads (TVR JSONL with --protocol tvr; QVHighlights or "
                                               "highlight JSONL, Charades-STA text, ActivityNet Captions or TACoS "
                                               "JSON); with --checkpoint, replaces the shards' own")
     model = p.add_argument_group("predicting with a trained model")

@@ -42,9 +42,10 @@ def head_losses(outputs: dict, batch: dict, cfg) -> dict:
         own, negative = split_negatives(outputs, len(batch["video_index"]))
         losses = moment_losses(own, batch, cfg)
         losses["video"] = video_level_loss(own, batch, cfg.corpus)
-        losses["negative"], losses["presence"] = moment_level_loss(
-            own, negative, batch, cfg.relevance_loss, cfg.focal_gamma) if len(batch["negatives"]) \
-            else (losses["video"] * 0, losses["video"] * 0)
+        # Even with no negative pair (one video in a process's batch): every layer then still gets its
+        # (zero) gradient, as DDP expects of every process.
+        losses["negative"], losses["presence"] = moment_level_loss(own, negative, batch, cfg.relevance_loss,
+                                                                   cfg.focal_gamma)
         c = cfg.corpus
         losses["loss"] = losses["loss"] + c.loss_video * losses["video"] + c.loss_negative * losses["negative"] \
             + c.loss_presence * losses["presence"]
