@@ -13,8 +13,12 @@ a video holds is known from its annotations; another window of the same video is
   from every process, with gradients to the local ones: more processes give more negatives) makes
   the query's own video score highest.
 - **Moment level.** Each query is also run through the whole head on ``negatives`` other videos of its
-  process; their frames' relevance is trained towards 0, so that a moment's relevance, the score
-  the rerank orders moments of different videos by, is low in a video without the event.
+  process; their frames' relevance is trained towards 0, and a presence head (one logit per frame, a
+  video's presence its best frame's) towards 1 in the query's own window and 0 in the negatives. A
+  search ranks moments of different videos by relevance x presence.
+
+The key and presence layers read detached inputs and their losses weigh little (vmr.config.CorpusConfig):
+only the relevance term trains the shared layers, so the in-video figures stay those of the head.
 
 Legend: b videos, t frames, q queries, r key width, d the head's width, n negative pairs, w processes.
 """
