@@ -16,7 +16,7 @@ QUICK_RUN  := runs/quickstart
 # 400 synthetic videos (320 to train, 80 held out), shards re-encoded to 32 px at 2 fps, the tiny
 # config trained by 2 CPU processes through accelerate launch, then the final model scored on the
 # held-out videos with the official QVHighlights protocol, overall and by what tells each query apart
-# from the most similar other query of its video (told_apart_by). About 7 minutes on 2 cores.
+# from the most similar other query of its video (told_apart_by). About 14 minutes on 2 cores.
 quickstart: install $(QUICK_DATA)/shards/manifest.json
 	rm -rf $(QUICK_RUN)
 	$(BIN)/accelerate launch --config_file launch/cpu_2proc.yaml -m vmr.train --config configs/tiny.yaml \
