@@ -17,7 +17,7 @@ import torch
 from vmr.cli import main
 from vmr.model.corpus import corpus_batch, text_hash
 
-from .test_search import TINY
+from .test_search import TINY, place_event, train_on_features, write_release
 
 ROOT = Path(__file__).parents[1]
 
@@ -43,33 +43,11 @@ def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[st
     for it. Every training query occurs in its video, so a model trained on them alone can find the
     event without reading the sentence; across videos only the sentence tells them apart."""
     rng = np.random.default_rng(4)
-    sentences = ["a red circle blinks", "a blue square grows", "a green triangle moves left",
-                 "a yellow circle shrinks", "a red square moves up", "a blue triangle moves down"]
-    concepts = np.eye(8, dtype=np.float32)[:6] * 3
-    folder = root / "features"
-    folder.mkdir(parents=True)
-    rows, owners = [], {}
+    rows, owners, clips = [], {}, {}
     for i in range(videos):
-        clips = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
-        j, start = i % 6, int(rng.integers(0, 17))
-        clips[start:start + 3] += concepts[j]
-        rows.append({"qid": i, "query": sentences[j], "vid": f"video{i}", "duration": 40,
-                     "relevant_windows": [[2 * start, 2 * start + 6]], "relevant_clip_ids": [start, start + 1, start + 2],
-                     "saliency_scores": [[4, 4, 4]] * 3})
-        owners.setdefault(sentences[j], set()).add(f"video{i}")
-        np.savez(folder / f"video{i}.npz", features=clips)
-    annotations = root / "ann.jsonl"
-    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder, annotations, owners
-
-
-def train_on(index: Path, run: Path, corpus: bool) -> Path:
-    assert main(["train", "--config", str(TINY), f"data.train_shards={index}/train-*.tar", "data.val_shards=[]",
-                 "data.num_workers=0", "data.sampling.fps=0.5", "data.sampling.window=20", "model.feature_dim=8",
-                 f"model.corpus.enabled={str(corpus).lower()}", f"train.output_dir={run}", "train.max_steps=300",
-                 "train.batch_size=6", "train.warmup_steps=10", "train.save_every=0", "train.eval_every=0",
-                 "train.log_every=100"]) == 0
-    return run / "export"
+        clips[f"video{i}"] = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
+        place_event(clips[f"video{i}"], i % 6, int(rng.integers(0, 17)), f"video{i}", rows, owners)
+    return *write_release(root, clips, rows), owners
 
 
 @pytest.mark.slow
@@ -81,7 +59,8 @@ def test_only_the_negatives_aware_model_ranks_the_right_video_first(tmp_path, ca
     index = tmp_path / "index"
     assert main(["features", "import", "--video-features", str(folder), "--annotations", str(annotations),
                  "--out", str(index), "--split", "train"]) == 0
-    plain, aware = train_on(index, tmp_path / "plain", False), train_on(index, tmp_path / "aware", True)
+    plain, aware = (train_on_features(index, tmp_path / name, 300, f"model.corpus.enabled={flag}")
+                    for name, flag in (("plain", "false"), ("aware", "true")))
     # The plain model: each video's best moment by its own score, the best over the collection.
     model, _ = load_model(plain)
     videos = list(open_encodings(index, model))

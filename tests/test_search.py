@@ -209,32 +209,54 @@ def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, 
     assert len(printed["results"]) == 2 and printed["reranked"] == min(20, len(opened))
 
 
+SENTENCES = ["a red circle blinks", "a blue square grows", "a green triangle moves left",
+             "a yellow circle shrinks", "a red square moves up", "a blue triangle moves down"]
+CONCEPTS = np.eye(8, dtype=np.float32)[:6] * 3  # each object a direction of its own
+
+
+def place_event(clips: np.ndarray, j: int, start: int, vid: str, rows: list, owners: dict) -> None:
+    """Object ``j`` in clips start..start+2 of video ``vid`` (20 two-second clips), and its query."""
+    clips[start:start + 3] += CONCEPTS[j]
+    rows.append({"qid": len(rows), "query": SENTENCES[j], "vid": vid, "duration": 40,
+                 "relevant_windows": [[2 * start, 2 * start + 6]],
+                 "relevant_clip_ids": [start, start + 1, start + 2], "saliency_scores": [[4, 4, 4]] * 3})
+    owners.setdefault(SENTENCES[j], set()).add(vid)
+
+
+def write_release(root: Path, clips: dict[str, np.ndarray], rows: list) -> tuple[Path, Path]:
+    """The videos' features (one .npz each) and their annotations, in the released-features layout."""
+    folder = root / "features"
+    folder.mkdir(parents=True)
+    for vid, features in clips.items():
+        np.savez(folder / f"{vid}.npz", features=features)
+    annotations = root / "ann.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder, annotations
+
+
+def train_on_features(index: Path, run: Path, steps: int, *overrides: str) -> Path:
+    """The tiny preset trained on an imported 8-wide feature release; its bundle."""
+    assert main(["train", "--config", str(TINY), f"data.train_shards={index}/train-*.tar", "data.val_shards=[]",
+                 "data.num_workers=0", "data.sampling.fps=0.5", "data.sampling.window=20", "model.feature_dim=8",
+                 f"train.output_dir={run}", f"train.max_steps={steps}", "train.batch_size=6", "train.warmup_steps=10",
+                 "train.save_every=0", "train.eval_every=0", "train.log_every=50", *overrides]) == 0
+    return run / "export"
+
+
 def handmade_release(root: Path, videos: int = 36) -> tuple[Path, Path, dict[str, set[str]]]:
     """Videos of 20 two-second clips in the released-features layout. Six objects, each a direction
     of its own; each video shows two of them, three clips each, at random places (the rest is faint
     noise), and has a query for each. A model must read the sentence to tell the two apart."""
     rng = np.random.default_rng(3)
-    sentences = ["a red circle blinks", "a blue square grows", "a green triangle moves left",
-                 "a yellow circle shrinks", "a red square moves up", "a blue triangle moves down"]
-    concepts = np.eye(8, dtype=np.float32)[:6] * 3
-    folder = root / "features"
-    folder.mkdir(parents=True)
-    rows, owners = [], {}
+    rows, owners, clips = [], {}, {}
     for i in range(videos):
         vid = f"video{i}"
-        clips = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
+        clips[vid] = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
         first = int(rng.integers(0, 7))
         for j, start in zip(rng.choice(6, size=2, replace=False), (first, first + 3 + int(rng.integers(1, 8))),
                             strict=True):
-            clips[start:start + 3] += concepts[j]
-            rows.append({"qid": len(rows), "query": sentences[j], "vid": vid, "duration": 40,
-                         "relevant_windows": [[2 * start, 2 * start + 6]],
-                         "relevant_clip_ids": [start, start + 1, start + 2], "saliency_scores": [[4, 4, 4]] * 3})
-            owners.setdefault(sentences[j], set()).add(vid)
-        np.savez(folder / f"{vid}.npz", features=clips)
-    annotations = root / "ann.jsonl"
-    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return folder, annotations, owners
+            place_event(clips[vid], j, start, vid, rows, owners)
+    return *write_release(root, clips, rows), owners
 
 
 @pytest.mark.slow
@@ -243,12 +265,8 @@ def test_a_search_finds_the_video_holding_the_exact_event(tmp_path, capsys):
     index = tmp_path / "index"
     assert main(["features", "import", "--video-features", str(folder), "--annotations", str(annotations),
                  "--out", str(index), "--split", "train"]) == 0
-    run = tmp_path / "run"
-    assert main(["train", "--config", str(TINY), f"data.train_shards={index}/train-*.tar", "data.val_shards=[]",
-                 "data.num_workers=0", "data.sampling.fps=0.5", "data.sampling.window=20", "model.feature_dim=8",
-                 f"train.output_dir={run}", "train.max_steps=400", "train.batch_size=6", "train.warmup_steps=10",
-                 "train.save_every=0", "train.eval_every=0", "train.log_every=50"]) == 0
-    (index / "index.json").write_text(json.dumps({"checkpoint": str(run / "export")}))
+    run = train_on_features(index, tmp_path / "run", 400)
+    (index / "index.json").write_text(json.dumps({"checkpoint": str(run)}))
     for candidates in ("0", "20"):  # every video reranked, and a shortlist of 20 of the 36
         capsys.readouterr()
         assert main(["search", "--index", str(index), *sum((["--query", s] for s in owners), []), "--top-k", "1",
