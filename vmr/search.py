@@ -51,9 +51,8 @@ class Index:
 
     @classmethod
     def open(cls, folder: str | Path, model, progress: bool = False) -> Index:
-        from vmr.ann import Collection, check_corpus_model
+        from vmr.ann import Collection
 
-        check_corpus_model(model.config, str(folder))
         return cls(model, Collection.open(Path(folder), model, progress), Path(folder))
 
     def __len__(self) -> int:
