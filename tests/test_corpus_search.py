@@ -198,3 +198,33 @@ def test_damaged_keys_are_refused_or_rebuilt(bundle, shard_dir, tmp_path, capsys
     code = main(["search", "--index", str(index), "--query", "a red circle", "--candidates", "0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "rebuild the index" in err, err
+
+
+def test_segment_keys_and_the_ivf_index_find_the_best_videos(monkeypatch):
+    """The ANN keys are each video's frames averaged SEGMENT at a time; past FLAT_MAX the index is IVF-PQ,
+    and a shortlist over it finds the videos that exact search over every frame finds."""
+    from vmr import ann
+
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 30, size=400)  # videos of 1 to 29 frames: short last segments, one-frame videos
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    centres = rng.normal(size=(400, 32))
+    keys = np.repeat(centres, counts, axis=0) + rng.normal(scale=0.3, size=(starts[-1], 32))
+    keys = (keys / np.linalg.norm(keys, axis=1, keepdims=True)).astype(np.float16)
+    segments, video = ann.segment_keys(keys, starts)
+    assert (np.bincount(video) == -(-counts // ann.SEGMENT)).all()
+    v = int(np.flatnonzero(counts > ann.SEGMENT + 1)[0])  # its second segment, by hand
+    mean = keys[starts[v] + ann.SEGMENT:min(starts[v] + 2 * ann.SEGMENT, starts[v + 1])].astype(np.float32).mean(0)
+    np.testing.assert_allclose(segments[np.flatnonzero(video == v)[1]], mean / np.linalg.norm(mean), rtol=1e-5)
+    monkeypatch.setattr(ann, "FLAT_MAX", 100)
+    index, kind = ann.ann_index(segments)
+    assert kind == "ivfpq" and index.ntotal == len(segments)
+    collection = ann.Collection.__new__(ann.Collection)  # the search alone, over these arrays
+    collection.ids, collection.keys, collection.starts, collection.segment_video = list(range(400)), keys, starts, video
+    collection.ann, collection.root = index, Path("keys")
+    index.nprobe = ann.NPROBE
+    for q in range(5):
+        query = centres[q * 50] / np.linalg.norm(centres[q * 50])
+        exact = np.maximum.reduceat(keys.astype(np.float32) @ query, starts[:-1])
+        found = [video for video, _ in collection.shortlist(query, 10)]
+        assert found[0] == np.argmax(exact) and len(set(found) & set(np.argsort(-exact)[:10])) >= 9

@@ -157,9 +157,7 @@ def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
     """An index folder of ``n`` videos: the real index's shards and manifest (hard links), and merged keys
     made of its videos' keys, each copy moved by a random offset of its own (0.1 per dimension, the
     keys being unit vectors) and per-frame noise (0.02), pointing at the real videos' tokens."""
-    from vmr.ann import COLLECTION, LARGE, SMALL, _save_npy, ann_index
-    from vmr.data.tars import sha256_of
-    from vmr.io import json_text
+    from vmr.ann import write_collection
 
     folder.mkdir(parents=True)
     for item in index.iterdir():  # hard links: the same bytes, inside the folder
@@ -168,52 +166,39 @@ def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
     out = folder / "keys" / real.root.name
     out.mkdir(parents=True)
     rng = np.random.default_rng(n)
-    starts = np.searchsorted(real.frame_video, np.arange(len(real)))
-    counts = np.bincount(real.frame_video, minlength=len(real))
+    counts = np.diff(real.starts)
     source = np.arange(n) % len(real)
-    keys, frame_video = [], []
+    keys = []
     base = np.asarray(real.keys, dtype=np.float32)
     for first in range(0, n, 1000):  # 1,000 videos at a time: the build's memory stays small
         chunk = []
         for v in range(first, min(n, first + 1000)):
             s = source[v]
             # a video of its own: a random offset for the whole video, and a little noise per frame
-            copy = base[starts[s]:starts[s] + counts[s]] + rng.normal(scale=0.1, size=(1, base.shape[1])) \
+            copy = base[real.starts[s]:real.starts[s + 1]] + rng.normal(scale=0.1, size=(1, base.shape[1])) \
                 + rng.normal(scale=0.02, size=(counts[s], base.shape[1]))
             chunk.append(copy / np.linalg.norm(copy, axis=1, keepdims=True))
-            frame_video.append(np.full(counts[s], v, dtype=np.int32))
         keys.append(np.concatenate(chunk).astype(np.float16))
     keys = np.concatenate(keys)
-    _save_npy(out / "keys.npy", keys)
-    _save_npy(out / "frames.npy", np.concatenate(frame_video))
-    _save_npy(out / "table.npy", real.table[source])
-    _save_npy(out / "durations.npy", real.durations[source])
-    (out / "ids.json").write_text(json_text([f"{real.ids[s]}-{v}" for v, s in enumerate(source)], "ids") + "\n")
-    ann, kind = ann_index(keys)
-    import faiss
-
-    faiss.write_index(ann, str(out / "ann.faiss"))
-    record = json.loads((real.root / COLLECTION).read_text())
-    record.update(kind=kind, videos=n, frames=len(keys), skipped=[], files={
-        name: {"bytes": (out / name).stat().st_size, **({"sha256": sha256_of(out / name)} if name in SMALL else {})}
-        for name in (*SMALL, *LARGE)})
-    (out / COLLECTION).write_text(json_text(record, COLLECTION) + "\n")
-    return kind
+    starts = np.concatenate([[0], np.cumsum(counts[source])]).astype(np.int64)
+    record = json.loads((real.root / "collection.json").read_text())
+    written = write_collection(out, keys, starts, real.table[source], real.durations[source],
+                               [f"{real.ids[s]}-{v}" for v, s in enumerate(source)], [], record["shards"])
+    return written["kind"]
 
 
 def recall(folder: Path, shortlists: list[list[int]], query_keys: list[list[float]]) -> float:
     """The share of each exact top-20 (every key scored, a video by its best frame) the shortlist kept."""
     root = next((folder / "keys").iterdir())
     keys = np.load(root / "keys.npy", mmap_mode="r")
-    frame_video = np.load(root / "frames.npy", mmap_mode="r")
+    starts = np.load(root / "starts.npy")
     queries = np.asarray(query_keys, dtype=np.float32)
-    n = int(frame_video[-1]) + 1
-    best = np.full((len(queries), n), -np.inf, dtype=np.float32)
-    for first in range(0, len(keys), 1 << 20):
-        scores = np.asarray(keys[first:first + (1 << 20)], dtype=np.float32) @ queries.T  # (frames, queries)
-        videos = np.asarray(frame_video[first:first + (1 << 20)])
-        for q in range(len(queries)):
-            np.maximum.at(best[q], videos, scores[:, q])
+    best = np.full((len(queries), len(starts) - 1), -np.inf, dtype=np.float32)
+    step = 1 << 14  # videos at a time
+    for first in range(0, len(starts) - 1, step):
+        rows = starts[first:first + step + 1]
+        scores = np.asarray(keys[rows[0]:rows[-1]], dtype=np.float32) @ queries.T  # (frames, queries)
+        best[:, first:first + len(rows) - 1] = np.maximum.reduceat(scores, rows[:-1] - rows[0], axis=0).T
     kept = [len(set(np.argsort(-best[q], kind="stable")[:len(s)]) & set(s)) / len(s)
             for q, s in enumerate(shortlists)]
     return float(np.mean(kept))

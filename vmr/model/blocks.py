@@ -49,10 +49,10 @@ def neighbour_changes(patches: torch.Tensor, frame_mask: torch.Tensor, span: int
     valid = rearrange(frame_mask, "b t -> b t 1 1").to(patches.dtype)
     changes = []
     for k in range(1, span + 1):
-        # Shift along time by k, filling with zeros (and "invalid") past the ends.
-        before, before_ok = F.pad(patches, (0, 0, 0, 0, k, 0))[:, :t], F.pad(valid, (0, 0, 0, 0, k, 0))[:, :t]
-        after, after_ok = F.pad(patches, (0, 0, 0, 0, 0, k))[:, k:], F.pad(valid, (0, 0, 0, 0, 0, k))[:, k:]
-        changes += [(patches - before) * before_ok * valid, (after - patches) * after_ok * valid]
+        # Frame i+k minus frame i where both are real frames, else no change; the change into a frame
+        # is the one k steps before it (zeros at the start), the change out of it the one at it.
+        step = (patches[:, k:] - patches[:, :-k]) * (valid[:, k:] * valid[:, :-k])
+        changes += [F.pad(step, (0, 0, 0, 0, k, 0))[:, :t], F.pad(step, (0, 0, 0, 0, 0, k))[:, :t]]
     return torch.cat(changes, dim=-1)
 
 
@@ -91,7 +91,9 @@ class QueryPool(nn.Module):
         k = rearrange(self.to_k(torch.cat([appearance, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
         v = rearrange(self.to_v(torch.cat([values, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
         query = repeat(self.to_q(sentence), "q (h e) -> q t h 1 e", t=t, h=self.heads)
-        out = F.scaled_dot_product_attention(query, k[video_index], v[video_index])
+        if len(video_index) != b or not torch.equal(video_index, torch.arange(b, device=video_index.device)):
+            k, v = k[video_index], v[video_index]  # one row per query (a copy: skipped when it is one per video)
+        out = F.scaled_dot_product_attention(query, k, v)
         return self.out(rearrange(out, "q t h 1 e -> q t (h e)"))
 
 
