@@ -42,6 +42,7 @@ from vmr.io import confined, first_line, json_text, objects, read_json, write_te
 
 KEYS = "keys"
 COLLECTION = "collection.json"
+FORMAT = 2  # of the merged files; a collection of another format is merged again from its parts
 SEGMENT = 8  # consecutive frames per ANN key
 FLAT_MAX = 1_000_000  # segment keys searched exactly (about 20 ms on 2 cores); beyond, IVF-PQ
 NPROBE = 256  # IVF lists a query visits (of at most MAX_LISTS)
@@ -217,7 +218,7 @@ def write_collection(out: Path, keys: np.ndarray, starts: np.ndarray, table: np.
     del segments
     faiss.write_index(index, str(out / "ann.faiss.partial"))
     os.replace(out / "ann.faiss.partial", out / "ann.faiss")
-    record = {"fingerprint": out.name, "kind": kind, "videos": len(ids), "frames": len(keys),
+    record = {"format": FORMAT, "fingerprint": out.name, "kind": kind, "videos": len(ids), "frames": len(keys),
               "segments": len(segment_video), "key_dim": keys.shape[1], "files": {
                   name: {"bytes": (out / name).stat().st_size,
                          **({"sha256": sha256_of(out / name)} if name in SMALL else {})} for name in (*SMALL, *LARGE)},
@@ -304,6 +305,8 @@ class Collection:
         self.extractor, self.root = manifest["extractor"], keys_folder(folder, model)
         record = read_json(self.root / COLLECTION)
         shards = _shards(manifest)
+        if record.get("format") != FORMAT:
+            raise StaleKeys(f"{self.root / COLLECTION}: of another format than this version merges")
         if record.get("shards") != [{"path": e["path"], "sha256": e.get("sha256")} for e in shards]:
             raise StaleKeys(f"{self.root / COLLECTION}: made from other shards than the manifest lists")
         self.shards = [confined(self.folder, e["path"], str(self.folder / "manifest.json")) for e in shards]
@@ -372,7 +375,7 @@ class Collection:
         query = np.ascontiguousarray(query_key, dtype=np.float32).reshape(1, -1)
         count = min(count, len(self.ids))
         wanted = min(len(self.ids), max(RESCORED, 5 * count))
-        asked = min(self.ann.ntotal, 4 * wanted)
+        asked = min(self.ann.ntotal, 16 * wanted)  # a flat search costs the same for any count
         while True:
             _, found = self.ann.search(query, asked)
             ranked = np.asarray(self.segment_video[found[0][found[0] >= 0]])  # each segment's video, best first
