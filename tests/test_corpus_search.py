@@ -182,6 +182,11 @@ def test_damaged_keys_are_refused_or_rebuilt(bundle, shard_dir, tmp_path, capsys
     (root / "collection.json").unlink()  # a merge that never finished: made again, the same answer
     assert main(["search", "--index", str(index), "--query", "a red circle"]) == 0
     assert json.loads(capsys.readouterr().out) == answer
+    record = json.loads((root / "collection.json").read_text())
+    (root / "collection.json").write_text(json.dumps({**record, "format": 1}))  # merged by an older version
+    assert main(["search", "--index", str(index), "--query", "a red circle"]) == 0
+    assert json.loads(capsys.readouterr().out) == answer
+    assert json.loads((root / "collection.json").read_text())["format"] == record["format"]
     ids = json.loads((root / "ids.json").read_text())
     (root / "ids.json").write_text(json.dumps(["renamed", *ids[1:]]))
     assert main(["search", "--index", str(index), "--query", "a red circle"]) == 2
