@@ -149,7 +149,7 @@ def video_level_loss(own: dict, batch: dict, cfg: CorpusConfig) -> torch.Tensor:
 
 def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: str,
                       focal_gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(every valid frame of a query's negative videos: relevance 0; presence, the best frame's
+    """(every valid frame of a query's negative videos, and its hardest: relevance 0; presence, the best frame's
     presence logit: 1 in the query's own window when its moment is there, 0 in each negative video).
     Presence is a head of its own on detached inputs: the in-video ranking stays relevance's alone."""
     from vmr.model.losses import focal_loss, masked_mean
@@ -159,6 +159,12 @@ def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: st
     per_frame = focal_loss(logits, zeros, focal_gamma) if relevance_loss == "focal" \
         else F.binary_cross_entropy_with_logits(logits, zeros, reduction="none")
     absent = masked_mean(per_frame, negative["frame_mask"])
+    # And each negative video's hardest frame: every frame of a video without the event is a negative,
+    # and a search ranks a video by its best one (often a near miss: the same object doing another thing,
+    # a few frames that the mean over all of them hardly sees).
+    hardest = logits.masked_fill(~negative["frame_mask"], -1e4).amax(dim=-1)
+    absent = absent + F.binary_cross_entropy_with_logits(hardest, torch.zeros_like(hardest), reduction="sum") \
+        / max(len(hardest), 1)
     # Finite fill values: an infinity would send NaN through the backward of rows left out.
     best_own = own["presence_logits"].float().masked_fill(~own["frame_mask"], -1e4).amax(dim=-1)
     best_negative = negative["presence_logits"].float().masked_fill(~negative["frame_mask"], -1e4).amax(dim=-1)
