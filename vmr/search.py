@@ -49,6 +49,7 @@ class Index:
         self.model, self.collection, self.folder = model.eval(), collection, folder
         self.ids, self.skipped = collection.ids, collection.skipped
         self.device = model.head.frame_in.weight.device
+        self._last: tuple = (None, None, None)  # the last sentence asked, its text and key
 
     @classmethod
     def open(cls, folder: str | Path, model, progress: bool = False) -> Index:
@@ -63,9 +64,13 @@ class Index:
         return self.collection.load(video)
 
     def _sentence(self, query: str):
-        """(the text as forward takes it, the sentence's key (r,) as numpy)."""
-        text, sentence = self.model.encode_queries([query])
-        return text, self.model.head.query_keys(sentence)[0].cpu().numpy()
+        """(the text as forward takes it, the sentence's key (r,) as numpy). The last sentence's are kept:
+        a query file asks each sentence three ways in a row (VCMR, VR, SVMR)."""
+        last = self._last  # read once: another thread (the demo's) may replace it meanwhile
+        if last[0] != query:
+            text, sentence = self.model.encode_queries([query])
+            last = self._last = (query, text, self.model.head.query_keys(sentence)[0].cpu().numpy())
+        return last[1:]
 
     def shortlist(self, query: str, count: int) -> list[tuple[int, float]]:
         """(video index, score) of the ``count`` best videos for ``query`` by their keys alone."""
