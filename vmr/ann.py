@@ -22,7 +22,7 @@ those are read), keeps the best ``count`` and reads only their tokens from their
 Memory is the ANN index's (flat: 4 x key_dim bytes per segment; IVF-PQ: 16 bytes and an id) and the
 per-video table's, not the tokens'. Why segments: a query's best frames lie in a few videos whose
 neighbouring frames score alike, and one segment key stands for them; over frames, an IVF index had to
-visit a quarter of its lists to keep 95% of the exact top 20 (vmr bench search's report).
+visit a quarter of its lists to keep 94% of the exact top 20 (vmr bench search's report).
 """
 
 from __future__ import annotations
