@@ -120,9 +120,9 @@ class Index:
             return rank_moments(self._rerank([video], text)[0], top_k, self.model.config.nms_iou)
 
     def _rerank(self, indices: list[int], text: dict) -> list[dict]:
-        """The full model on the windows of the videos ``indices`` (read from disk one at a time;
-        WINDOWS_AT_ONCE windows per forward, padded to the longest): per video, its ``frame_outputs``
-        merged over its windows."""
+        """The full model on the windows of the videos ``indices`` (read from disk one at a time, up to
+        WINDOWS_AT_ONCE windows held; WINDOWS_PER_FORWARD of like length per forward, padded to the
+        longest): per video, its ``frame_outputs`` merged over its windows."""
         import torch
 
         from vmr.model import FRAME_KEYS, frame_outputs
@@ -153,7 +153,7 @@ class Index:
 
         def run_all(windows):
             # Shortest first, a few at a time: each forward pads its windows to the longest, so
-            # windows of like length go together (padding is most of the cost when lengths vary).
+            # windows of like length go together (a padded frame costs what a real one does).
             windows = sorted(windows, key=lambda w: len(w[2][0]))
             for first in range(0, len(windows), WINDOWS_PER_FORWARD):
                 run(windows[first:first + WINDOWS_PER_FORWARD])
