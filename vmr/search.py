@@ -144,19 +144,23 @@ class Index:
                                  frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
                                  frame_times=times.to(device),
                                  duration=torch.tensor([w[3] - w[2] for _, _, w in batch], device=device))
-            parts = frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]),
-                                  torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
-                                  torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
-            for (n, _, _), part in zip(batch, parts, strict=True):
-                for key, values in part.items():
-                    merged[n].setdefault(key, []).extend(values)
+            return frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]),
+                                 torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
+                                 torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
 
         def run_all(windows):
             # Shortest first, a few at a time: each forward pads its windows to the longest, so
-            # windows of like length go together (a padded frame costs what a real one does).
-            windows = sorted(windows, key=lambda w: len(w[2][0]))
-            for first in range(0, len(windows), WINDOWS_PER_FORWARD):
-                run(windows[first:first + WINDOWS_PER_FORWARD])
+            # windows of like length go together (a padded frame costs what a real one does). Merged
+            # back in the windows' own order: a video's frames stay in time order.
+            parts = [None] * len(windows)
+            order = sorted(range(len(windows)), key=lambda i: len(windows[i][2][0]))
+            for first in range(0, len(order), WINDOWS_PER_FORWARD):
+                chunk = order[first:first + WINDOWS_PER_FORWARD]
+                for i, part in zip(chunk, run([windows[i] for i in chunk]), strict=True):
+                    parts[i] = part
+            for (n, _, _), part in zip(windows, parts, strict=True):
+                for key, values in part.items():
+                    merged[n].setdefault(key, []).extend(values)
 
         for n, index in enumerate(indices):
             video = self.collection.load(index)
