@@ -167,7 +167,6 @@ def _samples(path: Path, spec, extractor: dict, skipped: list):
 def merge_keys(folder: Path, model) -> dict:
     """Every part, in the manifest's order, into the collection and its ANN index (see the module
     docstring); ``collection.json`` last. Returns that record."""
-
     manifest, _ = check_encodings(folder, model)
     out = keys_folder(folder, model)
     shards = _shards(manifest)

@@ -157,7 +157,7 @@ def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
     """An index folder of ``n`` videos: the real index's shards and manifest (hard links), and merged keys
     made of its videos' keys, each copy moved by a random offset of its own (0.1 per dimension, the
     keys being unit vectors) and per-frame noise (0.02), pointing at the real videos' tokens."""
-    from vmr.ann import write_collection
+    from vmr.ann import COLLECTION, write_collection
 
     folder.mkdir(parents=True)
     for item in index.iterdir():  # hard links: the same bytes, inside the folder
@@ -181,7 +181,7 @@ def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
         keys.append(np.concatenate(chunk).astype(np.float16))
     keys = np.concatenate(keys)
     starts = np.concatenate([[0], np.cumsum(counts[source])]).astype(np.int64)
-    record = json.loads((real.root / "collection.json").read_text())
+    record = json.loads((real.root / COLLECTION).read_text())
     written = write_collection(out, keys, starts, real.table[source], real.durations[source],
                                [f"{real.ids[s]}-{v}" for v, s in enumerate(source)], [], record["shards"])
     return written["kind"]
