@@ -160,6 +160,9 @@ KINDS = {
     "starts.npy": Kind("index/keys/*/starts.npy", "npy", ("search",), "index/keys/*/table.npy"),
     "segments.npy": Kind("index/keys/*/segments.npy", "npy", ("search",), "index/keys/*/starts.npy"),
     "ids.json": Kind("index/keys/*/ids.json", "json", ("search",), "index/keys/*/collection.json"),
+    "prepared.npy": Kind("index/keys/*/prepared.npy", "npy", ("search",), "index/keys/*/000000.prepared.npy"),
+    "prepared_rows.npy": Kind("index/keys/*/prepared_rows.npy", "npy", ("search",), "index/keys/*/starts.npy"),
+    "prepared part": Kind("index/keys/*/000000.prepared.npy", "npy", ("reindex",), "index/keys/*/000001.prepared.npy"),
     "ann.faiss": Kind("index/keys/*/ann.faiss", "binary", ("search",), "index/keys/*/keys.npy"),
     "cache tokens.npy": Kind("cache/train-000000.tar::tokens.npy", "npy", ("eval_cache",)),
 }

@@ -185,8 +185,10 @@ def test_two_processes_index_a_folder_and_list_a_broken_video(bundle, synth_dir,
 
 
 def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, tmp_path, capsys):
-    """Over video shards: the search's best moment is the best of every video's own answer (times its
-    presence), and a shortlist as long as the collection changes nothing."""
+    """Over video shards: the rerank, from the prepared rows the index stores (vmr/prepared.py), scores
+    every frame of every window as the model does from the video's tokens; the search's best moment is
+    the best of every video's own answer (times its presence), and a shortlist as long as the
+    collection changes nothing."""
     from vmr.bundle import load_model
 
     index = tmp_path / "index"
@@ -197,6 +199,13 @@ def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, 
     # Each video's best moment by its own answer, times the video's presence: the best of them leads.
     presence = {r["video"]: r["presence"] for r in opened.search(QUERIES[1], top_k=1000, candidates=0)["results"]}
     videos = [opened.load(n) for n in range(len(opened))]
+    text = opened._sentence(QUERIES[1])[0]
+    for n, video in enumerate(videos):  # several overlapping windows each (5 frames)
+        assert len(list(video.windows())) > 1
+        stored, own = opened._rerank([n], text)[0], video.scores(model, [QUERIES[1]])[0]
+        assert stored["times"] == own["times"]
+        for key in ("relevance", "saliency", "starts", "ends"):
+            assert stored[key] == pytest.approx(own[key], abs=2e-3), key
     best = max(((v.video_id, m["score"] * presence[v.video_id]) for v in videos
                 for m in v.ask(model, QUERIES[1])[0]["moments"]), key=lambda vm: vm[1])
     top = result["results"][0]

@@ -12,13 +12,14 @@ fingerprint of the weights the keys depend on, so another model's keys never mix
   the merged collection: ``keys.npy`` (float16, every frame, a video's frames together),
       ``starts.npy`` (each video's first row of keys.npy, and the total), ``table.npy`` (each video's
       shard and byte ranges), ``durations.npy``, ``ids.json``, ``segments.npy`` (each ANN key's video)
+      ``prepared.npy`` and ``prepared_rows.npy``, the rerank's sentence-free half (vmr/prepared.py);
       and ``ann.faiss``: FAISS over *segment keys*, the mean of SEGMENT consecutive frame keys of a
       video (8x fewer keys than frames: exact inner product up to FLAT_MAX of them, IVF-PQ beyond, on
       the GPU where FAISS has one); and ``collection.json``, written last: a collection is whole or absent.
 
 A search asks the ANN index for the best segments until it has RESCORED videos (or 5 per video
 wanted), scores each of those exactly by its best frame (its rows of ``keys.npy``, memory-mapped: only
-those are read), keeps the best ``count`` and reads only their tokens from their shards (``load``).
+those are read), keeps the best ``count``; the rerank reads only their prepared rows (``prepared_windows``).
 Memory is the ANN index's (flat: 4 x key_dim bytes per segment; IVF-PQ: 16 bytes and an id) and the
 per-video table's, not the tokens'. Why segments: a query's best frames lie in a few videos whose
 neighbouring frames score alike, and one segment key stands for them; over frames, an IVF index had to
@@ -38,18 +39,20 @@ import numpy as np
 from vmr.data.tars import TIMES, TOKENS, sha256_of
 from vmr.encode import EncodedVideo, check_encodings, encoded, sample_video
 from vmr.errors import UserError
-from vmr.io import confined, first_line, json_text, objects, read_json, write_text_atomic
+from vmr.io import confined, first_line, json_text, objects, read_json, read_npy, save_npy, write_text_atomic
+from vmr.prepared import merge_parts, prepare_video, read_rows, row_shape
+from vmr.prepared import windows as stored_windows
 
 KEYS = "keys"
 COLLECTION = "collection.json"
-FORMAT = 2  # of the merged files; a collection of another format is merged again from its parts
+FORMAT = 3  # of the merged files; a collection of another format is merged again from its parts
 SEGMENT = 8  # consecutive frames per ANN key
 FLAT_MAX = 1_000_000  # segment keys searched exactly (about 20 ms on 2 cores); beyond, IVF-PQ
 NPROBE = 256  # IVF lists a query visits (of at most MAX_LISTS)
 MAX_LISTS = 2048
 RESCORED = 100  # videos scored exactly by every frame per search (5 per video wanted when more)
-SMALL = ("ids.json", "table.npy", "durations.npy", "starts.npy")  # checked by sha256 when opened: bytes per video
-LARGE = ("keys.npy", "segments.npy", "ann.faiss")  # by size (each row read is checked when used)
+SMALL = ("ids.json", "table.npy", "durations.npy", "starts.npy", "prepared_rows.npy")  # checked by sha256 when opened: bytes per video
+LARGE = ("keys.npy", "segments.npy", "ann.faiss", "prepared.npy")  # by size (each row read is checked when used)
 COLUMNS = 7  # table.npy: shard, tokens (offset, size, crc32), times (offset, size, crc32)
 
 
@@ -64,9 +67,9 @@ def check_corpus_model(config, where: str) -> None:
 
 
 def fingerprint(model) -> str:
-    """Of the weights a frame's key depends on (the frame projection and the key layers)."""
+    """Of the weights a frame's key and its prepared rows depend on (the projections, the pooling, the keys)."""
     digest = hashlib.sha256()
-    for module in (model.head.frame_in, model.head.keys):
+    for module in (model.head.frame_in, model.head.keys, model.head.patch_in, model.head.pool):
         for name, tensor in sorted(module.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
@@ -79,28 +82,6 @@ def keys_folder(folder: Path, model) -> Path:
 
 def _shards(manifest: dict) -> list[dict]:
     return [entry for split in manifest["splits"].values() for entry in split["shards"]]
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "wb") as f:
-        np.save(f, array)
-    os.replace(partial, path)
-
-
-def read_npy(path: Path, kind: str, shape: tuple, mmap: bool = False) -> np.ndarray:
-    """A .npy file of numbers of ``kind`` (numpy kinds, e.g. "f" or "iu") and ``shape`` (None: any
-    length), or a one-line UserError naming it."""
-    try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except Exception as error:  # truncated, not numpy, a pickle: numpy's many types
-        raise UserError(f"{path}: not a readable .npy file ({first_line(error, 120)}); rebuild the keys with "
-                        "'vmr index'") from None
-    if array.dtype.kind not in kind or array.ndim != len(shape) or any(
-            want is not None and got != want for got, want in zip(array.shape, shape, strict=True)):
-        raise UserError(f"{path}: holds {array.dtype} {array.shape}, expected {kind} {shape}; rebuild the keys "
-                        "with 'vmr index'")
-    return array
 
 
 # ----- building: one part per shard, then the merge ------------------------------------------------
@@ -120,21 +101,24 @@ def build_keys(folder: Path, model, rank: int = 0, world: int = 1, progress: boo
     mine = [(n, e) for n, e in enumerate(_shards(manifest)) if n % world == rank]
     for n, entry in tqdm(mine, desc="keys", unit="shard", disable=not progress):
         record = out / f"{n:06d}.json"
-        if record.is_file() and (out / f"{n:06d}.npy").is_file():
+        if record.is_file() and (out / f"{n:06d}.npy").is_file() and (out / f"{n:06d}.prepared.npy").is_file():
             old = read_json(record)
             if old.get("sha256") == entry.get("sha256") and old.get("shard") == entry["path"]:
                 continue
         shard = confined(Path(folder), entry["path"], str(Path(folder) / "manifest.json"))
-        videos, keys, skipped = [], [], []
+        videos, keys, prepared, skipped = [], [], [], []
         with torch.no_grad():
             for video, ranges in _samples(shard, spec, manifest["extractor"], skipped):
                 frames = video.tokens[None, :, :1].to(model.head.frame_in.weight.device)
                 mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
                 keys.append(model.head.frame_keys(frames, mask)[0].cpu().numpy().astype(np.float16))
+                prepared.append(prepare_video(model, video))
                 videos.append({"id": video.video_id, "duration": video.duration, "frames": len(video.times),
-                               "ranges": ranges})
+                               "rows": len(prepared[-1]), "ranges": ranges})
         width = model.config.corpus.key_dim
-        _save_npy(out / f"{n:06d}.npy", np.concatenate(keys) if keys else np.zeros((0, width), np.float16))
+        save_npy(out / f"{n:06d}.npy", np.concatenate(keys) if keys else np.zeros((0, width), np.float16))
+        save_npy(out / f"{n:06d}.prepared.npy", np.concatenate(prepared) if prepared
+                  else np.zeros((0, *row_shape(model, manifest["extractor"])), np.float16))
         write_text_atomic(record, json_text({"shard": entry["path"], "sha256": entry.get("sha256"), "videos": videos,
                                              "skipped": skipped}, record) + "\n")
         made += 1
@@ -170,7 +154,8 @@ def merge_keys(folder: Path, model) -> dict:
     manifest, _ = check_encodings(folder, model)
     out = keys_folder(folder, model)
     shards = _shards(manifest)
-    keys, ids, durations, table, frames, skipped = [], [], [], [], [], []
+    keys, ids, durations, table, frames, rows, skipped = [], [], [], [], [], [], []
+    shape = row_shape(model, manifest["extractor"])
     for n, entry in enumerate(shards):
         record_path = out / f"{n:06d}.json"
         if not record_path.is_file():
@@ -181,12 +166,14 @@ def merge_keys(folder: Path, model) -> dict:
         part = read_npy(out / f"{n:06d}.npy", "f", (None, model.config.corpus.key_dim))
         videos = [_part_video(v, f"{record_path}: videos[{i}]") for i, v in enumerate(objects(record, "videos",
                                                                                             str(record_path)))]
-        if sum(v["frames"] for v in videos) != len(part):
-            raise UserError(f"{record_path}: its videos do not account for the {len(part)} keys beside it; "
-                            "run 'vmr index' again")
+        prepared = read_rows(out / f"{n:06d}.prepared.npy", shape)
+        if sum(v["frames"] for v in videos) != len(part) or sum(v["rows"] for v in videos) != len(prepared):
+            raise UserError(f"{record_path}: its videos do not account for the {len(part)} keys and {len(prepared)} "
+                            "prepared rows beside it; run 'vmr index' again")
         skipped += objects(record, "skipped", str(record_path), default=[])
         for video in videos:
             frames.append(video["frames"])
+            rows.append(video["rows"])
             ids.append(video["id"])
             durations.append(video["duration"])
             table.append([n, *video["ranges"]])
@@ -194,25 +181,30 @@ def merge_keys(folder: Path, model) -> dict:
     if not ids:
         raise UserError(f"{folder}: holds no readable video")
     starts = np.concatenate([[0], np.cumsum(frames)]).astype(np.int64)
+    merge_parts([out / f"{n:06d}.prepared.npy" for n in range(len(shards))], out / "prepared.npy", shape)
+    first = np.concatenate([[0], np.cumsum(rows)[:-1]])
     return write_collection(out, np.concatenate(keys).astype(np.float16), starts, np.asarray(table, dtype=np.int64),
-                            np.asarray(durations, dtype=np.float64), ids, skipped,
+                            np.asarray(durations, dtype=np.float64), np.stack([first, rows], axis=1).astype(np.int64),
+                            ids, skipped,
                             [{"path": e["path"], "sha256": e.get("sha256")} for e in shards])
 
 
 def write_collection(out: Path, keys: np.ndarray, starts: np.ndarray, table: np.ndarray, durations: np.ndarray,
-                     ids: list[str], skipped: list, shards: list[dict]) -> dict:
+                     prepared_rows: np.ndarray, ids: list[str], skipped: list, shards: list[dict]) -> dict:
     """The merged collection's files (module docstring) from every frame's float16 ``keys`` (video by
-    video), each video's first row ``starts`` (and the total), ``table``, ``durations`` and ``ids``;
-    ``collection.json`` last. Returns that record."""
+    video), each video's first row ``starts`` (and the total), ``table``, ``durations``, each video's
+    (first row, rows) of ``prepared.npy`` (already written) and ``ids``; ``collection.json`` last.
+    Returns that record."""
     import faiss
 
-    _save_npy(out / "keys.npy", keys)
-    _save_npy(out / "starts.npy", starts)
-    _save_npy(out / "table.npy", table.reshape(-1, COLUMNS))
-    _save_npy(out / "durations.npy", durations)
+    save_npy(out / "keys.npy", keys)
+    save_npy(out / "starts.npy", starts)
+    save_npy(out / "table.npy", table.reshape(-1, COLUMNS))
+    save_npy(out / "durations.npy", durations)
+    save_npy(out / "prepared_rows.npy", prepared_rows.reshape(-1, 2))
     write_text_atomic(out / "ids.json", json_text(ids, out / "ids.json") + "\n")
     segments, segment_video = segment_keys(keys, starts)
-    _save_npy(out / "segments.npy", segment_video)
+    save_npy(out / "segments.npy", segment_video)
     index, kind = ann_index(segments)
     del segments
     faiss.write_index(index, str(out / "ann.faiss.partial"))
@@ -249,14 +241,15 @@ def _part_video(video: dict, where: str) -> dict:
     """One video of a key part, checked field by field (what build_keys wrote)."""
     import math
 
-    duration, frames, ranges = video.get("duration"), video.get("frames"), video.get("ranges")
+    duration, frames, ranges, rows = video.get("duration"), video.get("frames"), video.get("ranges"), video.get("rows")
     if not isinstance(video.get("id"), str) or not video["id"]:
         raise UserError(f"{where}: 'id' must be a video id; run 'vmr index' again")
     if isinstance(duration, bool) or not isinstance(duration, (int, float)) or not math.isfinite(duration) \
             or duration <= 0:
         raise UserError(f"{where}: 'duration' must be a positive number; run 'vmr index' again")
-    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-        raise UserError(f"{where}: 'frames' must be a positive integer; run 'vmr index' again")
+    for name, value in (("frames", frames), ("rows", rows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{where}: {name!r} must be a positive integer; run 'vmr index' again")
     if not isinstance(ranges, list) or len(ranges) != COLUMNS - 1 or any(
             isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < 2**63 for r in ranges):
         raise UserError(f"{where}: 'ranges' must be {COLUMNS - 1} byte offsets, sizes and checksums; "
@@ -334,8 +327,14 @@ class Collection:
         self.starts = read_npy(self.root / "starts.npy", "i", (videos + 1,))
         self.segment_video = read_npy(self.root / "segments.npy", "i", (segments,), mmap=True)
         self.keys = read_npy(self.root / "keys.npy", "f", (frames, model.config.corpus.key_dim), mmap=True)
+        self.prepared = read_rows(self.root / "prepared.npy", row_shape(model, self.extractor))
+        self.prepared_rows = read_npy(self.root / "prepared_rows.npy", "i", (videos, 2))
         if (self.table[:, 0] >= len(shards)).any() or (self.table < 0).any() or not np.isfinite(self.durations).all():
             raise UserError(f"{self.root / 'table.npy'}: names shards or byte ranges the index does not have")
+        if (self.prepared_rows[:, 1] < 1).any() or (self.prepared_rows[:, 0] < 0).any() \
+                or (self.prepared_rows.sum(axis=1) > len(self.prepared)).any():
+            raise UserError(f"{self.root / 'prepared_rows.npy'}: names rows {self.root / 'prepared.npy'} does not have; "
+                            "rebuild the index")
         if self.starts[0] != 0 or self.starts[-1] != frames or (np.diff(self.starts) < 1).any():
             raise UserError(f"{self.root / 'starts.npy'}: does not divide the {frames} keys among the {videos} videos; "
                             "rebuild the index")
@@ -394,8 +393,25 @@ class Collection:
         scored.sort(key=lambda sv: (-sv[0], sv[1]))
         return [(int(video), score) for score, video in scored[:count]]
 
+    def prepared_windows(self, video: int):
+        """One video's windows as the rerank takes them, from its prepared rows (vmr/prepared.py) and its
+        frame times (read from its shard and checked)."""
+        first, rows = (int(v) for v in self.prepared_rows[video])
+        times = self._arrays(video, (TIMES,))[0]
+        return stored_windows(self.prepared[first:first + rows], [float(t) for t in times],
+                                float(self.durations[video]), self.spec, f"{self.root / 'prepared.npy'} ({self.ids[video]!r})")
+
     def load(self, video: int) -> EncodedVideo:
         """One video's tokens and times, read from its shard at the recorded byte ranges and checked."""
+        path = self.shards[int(self.table[video][0])]
+        arrays = self._arrays(video, (TOKENS, TIMES))
+        try:
+            return encoded(self.ids[video], float(self.durations[video]), *arrays, self.spec, self.extractor)
+        except ValueError as error:
+            raise UserError(f"{path}: {self.ids[video]!r}: {first_line(error)}") from None
+
+    def _arrays(self, video: int, names: tuple[str, ...]) -> list:
+        """Some of a video's arrays (TOKENS, TIMES), read from its shard at the recorded byte ranges, checked."""
         from vmr.data.decode import _array
 
         shard, *ranges = (int(v) for v in self.table[video])
@@ -403,16 +419,15 @@ class Collection:
         arrays = []
         with open(path, "rb") as f:
             for (offset, size, crc), name in ((ranges[:3], TOKENS), (ranges[3:], TIMES)):
+                if name not in names:
+                    continue
                 f.seek(offset)
                 data = f.read(size)
                 if len(data) != size or zlib.crc32(data) != crc:
                     raise UserError(f"{path}: the {name} of {self.ids[video]!r} changed since the index was made; "
                                     "rebuild the index")
                 arrays.append(_array(data, name))
-        try:
-            return encoded(self.ids[video], float(self.durations[video]), *arrays, self.spec, self.extractor)
-        except ValueError as error:
-            raise UserError(f"{path}: {self.ids[video]!r}: {first_line(error)}") from None
+        return arrays
 
 
 class StaleKeys(UserError):

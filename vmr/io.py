@@ -119,6 +119,33 @@ def read_npz(path: Path, keys: tuple[str, ...]):
     return array
 
 
+def save_npy(path: Path, array) -> None:
+    """A .npy file written under another name and renamed: whole or absent."""
+    import numpy as np
+
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        np.save(f, array)
+    os.replace(partial, path)
+
+
+def read_npy(path: Path, kind: str, shape: tuple, mmap: bool = False):
+    """A .npy file of numbers of ``kind`` (numpy kinds, e.g. "f" or "iu") and ``shape`` (None: any
+    length), or a one-line UserError naming it (the files of a collection index: 'vmr index' rebuilds them)."""
+    import numpy as np
+
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except Exception as error:  # truncated, not numpy, a pickle: numpy's many types
+        raise UserError(f"{path}: not a readable .npy file ({first_line(error, 120)}); rebuild the keys with "
+                        "'vmr index'") from None
+    if array.dtype.kind not in kind or array.ndim != len(shape) or any(
+            want is not None and got != want for got, want in zip(array.shape, shape, strict=True)):
+        raise UserError(f"{path}: holds {array.dtype} {array.shape}, expected {kind} {shape}; rebuild the keys "
+                        "with 'vmr index'")
+    return array
+
+
 def confined(folder: Path, name, where: str) -> Path:
     """``folder / name`` for a plain file name read from a file (an id, a journal entry): anything
     that would lead elsewhere (a path separator, '..', an absolute path) is refused."""

@@ -120,12 +120,14 @@ class Index:
             return rank_moments(self._rerank([video], text)[0], top_k, self.model.config.nms_iou)
 
     def _rerank(self, indices: list[int], text: dict) -> list[dict]:
-        """The full model on the windows of the videos ``indices`` (read from disk one at a time, up to
-        WINDOWS_AT_ONCE windows held; WINDOWS_PER_FORWARD of like length per forward, padded to the
-        longest): per video, its ``frame_outputs`` merged over its windows."""
+        """The full model on the windows of the videos ``indices``, from their prepared rows (its half
+        that no sentence changes, stored by the index: vmr/prepared.py), read from disk one video at a
+        time, up to WINDOWS_AT_ONCE windows held; WINDOWS_PER_FORWARD of like length per forward, padded
+        to the longest: per video, its ``frame_outputs`` merged over its windows."""
         import torch
 
         from vmr.model import FRAME_KEYS, frame_outputs
+        from vmr.prepared import unpack
 
         merged = [{key: [] for key in FRAME_KEYS} for _ in indices]  # and presence, with model.corpus
         dtype = self.model.head.frame_in.weight.dtype
@@ -133,17 +135,18 @@ class Index:
 
         def run(batch):
             t = max(len(w[0]) for _, _, w in batch)
-            tokens = torch.zeros(len(batch), t, *batch[0][2][0].shape[1:], dtype=dtype)
+            rows = torch.zeros(len(batch), t, *batch[0][2][0].shape[1:], dtype=dtype)
             times, frame_mask = torch.zeros(len(batch), t), torch.zeros(len(batch), t, dtype=torch.bool)
             for row, (_, _, (frames, at, start, _, _)) in enumerate(batch):
-                tokens[row, :len(frames)] = frames
+                rows[row, :len(frames)] = frames
                 times[row, :len(frames)] = torch.as_tensor(at, dtype=torch.float) - start
                 frame_mask[row, :len(frames)] = True
             b, device = len(batch), self.device
-            outputs = self.model(tokens.to(device), {k: v.expand(b, *v.shape[1:]) for k, v in text.items()},
+            outputs = self.model(None, {k: v.expand(b, *v.shape[1:]) for k, v in text.items()},
                                  frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
                                  frame_times=times.to(device),
-                                 duration=torch.tensor([w[3] - w[2] for _, _, w in batch], device=device))
+                                 duration=torch.tensor([w[3] - w[2] for _, _, w in batch], device=device),
+                                 prepared=unpack(rows.to(device)))
             return frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]),
                                  torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
                                  torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
@@ -163,8 +166,8 @@ class Index:
                     merged[n].setdefault(key, []).extend(values)
 
         for n, index in enumerate(indices):
-            video = self.collection.load(index)
-            pending += [(n, video.duration, window) for window in video.windows()]
+            duration = float(self.collection.durations[index])
+            pending += [(n, duration, window) for window in self.collection.prepared_windows(index)]
             if len(pending) >= WINDOWS_AT_ONCE:
                 run_all(pending)
                 pending = []

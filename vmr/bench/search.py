@@ -156,7 +156,7 @@ def bench_search(quick: bool, workdir: Path) -> dict:
 def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
     """An index folder of ``n`` videos: the real index's shards and manifest (hard links), and merged keys
     made of its videos' keys, each copy moved by a random offset of its own (0.1 per dimension, the
-    keys being unit vectors) and per-frame noise (0.02), pointing at the real videos' tokens."""
+    keys being unit vectors) and per-frame noise (0.02), pointing at the real videos' tokens and prepared rows."""
     from vmr.ann import COLLECTION, write_collection
 
     folder.mkdir(parents=True)
@@ -182,7 +182,8 @@ def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
     keys = np.concatenate(keys)
     starts = np.concatenate([[0], np.cumsum(counts[source])]).astype(np.int64)
     record = json.loads((real.root / COLLECTION).read_text())
-    written = write_collection(out, keys, starts, real.table[source], real.durations[source],
+    os.link(real.root / "prepared.npy", out / "prepared.npy")  # each copy reads its real video's rows
+    written = write_collection(out, keys, starts, real.table[source], real.durations[source], real.prepared_rows[source],
                                [f"{real.ids[s]}-{v}" for v, s in enumerate(source)], [], record["shards"])
     return written["kind"]
 

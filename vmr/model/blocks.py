@@ -80,21 +80,32 @@ class QueryPool(nn.Module):
         self.motion = nn.Sequential(nn.LayerNorm(2 * span * dim), nn.Linear(2 * span * dim, dim)) if motion else None
         self.out = nn.Linear(dim, dim)
 
-    def forward(self, sentence: torch.Tensor, patches: torch.Tensor, video_index: torch.Tensor,
-                frame_mask: torch.Tensor) -> torch.Tensor:
-        """sentence (q, d), patches (b, t, p, d), video_index (q,), frame_mask (b, t) -> (q, t, d)."""
-        b, t = patches.shape[:2]
-        null = repeat(self.null, "1 d -> b t 1 d", b=b, t=t)
+    def prepare(self, patches: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, t, p, d) patches -> each patch's key and value, (b, t, p, d) each: everything here that
+        the sentence does not change (a collection index stores it, so a search runs only ``attend``)."""
         appearance = self.norm(patches)
         values = appearance if self.motion is None else appearance + self.motion(neighbour_changes(patches, frame_mask, self.span))
-        # Keys and values once per video, then shared by all of its queries.
-        k = rearrange(self.to_k(torch.cat([appearance, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
-        v = rearrange(self.to_v(torch.cat([values, null], dim=2)), "b t m (h e) -> b t h m e", h=self.heads)
+        return self.to_k(appearance), self.to_v(values)
+
+    def attend(self, sentence: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               video_index: torch.Tensor) -> torch.Tensor:
+        """sentence (q, d), the patches' keys and values (b, t, p, d) from ``prepare``, video_index (q,)
+        -> (q, t, d)."""
+        b, t = keys.shape[:2]
+        # Keys and values once per video, then shared by all of its queries; the null slot's are the same everywhere.
+        null_k, null_v = (repeat(layer(self.null).to(keys.dtype), "1 d -> b t 1 d", b=b, t=t) for layer in (self.to_k, self.to_v))
+        k = rearrange(torch.cat([keys, null_k], dim=2), "b t m (h e) -> b t h m e", h=self.heads)
+        v = rearrange(torch.cat([values, null_v], dim=2), "b t m (h e) -> b t h m e", h=self.heads)
         query = repeat(self.to_q(sentence), "q (h e) -> q t h 1 e", t=t, h=self.heads)
         if len(video_index) != b or not torch.equal(video_index, torch.arange(b, device=video_index.device)):
             k, v = k[video_index], v[video_index]  # one row per query (a copy: skipped when it is one per video)
         out = F.scaled_dot_product_attention(query, k, v)
         return self.out(rearrange(out, "q t h 1 e -> q t (h e)"))
+
+    def forward(self, sentence: torch.Tensor, patches: torch.Tensor, video_index: torch.Tensor,
+                frame_mask: torch.Tensor) -> torch.Tensor:
+        """sentence (q, d), patches (b, t, p, d), video_index (q,), frame_mask (b, t) -> (q, t, d)."""
+        return self.attend(sentence, *self.prepare(patches, frame_mask), video_index)
 
 
 class Block(nn.Module):

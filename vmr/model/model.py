@@ -73,7 +73,8 @@ class VideoMomentRetrievalModel(nn.Module):
 
     def forward(self, video_frames: torch.Tensor, text_inputs: dict, frame_mask: torch.Tensor | None = None,
                 video_index: torch.Tensor | None = None, frame_times: torch.Tensor | None = None,
-                duration: torch.Tensor | None = None, negatives: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                duration: torch.Tensor | None = None, negatives: torch.Tensor | None = None,
+                prepared: dict | None = None) -> dict[str, torch.Tensor]:
         """Per-clip outputs for every query.
 
         video_frames uint8 (b, t, 3, s, s), or float (b, t, k, c) tokens from a feature cache (k = 1 +
@@ -85,11 +86,14 @@ class VideoMomentRetrievalModel(nn.Module):
         query per video, or every query on a single video); frame_times (b, t) seconds (default one
         frame per second) and duration (b,) seconds, carried through for losses and decoding.
 
+        ``prepared``: what vmr's head made of the videos' tokens before any sentence (``head.prepare``,
+        stored by a collection index), in place of ``video_frames`` (then None).
+
         Returns the head's outputs (vmr/model/heads/) and each query's ``frame_mask``,
         ``frame_times`` and ``duration``. Values at padded frames mean nothing.
         """
-        b, t = video_frames.shape[:2]
-        device = video_frames.device
+        b, t = (video_frames if prepared is None else prepared["frames"]).shape[:2]
+        device = (video_frames if prepared is None else prepared["frames"]).device
         word_mask = text_inputs["attention_mask"].bool()
         q = len(word_mask)
         if frame_mask is None:
@@ -103,7 +107,9 @@ class VideoMomentRetrievalModel(nn.Module):
                 raise ValueError(f"{q} queries for {b} videos: pass video_index")
             video_index = torch.arange(q, device=device) if b == q else torch.zeros(q, dtype=torch.long, device=device)
 
-        if video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
+        if prepared is not None:
+            tokens = None
+        elif video_frames.is_floating_point():  # cached tokens: the vision tower ran once, at extraction
             tokens = video_frames  # each head casts them to what it computes in
         else:
             tokens = frames_to_tokens(self.towers, video_frames, frame_mask)  # (b, t, 1+p, c)
@@ -118,7 +124,8 @@ class VideoMomentRetrievalModel(nn.Module):
             words, sentence, word_mask = words[rows], sentence[rows], word_mask[rows]
             video_index = torch.cat([video_index, negatives[:, 1]])
         # At this point every video has its tokens and every query its words: the head does the rest.
-        outputs = self.head(tokens, words, sentence, frame_mask, word_mask, video_index)
+        outputs = self.head(tokens, words, sentence, frame_mask, word_mask, video_index,
+                            **({} if prepared is None else {"prepared": prepared}))
         outputs.update(frame_mask=frame_mask[video_index], frame_times=frame_times[video_index],
                        duration=duration[video_index])
         return outputs

@@ -47,17 +47,27 @@ class VmrHead(nn.Module):
         self.presence_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1)) \
             if config.corpus.enabled else None
 
-    def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index) -> dict[str, torch.Tensor]:
+    def prepare(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(b, t, k, c) tokens -> what the head makes of them before it reads a sentence: ``frames``
+        (b, t, d), the patches' pooling ``keys`` and ``values`` (b, t, p, d). A collection index stores
+        them per window, and a search runs only the rest (``forward(..., prepared=...)``)."""
+        tokens = tokens.to(self.frame_in.weight.dtype)
+        keys, values = self.pool.prepare(self.patch_in(patch_grid(tokens)), frame_mask)
+        return {"frames": self.frame_in(tokens[:, :, 0]), "keys": keys, "values": values}
+
+    def forward(self, tokens, words, sentence, frame_mask, word_mask, video_index,
+                prepared: dict | None = None) -> dict[str, torch.Tensor]:
         """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
         frame to its moment's start and end, over the duration); with model.corpus, the compact
         ``frame_keys`` (b, t, r) and ``query_keys`` (q, r), and (q, t) ``presence_logits``, whose best
         frame says whether the event is in the video at all (vmr/model/corpus.py)."""
         dtype = self.frame_in.weight.dtype
-        tokens, words, sentence = tokens.to(dtype), words.to(dtype), sentence.to(dtype)
-        frames, patches = self.frame_in(tokens[:, :, 0]), self.patch_in(patch_grid(tokens))  # (b,t,d) (b,t,p,d)
-        words, sentence = self.word_in(words), self.sentence_in(sentence)
+        prepared = self.prepare(tokens, frame_mask) if prepared is None else prepared
+        frames = prepared["frames"].to(dtype)  # (b, t, d)
+        words, sentence = self.word_in(words.to(dtype)), self.sentence_in(sentence.to(dtype))
         # At this point each query sees its video's frames through what it asks for.
-        x = self.pool(sentence, patches, video_index, frame_mask) + frames[video_index]  # (q, t, d)
+        x = self.pool.attend(sentence, prepared["keys"].to(dtype), prepared["values"].to(dtype), video_index) \
+            + frames[video_index]  # (q, t, d)
         t = x.shape[1]
         x = self.norm_in(x) + sinusoidal_positions(t, x.shape[-1], device=x.device, dtype=x.dtype)
         mask = frame_mask[video_index]
