@@ -17,7 +17,7 @@ import torch
 from vmr.cli import main
 from vmr.model.corpus import corpus_batch, text_hash
 
-from .test_search import TINY, place_event, train_on_features, write_release
+from .test_search import CONCEPTS, TINY, place_event, train_on_features, write_release
 
 ROOT = Path(__file__).parents[1]
 
@@ -39,14 +39,19 @@ def test_negatives_are_other_videos_that_lack_the_sentence():
 
 
 def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[str, set[str]]]:
-    """Videos of 20 two-second clips, each showing ONE of six objects (three clips), with a query
-    for it. Every training query occurs in its video, so a model trained on them alone can find the
-    event without reading the sentence; across videos only the sentence tells them apart."""
+    """Videos of 20 two-second clips, each showing ONE of six objects (three clips), with a query for
+    it. An object is mostly what every object shares (a common direction, 2.5 long) and a little of its
+    own (its direction, 1 long). Every training query occurs in its video, so a model trained on them
+    alone finds the event by the common part, without reading the sentence; across videos only the
+    sentence, through each object's small own part, tells them apart."""
     rng = np.random.default_rng(4)
     rows, owners, clips = [], {}, {}
     for i in range(videos):
-        clips[f"video{i}"] = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
-        place_event(clips[f"video{i}"], i % 6, int(rng.integers(0, 17)), f"video{i}", rows, owners)
+        vid = f"video{i}"
+        clips[vid] = rng.normal(scale=0.3, size=(20, 8)).astype(np.float32)
+        start = int(rng.integers(0, 17))
+        place_event(clips[vid], i % 6, start, vid, rows, owners)
+        clips[vid][start:start + 3] += 2.5 * np.eye(8, dtype=np.float32)[7] - CONCEPTS[i % 6] * 2 / 3  # 3 -> 1 own
     return *write_release(root, clips, rows), owners
 
 

@@ -23,7 +23,8 @@ FLOORS = [
     ["vmr.vocab", "vmr.text", "vmr.runtime", "vmr.figures", "vmr.eval.metrics", "vmr.checkpoint"],
     ["vmr.data.*", "vmr.model.*", "vmr.eval.report", "vmr.eval.corpus"],  # data and model: never each other
     ["vmr.cache", "vmr.bundle", "vmr.synth"],
-    ["vmr.convert", "vmr.encode", "vmr.ann", "vmr.eval.predict", "vmr.features", "vmr.search", "vmr.train"],
+    ["vmr.convert", "vmr.encode", "vmr.ann", "vmr.prepared", "vmr.eval.predict", "vmr.features", "vmr.search",
+     "vmr.train"],
     ["vmr.bench.*"],
     ["vmr", "vmr.cli", "vmr.demo.*"],  # the command layer
 ]

@@ -214,7 +214,10 @@ def check_encodings(folder: str | Path, model) -> tuple[dict, SamplingConfig]:
     unknown = sorted(set(sampling) - {f.name for f in dataclasses.fields(SamplingConfig)})
     if unknown:  # written by something else than vmr's extractor: not read on trust
         raise UserError(f"{folder / MANIFEST}: extractor.sampling: unknown key {unknown[0]!r}")
-    return manifest, SamplingConfig(**{**dataclasses.asdict(model.sampling), **sampling})
+    # The frames are the features' (their rate and times); how the head reads them, its window and their
+    # overlap, is the model's own (imported features record window 1: they have none).
+    return manifest, SamplingConfig(**{**dataclasses.asdict(model.sampling), **sampling,
+                                       "window": model.sampling.window, "overlap": model.sampling.overlap})
 
 
 def open_encodings(folder: str | Path, model, skipped: list | None = None) -> Iterator[EncodedVideo]:

@@ -87,12 +87,13 @@ def bench_backbone_cost(quick: bool) -> dict:
 
 
 def _quickstart_data(workdir: Path, quick: bool) -> Path:
-    """The quickstart's sample data (the Makefile's settings; fewer videos with --quick)."""
+    """The quickstart's sample data (the Makefile's settings; fewer and shorter videos with --quick)."""
     from vmr.data.shards import build_shards
     from vmr.synth import synthesize
 
     synth, out = workdir / "quickstart-synth", workdir / "quickstart-shards"
-    synthesize(synth, videos=12 if quick else 400, size=32, fps=4.0, min_duration=20, max_duration=40, progress=False)
+    synthesize(synth, videos=12 if quick else 400, size=32, fps=4.0, min_duration=10 if quick else 20,
+               max_duration=20 if quick else 40, progress=False)
     for split in ("train", "val"):
         build_shards(synth / "videos", [synth / f"{split}.jsonl"], out, split=split, fps=2.0, size=32,
                      keyframe_interval=0, max_videos_per_shard=20, workers=2, progress=False)
