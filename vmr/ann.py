@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from vmr.data.tars import TIMES, TOKENS, sha256_of
-from vmr.encode import EncodedVideo, check_encodings, encoded, sample_video
+from vmr.encode import EncodedVideo, check_encodings, check_times, encoded, sample_video
 from vmr.errors import UserError
 from vmr.io import confined, first_line, json_text, objects, read_json, read_npy, save_npy, write_text_atomic
 from vmr.prepared import merge_parts, prepare_video, read_rows, row_shape
@@ -397,9 +397,13 @@ class Collection:
         """One video's windows as the rerank takes them, from its prepared rows (vmr/prepared.py) and its
         frame times (read from its shard and checked)."""
         first, rows = (int(v) for v in self.prepared_rows[video])
-        times = self._arrays(video, (TIMES,))[0]
-        return stored_windows(self.prepared[first:first + rows], [float(t) for t in times],
-                                float(self.durations[video]), self.spec, f"{self.root / 'prepared.npy'} ({self.ids[video]!r})")
+        times, duration = self._arrays(video, (TIMES,))[0], float(self.durations[video])
+        try:
+            check_times(times, duration)
+        except ValueError as error:
+            raise UserError(f"{self.shards[int(self.table[video][0])]}: {self.ids[video]!r}: {first_line(error)}") from None
+        return stored_windows(self.prepared[first:first + rows], times.tolist(), duration, self.spec,
+                              f"{self.root / 'prepared.npy'} ({self.ids[video]!r})")
 
     def load(self, video: int) -> EncodedVideo:
         """One video's tokens and times, read from its shard at the recorded byte ranges and checked."""

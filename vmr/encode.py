@@ -276,7 +276,6 @@ def encoded(video_id: str, duration: float, tokens, times, spec: SamplingConfig,
     """An EncodedVideo from a stored sample's arrays, checked (ValueError): tokens as many as times and
     as the extractor promises per frame; times the frames' own, in order, inside the video, whose
     duration ends within a bin or two of the last (more would be a video the frames do not cover)."""
-    import numpy as np
     import torch
 
     if tokens.ndim != 3 or times.ndim != 1 or len(tokens) != len(times) or not len(times):
@@ -284,11 +283,21 @@ def encoded(video_id: str, duration: float, tokens, times, spec: SamplingConfig,
     if tokens.shape[1:] != (extractor["tokens"], extractor["width"]):  # what the manifest promises
         raise ValueError(f"{TOKENS} holds {tokens.shape[1]} tokens of width {tokens.shape[2]} per frame, its "
                          f"manifest's extractor {extractor['tokens']} of width {extractor['width']}")
+    check_times(times, duration)
+    return EncodedVideo(video_id, float(duration), times.tolist(), torch.from_numpy(tokens), spec, extractor)
+
+
+def check_times(times, duration: float) -> None:
+    """Stored frame times (a 1-d array), checked (ValueError): the frames' own, in order, inside the video,
+    whose duration ends within a bin or two of the last."""
+    import numpy as np
+
+    if times.ndim != 1 or not len(times):
+        raise ValueError(f"{TIMES} holds {times.shape}, not one time per frame")
     step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
     if not np.isfinite(times).all() or (np.diff(times) < 0).any() or times[0] < 0 or times[-1] > duration \
             or duration > times[-1] + 2 * step + 10:
         raise ValueError(f"{TIMES} ({times[0]:.6g} to {times[-1]:.6g} s) does not fit the video's {duration:.6g} s")
-    return EncodedVideo(video_id, float(duration), times.tolist(), torch.from_numpy(tokens), spec, extractor)
 
 
 def load_encoding(folder: str | Path, model) -> EncodedVideo:
