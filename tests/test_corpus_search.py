@@ -115,7 +115,7 @@ sys.exit(code)
 def test_an_index_larger_than_a_memory_cap_still_answers(tmp_path):
     """Two indexes of 400-frame videos of 512 numbers (feature_dim): 10 videos, and 250 (100 MB of
     tokens on disk). A search of the larger may hold at most 30 MB more than one of the smaller once it
-    has answered: it reads only its candidates' tokens (20 videos, 8 MB), never the collection's."""
+    has answered: it reads only its candidates' prepared rows and frame times, never the collection's."""
     from vmr.bundle import write_bundle
     from vmr.config import load_config
     from vmr.model import VideoMomentRetrievalModel

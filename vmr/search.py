@@ -6,12 +6,13 @@ every video, the layout of a cache or a saved encoding), ``index.json`` naming t
 with, and that model's compact keys with their approximate-nearest-neighbour index (vmr/ann.py). A
 search runs in two stages:
 
-1. **Shortlist**: the sentence's key against every frame's key (FAISS: exact for small collections,
-   IVF-PQ beyond), a video scored by its best frame. The keys are trained for this (model.corpus):
-   a video without the event scores low.
+1. **Shortlist**: the sentence's key against the videos' segment keys (FAISS: exact up to a million,
+   IVF-PQ beyond), then the videos found scored exactly by their best frame's key. The keys are
+   trained for this (model.corpus): a video without the event scores low.
 2. **Rerank**: the full model (every layer, every window) on the ``candidates`` best videos only,
-   their tokens read from the shards on disk; moments are ranked by their relevance, which
-   model.corpus also trained against other videos, so that it compares across videos.
+   from their prepared rows on disk (the model's sentence-free half, done by the index:
+   vmr/prepared.py); moments are ranked by their relevance, which model.corpus also trained against
+   other videos, so that it compares across videos.
 
 Cost per query: the ANN search (sub-linear with IVF-PQ), then ``candidates`` videos' reads and
 forward passes, constant in the collection's size. Memory: the ANN index and a table per video.

@@ -111,7 +111,7 @@ def bench_backbone_quality(shards: Path | None, quick: bool, workdir: Path, seed
     from vmr.train import train
 
     data = shards or _quickstart_data(workdir, quick)
-    steps = 10 if quick else load_config(preset("tiny")).train.max_steps
+    steps = 4 if quick else load_config(preset("tiny")).train.max_steps
     runs: dict[str, dict[str, list[float]]] = {}
     for backbone in ("clip", "siglip"):
         for seed in seeds:

@@ -1,6 +1,6 @@
 """``vmr bench search``: encode once and ask many, and searching a collection.
 
-encode   one long video (320x240, 1 minute with --quick, else 10): the first query (decode, vision
+encode   one long video (320x240, 30 s with --quick, else 10 minutes): the first query (decode, vision
          tower, then the layers above: what ``vmr predict`` costs for one query), later queries on
          the same encoding, their ratio, and the same query by the path that decodes and runs both
          towers for every window (each window's frames read and encoded again); the encoding's
@@ -70,7 +70,7 @@ def bench_encode(device: str, quick: bool, workdir: Path, options: Options) -> d
            load_config(preset("default"), ["model.init=random", "model.tokenizer=synthetic"]))
     torch.manual_seed(0)
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).to(device).eval()
-    seconds = 60 if quick else 600
+    seconds = 30 if quick else 600
     path = _long_video(workdir, seconds)
     start = time.perf_counter()
     video = encode_video(model, path)
@@ -100,7 +100,7 @@ def bench_search(quick: bool, workdir: Path) -> dict:
     10,000 and 100,000 videos (1,000 with --quick) made of those real videos' keys with
     noise added per copy (synthetic beyond the real encodings), searched by a fresh process: its
     memory, the shortlist's latency and recall against exact search, and a whole search's latency
-    (the shortlist then the full model on 20 candidates, whose tokens are the real ones on disk)."""
+    (the shortlist then the full model on 20 candidates, whose prepared rows are the real ones on disk)."""
     import torch
 
     from vmr.bundle import write_bundle
@@ -114,7 +114,7 @@ def bench_search(quick: bool, workdir: Path) -> dict:
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling).eval()
     bundle = write_bundle(model, workdir / "search-bundle", cfg)
     synth, shards, index = workdir / "search-synth", workdir / "search-shards", workdir / "search-index"
-    count = 8 if quick else 24
+    count = 4 if quick else 24
     synthesize(synth, videos=count, queries_per_video=2, min_duration=20, max_duration=40, fps=4, size=32,
                val_fraction=0.0, seed=5, progress=False)
     build_shards(synth / "videos", [synth / "train.jsonl"], shards, split="train", fps=2.0, size=32,
