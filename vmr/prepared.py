@@ -54,11 +54,6 @@ def unpack(rows) -> dict:
     return {"frames": rows[:, :, 0], "keys": rows[:, :, 1:1 + p], "values": rows[:, :, 1 + p:]}
 
 
-def window_count(times: list[float], duration: float, spec) -> int:
-    """The rows a video's windows take: what prepare_video stored for it."""
-    return sum(end - first for first, end, *_ in windows_over(times, duration, spec.window, spec.overlap))
-
-
 def windows(rows: np.ndarray, times: list[float], duration: float, spec, where: str):
     """A video's stored rows as the rerank's windows: (rows (t, 1 + 2p, d), times, start, stop, own)."""
     import torch
