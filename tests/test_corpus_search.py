@@ -38,6 +38,49 @@ def test_negatives_are_other_videos_that_lack_the_sentence():
     assert len(corpus_batch(batch, CorpusConfig(negatives=1))["negatives"]) == 3  # one each
 
 
+def test_near_miss_sentences_run_on_the_querys_own_video():
+    """model.corpus.sentences: each query's video is paired with the bank's sentences that share the
+    most words with the query and that the video does not hold; their tokens come after the batch's
+    rows, and the head reads each pair as if that sentence had been asked of that video."""
+    from vmr.config import CorpusConfig
+    from vmr.model import batch_forward
+    from vmr.model.corpus import SentenceBank, moment_level_loss, split_negatives
+
+    from .test_search import tiny_model
+
+    model, cfg = tiny_model(window=6)
+    bank = SentenceBank(seed=0)
+    bank.add(["a blue square grows"])  # an earlier batch's
+    queries = ["a red circle grows", "a red square grows"]
+    held = [["a red circle grows", "a green circle blinks"], ["a red square grows"]]
+    text = model.tokenizer(queries, padding="max_length", max_length=12, return_tensors="pt")
+    torch.manual_seed(0)
+    batch = {"video_id": ["a", "b"], "query": queries, "video_index": torch.tensor([0, 1]), "sentences": held,
+             "text_ids": text["input_ids"], "text_mask": text["attention_mask"],
+             "videos": torch.randint(0, 255, (2, 6, 3, 32, 32), dtype=torch.uint8),
+             "frame_mask": torch.ones(2, 6, dtype=torch.bool), "frame_times": torch.arange(6.0).expand(2, 6) / 2,
+             "duration": torch.tensor([3.0, 3.0])}
+    out = corpus_batch(batch, CorpusConfig(negatives=0, sentences=2), bank, model.tokenizer)
+    # Query 0's nearest sentences not in video a: "a red square grows" (3 of 5 words), then "a blue square
+    # grows" (2 of 6); query 1's: "a blue square grows" and "a red circle grows" (3 of 5 each).
+    extra = model.tokenizer.batch_decode(out["text_ids"][2:], skip_special_tokens=True)
+    pairs = {(extra[row - 2], video) for row, video in out["negatives"].tolist()}
+    assert pairs == {("a red square grows", 0), ("a blue square grows", 0), ("a blue square grows", 1),
+                     ("a red circle grows", 1)}
+    assert len(extra) == 3 and out["text_mask"].shape == (5, 12)
+    with torch.no_grad():
+        outputs = batch_forward(model, out)
+        for row, (rows, video) in enumerate(out["negatives"].tolist(), start=2):
+            alone = model(batch["videos"][video:video + 1], {"input_ids": out["text_ids"][rows:rows + 1],
+                          "attention_mask": out["text_mask"][rows:rows + 1]}, video_index=torch.tensor([0]),
+                          frame_times=batch["frame_times"][:1], duration=batch["duration"][:1])
+            assert torch.allclose(outputs["relevance_logits"][row], alone["relevance_logits"][0], atol=1e-5)
+    own, negative = split_negatives(outputs, 2)
+    assert negative["relevance_logits"].shape == (4, 6)
+    absent, presence = moment_level_loss(own, negative, {"relevance": torch.ones(2, 6)}, "bce", 2.0)
+    assert torch.isfinite(absent) and absent > 0 and torch.isfinite(presence)
+
+
 def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[str, set[str]]]:
     """Videos of 20 two-second clips, each showing ONE of six objects (three clips), with a query for
     it. An object is mostly what every object shares (a common direction, 2.5 long) and a little of its

@@ -61,9 +61,10 @@ class CorpusConfig:
     enabled: bool = False
     key_dim: int = 64  # width of the frame and query keys the collection index stores and asks
     negatives: int = 2  # other videos each query is run against (moment level); 0: video level only
+    sentences: int = 0  # near-miss sentences (most words shared, not in the video) per query: relevance 0
     temperature: float = 0.05  # of the video-level contrast over key scores
-    # loss_video and loss_presence train only the key and presence layers (their inputs detached): small,
-    # so that they do not dominate the global clipping norm (Adam's steps do not depend on the weight).
+    # loss_video, loss_presence train only the key and presence layers (detached inputs): small, so
+    # that they do not dominate the global clipping norm (Adam's steps do not depend on the weight).
     loss_video: float = 0.05
     loss_presence: float = 0.05
     loss_negative: float = 1.0  # relevance 0 in the negative videos: it trains the layers
@@ -189,7 +190,7 @@ class TrainConfig:
 POSITIVE_MODEL_SIZES = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads", "text_width",
                         "text_layers", "text_heads", "projection_dim", "hidden_dim", "num_heads")
 NON_NEGATIVE_MODEL_VALUES = ("focal_gamma", "loss_relevance", "loss_l1", "loss_giou", "loss_saliency",
-                             "saliency_margin")
+                             "saliency_margin", "feature_dim", "text_feature_dim", "num_layers")
 MAX_FPS = 60.0  # frames per second the model may sample; a video's own rate bounds it further when read
 MAX_WINDOW = 4096  # frames per window
 # Architecture sizes are bounded, so that a config (a bundle's, too) can never ask for a model that
@@ -250,18 +251,18 @@ class Config:
             (m.hidden_dim % m.num_heads == 0, "model.hidden_dim", "must be a multiple of model.num_heads"),
             (m.vision_width % m.vision_heads == 0, "model.vision_width", "must be a multiple of vision_heads"),
             (m.text_width % m.text_heads == 0, "model.text_width", "must be a multiple of text_heads"),
-            (m.num_layers >= 0, "model.num_layers", "must be >= 0"),
             (m.motion_span >= 1, "model.motion_span", "must be at least 1"),
             (m.frame_chunk >= 1, "model.frame_chunk", "must be at least 1"),
-            (m.feature_dim >= 0 and m.text_feature_dim >= 0, "model.feature_dim", "must be >= 0"),
             (0 <= m.dropout < 1, "model.dropout", "must be in [0, 1)"),
             (0 <= m.nms_iou <= 1, "model.nms_iou", "must be in [0, 1]"),
             *((getattr(m.detr, k) >= 1, f"model.detr.{k}", "must be at least 1")
               for k in ("hidden_dim", "nheads", "enc_layers", "dec_layers", "dim_feedforward", "num_queries",
                         "max_q_l")),
-            (m.corpus.key_dim >= 1 and m.corpus.negatives >= 0 and m.corpus.temperature > 0 and min(
+            (m.corpus.key_dim >= 1 and m.corpus.temperature > 0 and min(m.corpus.negatives, m.corpus.sentences,
                 m.corpus.loss_video, m.corpus.loss_negative, m.corpus.loss_presence) >= 0, "model.corpus",
-             "key_dim must be >= 1, temperature > 0, negatives and loss weights >= 0"),
+             "key_dim must be >= 1, temperature > 0, negatives, sentences and loss weights >= 0"),
+            (not (m.corpus.sentences and m.text_feature_dim), "model.corpus.sentences", "needs the text tower "
+             "(with imported query features, model.text_feature_dim, no other sentence can be read)"),
             (1 <= m.detr.n_input_proj <= 3, "model.detr.n_input_proj", "must be 1, 2 or 3"),
             (m.detr.hidden_dim % m.detr.nheads == 0, "model.detr.hidden_dim", "must be a multiple of model.detr.nheads"),
             (m.head != "qd_detr" or m.detr.hidden_dim == 256, "model.detr.hidden_dim",

@@ -141,6 +141,7 @@ class Run:
     deepspeed: bool
     metrics: dict | None = None  # the last validation's (main process)
     perf: dict = field(default_factory=dict)  # since the last log: time, data wait, videos, frames, steps
+    bank: object = None  # model.corpus.sentences: the sentences this process saw last (vmr/model/corpus.py)
 
 
 def _train(cfg: Config, resume: str | None, accelerator) -> dict | None:
@@ -173,6 +174,7 @@ def setup(cfg: Config, resume: str | None, accelerator) -> Run:
     from vmr.data.prefetch import device_batches
     from vmr.data.stream import make_loader
     from vmr.model import VideoMomentRetrievalModel
+    from vmr.model.corpus import SentenceBank
 
     t = cfg.train
     set_seed(t.seed, device_specific=True)
@@ -210,7 +212,8 @@ def setup(cfg: Config, resume: str | None, accelerator) -> Run:
     return Run(cfg, accelerator, model, optimizer, scheduler, loader, batches, loop,
                StepVerdicts(loop, t.max_nonfinite_steps),
                accelerator.get_tracker("tensorboard", unwrap=False) if main else None, bar, out, loop.step, total,
-               deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3, deepspeed, perf=_fresh_perf())
+               deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3, deepspeed, perf=_fresh_perf(),
+               bank=SentenceBank(seed=t.seed + accelerator.process_index) if cfg.model.corpus.sentences else None)
 
 
 def _resume(accelerator, out: Path, resume: str, loop: LoopState) -> None:
@@ -281,7 +284,7 @@ def optimizer_step(run: Run) -> tuple[dict, object]:
         perf["frames"] += batch["frames"] * accelerator.num_processes
         config = accelerator.unwrap_model(model).config
         if config.corpus.enabled and config.head == "vmr":  # other videos as negatives (vmr/model/corpus.py)
-            batch = corpus_batch(batch, config.corpus)
+            batch = corpus_batch(batch, config.corpus, run.bank, accelerator.unwrap_model(model).tokenizer)
         with accelerator.accumulate(model):
             losses = moment_losses(batch_forward(model, batch), batch, config)
             bad = bad + (~torch.isfinite(losses["loss"].detach())).float()

@@ -16,6 +16,14 @@ a video holds is known from its annotations; another window of the same video is
   process; their frames' relevance is trained towards 0, and a presence head (one logit per frame, a
   video's presence its best frame's) towards 1 in the query's own window and 0 in the negatives. A
   search ranks moments of different videos by relevance x presence.
+- **Near-miss sentences** (``sentences``). A few videos of a batch rarely hold the event a query is
+  confused with across a collection (the same colour and action, another shape): about one in ten.
+  So the pairs are also made from the other side: each query's own video is run with the ``sentences``
+  recently seen sentences that share the most words with the query but that the video does not hold
+  ("a red square grows" for a video where only a red circle grows), all of its frames towards 0. Only
+  the sentence differs, so only reading it in full tells the pairs apart. On data whose sentences are
+  paraphrases of each other (free-form captions), the nearest sentence may describe the same event:
+  there it stays off.
 
 The key and presence layers read detached inputs and their losses weigh little (vmr.config.CorpusConfig):
 only the relevance term trains the shared layers, so the in-video figures stay those of the head.
@@ -25,7 +33,10 @@ Legend: b videos, t frames, q queries, r key width, d the head's width, n negati
 
 from __future__ import annotations
 
+import random
+import re
 import zlib
+from collections import Counter, OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -61,11 +72,50 @@ def text_hash(text: str) -> int:
     return zlib.crc32(text.encode("utf-8"))
 
 
-def corpus_batch(batch: dict, cfg: CorpusConfig) -> dict:
+def words(sentence: str) -> frozenset[str]:
+    return frozenset(re.findall(r"\w+", sentence.lower()))
+
+
+class SentenceBank:
+    """The ``size`` sentences a process saw last (every sentence its batches' videos hold), to draw
+    near misses from: for a query, those sharing the most words with it (Jaccard of the word sets)
+    that its video does not hold and that are not the same words reordered. Among equally near ones,
+    each pick lacks a word of the query that no earlier pick lacked where it can (then at random): a
+    query's pairs then differ from it in its colour, its shape and its action alike, not mostly in
+    the attribute with the most values."""
+
+    def __init__(self, size: int = 2048, seed: int = 0):
+        self.size, self.rng, self.seen = size, random.Random(seed), OrderedDict()
+
+    def add(self, sentences) -> None:
+        for sentence in sentences:
+            self.seen[sentence] = words(sentence)
+            self.seen.move_to_end(sentence)
+        while len(self.seen) > self.size:
+            self.seen.popitem(last=False)
+
+    def near_misses(self, sentence: str, held, k: int) -> list[str]:
+        own = words(sentence)
+        left = [(len(own & w) / len(own | w), self.rng.random(), s, own - w) for s, w in self.seen.items()
+                if s not in held and w != own]
+        picked, lacked = [], Counter()
+        while left and len(picked) < k:
+            best = max(left, key=lambda c: (c[0], -lacked[c[3]], c[1]))
+            left.remove(best)
+            picked.append(best[2])
+            lacked[best[3]] += 1
+        return picked
+
+
+def corpus_batch(batch: dict, cfg: CorpusConfig, bank: SentenceBank | None = None, tokenizer=None) -> dict:
     """The host's part, on a loader batch: ``negatives`` (n, 2) pairs (query row, video of the batch)
     for the moment level, each real query paired with up to ``cfg.negatives`` other videos that lack
     its sentence (the next ones in the batch, round); the numbers the video level compares across
-    processes: ``query_hash`` (q,), ``video_hash`` (b,), ``sentence_hash`` (b, s) (-1: none)."""
+    processes: ``query_hash`` (q,), ``video_hash`` (b,), ``sentence_hash`` (b, s) (-1: none).
+
+    With ``cfg.sentences`` (and the process's ``bank`` and the model's ``tokenizer``), each real query's
+    own video is also paired with that many near-miss sentences: their tokens are appended to the
+    batch's text rows (after its q queries, read only through these pairs)."""
     videos, queries = batch["video_id"], batch["query"]
     owner = batch["video_index"].tolist()
     pairs = []
@@ -79,10 +129,24 @@ def corpus_batch(batch: dict, cfg: CorpusConfig) -> dict:
                 pairs.append((row, other))
                 found += 1
     q = len(batch["video_index"])
+    extra = {}
+    if cfg.sentences and bank is not None and "text_features" not in batch:  # imported text: no tower to read them
+        bank.add(s for held in batch["sentences"] for s in held)
+        rows: dict[str, int] = {}
+        for row, sentence in enumerate(queries):
+            video = owner[row]
+            for miss in bank.near_misses(sentence, set(batch["sentences"][video]), cfg.sentences):
+                pairs.append((q + rows.setdefault(miss, len(rows)), video))
+        if rows:
+            ids = batch["text_ids"]
+            text = tokenizer(list(rows), padding="max_length", truncation=True, max_length=ids.shape[1],
+                             return_tensors="pt")
+            extra = {"text_ids": torch.cat([ids, text["input_ids"].to(ids)]),
+                     "text_mask": torch.cat([batch["text_mask"], text["attention_mask"].to(batch["text_mask"])])}
     most = max([len(s) for s in batch["sentences"]] + [1])
     sentences = [[text_hash(s) for s in held] + [-1] * (most - len(held)) for held in batch["sentences"]]
     device = batch["video_index"].device
-    return {**batch, "negatives": torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2),
+    return {**batch, **extra, "negatives": torch.tensor(pairs, dtype=torch.long, device=device).reshape(-1, 2),
             "query_hash": torch.tensor([text_hash(s) for s in queries] + [-2] * (q - len(queries)), device=device),
             "video_hash": torch.tensor([text_hash(v) for v in videos], device=device),
             "sentence_hash": torch.tensor(sentences, dtype=torch.long, device=device)}

@@ -95,7 +95,8 @@ class VideoMomentRetrievalModel(nn.Module):
         b, t = (video_frames if prepared is None else prepared["frames"]).shape[:2]
         device = (video_frames if prepared is None else prepared["frames"]).device
         word_mask = text_inputs["attention_mask"].bool()
-        q = len(word_mask)
+        # Text rows after the first len(video_index) are sentences only ``negatives`` pairs read (model.corpus).
+        q = len(word_mask) if video_index is None else len(video_index)
         if frame_mask is None:
             frame_mask = torch.ones(b, t, dtype=torch.bool, device=device)
         if frame_times is None:
@@ -116,7 +117,7 @@ class VideoMomentRetrievalModel(nn.Module):
         if "features" in text_inputs:
             words = text_inputs["features"]
             last = word_mask.long().sum(dim=1).clamp(min=1) - 1
-            sentence = words[torch.arange(q, device=device), last]
+            sentence = words[torch.arange(len(words), device=device), last]
         else:
             words, sentence = self.towers.encode_text(text_inputs["input_ids"], word_mask)  # (q, l, c), (q, c)
         if negatives is not None and len(negatives):  # the text tower ran once per query, not per pair
