@@ -36,7 +36,7 @@ from __future__ import annotations
 import random
 import re
 import zlib
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
@@ -78,11 +78,8 @@ def words(sentence: str) -> frozenset[str]:
 
 class SentenceBank:
     """The ``size`` sentences a process saw last (every sentence its batches' videos hold), to draw
-    near misses from: for a query, those sharing the most words with it (Jaccard of the word sets)
-    that its video does not hold and that are not the same words reordered. Among equally near ones,
-    each pick lacks a word of the query that no earlier pick lacked where it can (then at random): a
-    query's pairs then differ from it in its colour, its shape and its action alike, not mostly in
-    the attribute with the most values."""
+    near misses from: for a query, those sharing the most words with it (Jaccard of the word sets;
+    ties drawn at random) that its video does not hold and that are not the same words reordered."""
 
     def __init__(self, size: int = 2048, seed: int = 0):
         self.size, self.rng, self.seen = size, random.Random(seed), OrderedDict()
@@ -96,15 +93,9 @@ class SentenceBank:
 
     def near_misses(self, sentence: str, held, k: int) -> list[str]:
         own = words(sentence)
-        left = [(len(own & w) / len(own | w), self.rng.random(), s, own - w) for s, w in self.seen.items()
-                if s not in held and w != own]
-        picked, lacked = [], Counter()
-        while left and len(picked) < k:
-            best = max(left, key=lambda c: (c[0], -lacked[c[3]], c[1]))
-            left.remove(best)
-            picked.append(best[2])
-            lacked[best[3]] += 1
-        return picked
+        scored = [(len(own & w) / len(own | w), self.rng.random(), s) for s, w in self.seen.items()
+                  if s not in held and w != own]
+        return [s for *_, s in sorted(scored, reverse=True)[:k]]
 
 
 def corpus_batch(batch: dict, cfg: CorpusConfig, bank: SentenceBank | None = None, tokenizer=None) -> dict:
