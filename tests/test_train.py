@@ -171,7 +171,9 @@ def test_resume_after_sigkill_ends_at_the_same_step(shard_dir, tmp_path):
 @pytest.mark.multiprocess
 def test_two_process_ddp_run(shard_dir, tmp_path):
     out = tmp_path / "run"
-    result = run(overrides(shard_dir, out), launcher=launch(2, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")))
+    # With near-miss sentences: each process then reads its own number of extra text rows (model.corpus).
+    result = run([*overrides(shard_dir, out), "model.corpus.sentences=2"],
+                 launcher=launch(2, "--config_file", str(ROOT / "launch/cpu_2proc.yaml")))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es) on cpu" in result.stdout
     assert steps_of(out) == ["step_0000002", "step_0000004"]
