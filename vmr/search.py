@@ -11,8 +11,8 @@ search runs in two stages:
    trained for this (model.corpus): a video without the event scores low.
 2. **Rerank**: the full model (every layer, every window) on the ``candidates`` best videos only,
    from their prepared rows on disk (the model's sentence-free half, done by the index:
-   vmr/prepared.py); moments are ranked by their relevance, which model.corpus also trained against
-   other videos, so that it compares across videos.
+   vmr/prepared.py); moments are ranked by their relevance times their video's presence, which
+   model.corpus trained against other videos, so that they compare across videos.
 
 Cost per query: the ANN search (sub-linear with IVF-PQ), then ``candidates`` videos' reads and
 forward passes, constant in the collection's size. Memory: the ANN index and a table per video.
