@@ -59,6 +59,11 @@ def test_config_errors_are_one_line_naming_the_key(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == "vmr train: error: train.grad_accum must be at least 1, got 0"
     assert main(["train", "--config", str(TINY), f"data.train_shards={tmp_path}/none-*.tar"]) == 2
     assert "shards: no shard matches" in capsys.readouterr().err
+    # Near-miss sentences need the text tower: imported query features cannot encode them.
+    assert main(["train", "--config", str(TINY), "model.corpus.sentences=2", "model.text_feature_dim=8"]) == 2
+    assert capsys.readouterr().err.strip().startswith("vmr train: error: model.corpus.sentences needs the text tower")
+    with pytest.raises(UserError, match="model.corpus key_dim must be >= 1.*sentences"):
+        load_config(TINY, ["model.corpus.sentences=-1"])
 
 
 def test_one_process_run_writes_everything(shard_dir, tmp_path):
