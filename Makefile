@@ -41,8 +41,8 @@ $(QUICK_DATA)/shards/manifest.json: $(QUICK_DATA)/synth/val.jsonl
 	done
 
 # The held-out videos as a small corpus benchmark (TVR's protocol), with the quickstart's model:
-# ground truth, vmr index, vmr search --queries, vmr eval --protocol tvr (runs/corpus/). About 1
-# minute on 2 cores.
+# ground truth, vmr index, vmr search --queries --contrast (the training annotations' sentences),
+# vmr eval --protocol tvr (runs/corpus/). A few minutes on 2 cores.
 corpus: install
 	test -d $(QUICK_RUN)/export || { echo "run 'make quickstart' first"; exit 2; }
 	$(BIN)/python benchmarks/corpus_search.py --checkpoint $(QUICK_RUN)/export --work runs/corpus \

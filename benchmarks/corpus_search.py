@@ -7,7 +7,8 @@ several of the held-out videos: beside TVR's figures, ``collection_R1@0.5`` coun
 result when its video has an event with that exact sentence that the result overlaps at IoU >= 0.5
 (the figure the collection search's goal is stated in), and ``in_video_R1@0.5`` is the same for the
 query's own video alone (SVMR's first moment, against every window of the query). ``shortlist_holds``
-is the share of queries whose reranked videos hold one with the sentence.
+is the share of queries whose reranked videos hold one with the sentence. ``--contrast`` (default: the
+quickstart's training annotations; ``--contrast ''`` for none) is passed to ``vmr search``.
 
     make quickstart   # once: the model in runs/quickstart and the held-out shards
     .venv/bin/python benchmarks/corpus_search.py --out benchmarks/reports/$(date +%F)-<machine>-corpus.json
@@ -39,6 +40,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "corpus",
                         help="where the index, the TVR ground truth and the predictions go")
     parser.add_argument("--candidates", type=int, default=20)
+    parser.add_argument("--contrast", default=str(ROOT / "runs" / "quickstart-data" / "synth" / "train.jsonl"),
+                        help="annotations whose sentences vmr search contrasts the best videos with ('': none)")
     parser.add_argument("--out", type=Path, help="the report JSON")
     args = parser.parse_args()
 
@@ -59,7 +62,7 @@ def main() -> int:
     index, predictions, metrics = args.work / "index", args.work / "predictions.json", args.work / "metrics.json"
     for command in (["index", "--checkpoint", args.checkpoint, "--shards", args.shards, "--out", str(index)],
                     ["search", "--index", str(index), "--queries", str(gt), "--out", str(predictions),
-                     "--candidates", str(args.candidates)],
+                     "--candidates", str(args.candidates), *(["--contrast", args.contrast] if args.contrast else [])],
                     ["eval", "--protocol", "tvr", "--predictions", str(predictions), "--ground-truth", str(gt),
                      "--json", str(metrics)]):
         print("vmr", " ".join(command), flush=True)
@@ -87,7 +90,8 @@ def main() -> int:
                      for s, _ in events.get(names[v], []))
     n = len(truth)
     report = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "queries": n,
-              "videos": len(events), "candidates": args.candidates, "tvr": json.loads(metrics.read_text()),
+              "videos": len(events), "candidates": args.candidates, "contrast": args.contrast or None,
+              "tvr": json.loads(metrics.read_text()),
               "collection_R1@0.5": round(100 * collection / n, 2), "in_video_R1@0.5": round(100 * in_video / n, 2),
               "ratio": round(collection / max(in_video, 1), 3), "shortlist_holds": round(100 * holds / n, 2)}
     print(json.dumps({k: v for k, v in report.items() if k != "tvr"}, indent=1))

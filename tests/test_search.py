@@ -202,7 +202,7 @@ def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, 
     text = opened._sentence(QUERIES[1])[0]
     for n, video in enumerate(videos):  # several overlapping windows each (5 frames)
         assert len(list(video.windows())) > 1
-        stored, own = opened._rerank([n], text)[0], video.scores(model, [QUERIES[1]])[0]
+        stored, own = opened._rerank([n], text)[0][0], video.scores(model, [QUERIES[1]])[0]
         assert stored["times"] == own["times"]
         for key in ("relevance", "saliency", "starts", "ends"):
             assert stored[key] == pytest.approx(own[key], abs=2e-3), key
@@ -221,6 +221,61 @@ def test_the_shortlist_keeps_what_an_exhaustive_search_finds(bundle, shard_dir, 
 SENTENCES = ["a red circle blinks", "a blue square grows", "a green triangle moves left",
              "a yellow circle shrinks", "a red square moves up", "a blue triangle moves down"]
 CONCEPTS = np.eye(8, dtype=np.float32)[:6] * 3  # each object a direction of its own
+
+
+def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bundle, shard_dir, synth_dir, tmp_path,
+                                                                              capsys):
+    """With contrast sentences, the CONTRAST_VIDEOS best videos are asked again with the query's nearest
+    sentences (most words shared, ties alphabetical; never its own words reordered), all in one forward
+    per window, each as it alone would be; a moment's score is also times the query's softmax share of
+    the relevance logits at the frame that proposed it (computed here from a full pass over the video);
+    the contrasted videos' moments come first. ``vmr search --contrast`` reads any annotation file."""
+    import math
+
+    from vmr.bundle import load_model
+    from vmr.model.corpus import nearest_sentences
+    from vmr.search import CONTRAST_SENTENCES, CONTRAST_VIDEOS
+
+    index = tmp_path / "index"
+    assert main(["index", "--checkpoint", str(bundle), "--shards", str(shard_dir), "--out", str(index)]) == 0
+    model, _ = load_model(bundle)
+    opened = Index.open(index, model)
+    assert len(opened) > CONTRAST_VIDEOS
+    query = QUERIES[1]  # a blue square grows
+    plain = opened.search(query, top_k=1000, candidates=0)
+    assert all("contrast" not in r for r in plain["results"])
+    opened.set_contrast(["a red square grows", "a blue square shrinks", "a square blue grows", "a blue circle grows",
+                         "the green triangle moves left", "a blue square moves up", query])
+    misses = nearest_sentences(query, opened.contrast, CONTRAST_SENTENCES)
+    assert misses == ["a blue circle grows", "a blue square shrinks", "a red square grows", "a blue square moves up",
+                      "the green triangle moves left"]
+    with torch.no_grad():
+        together = opened._rerank([0, 1], model.encode_queries(misses)[0])
+        for j, miss in enumerate(misses):
+            alone = opened._rerank([0, 1], opened._sentence(miss)[0])
+            for n in (0, 1):
+                assert together[n][j]["relevance"] == pytest.approx(alone[n][0]["relevance"], abs=1e-4), (miss, n)
+
+    result = opened.search(query, top_k=1000, candidates=0)
+    contrasted = [r for r in result["results"] if "contrast" in r]
+    assert {r["video"] for r in contrasted} == {v for v, _ in plain["ranked_videos"][:CONTRAST_VIDEOS]}
+    assert result["results"][:len(contrasted)] == contrasted and len(contrasted) < len(result["results"])
+    assert [v for v, _ in result["ranked_videos"][:CONTRAST_VIDEOS]] == list(dict.fromkeys(r["video"] for r in contrasted))
+    logit = lambda p: math.log(p) - math.log(1 - p)  # noqa: E731
+    for r in contrasted:
+        video = opened.load(opened.ids.index(r["video"]))
+        own, *others = video.scores(model, [query, *misses])
+        frame = min(range(len(own["starts"])), key=lambda f: abs(own["starts"][f] - r["start"]) + abs(own["ends"][f] - r["end"])
+                    + abs(own["relevance"][f] - r["relevance"]))
+        logits = [logit(own["relevance"][frame])] + [logit(o["relevance"][frame]) for o in others]
+        share = 1 / sum(math.exp(x - logits[0]) for x in logits)
+        assert r["contrast"] == pytest.approx(share, abs=2e-3)
+        assert r["score"] == pytest.approx(r["relevance"] * r["presence"] * r["contrast"], abs=2e-3)
+    assert sorted((r["score"] for r in contrasted), reverse=True) == [r["score"] for r in contrasted]
+
+    capsys.readouterr()
+    assert main(["search", "--index", str(index), "--query", query, "--contrast", str(synth_dir / "train.jsonl")]) == 0
+    assert "contrast" in json.loads(capsys.readouterr().out)["results"][0]
 
 
 def place_event(clips: np.ndarray, j: int, start: int, vid: str, rows: list, owners: dict) -> None:
@@ -290,6 +345,8 @@ def test_bad_search_input_is_one_line(bundle, shard_dir, tmp_path, capsys):
     other = tmp_path / "other"
     model, cfg = tiny_model(seed=1)
     write_bundle(model, other, cfg)
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not an annotation\n")
     cases = [
         (["search", "--index", str(tmp_path / "missing"), "--query", "a red circle"], "not an index"),
         (["search", "--index", str(index), "--query", "   "], "query"),
@@ -301,6 +358,9 @@ def test_bad_search_input_is_one_line(bundle, shard_dir, tmp_path, capsys):
          "not a folder"),
         (["index", "--checkpoint", str(bundle), "--shards", str(index), "--out", str(tmp_path / "i3")],
          "feature shards already"),
+        (["search", "--index", str(index), "--query", "a red circle", "--contrast", str(tmp_path / "no.jsonl")],
+         "--contrast"),
+        (["search", "--index", str(index), "--query", "a red circle", "--contrast", str(garbage)], str(garbage)),
     ]
     for argv, reason in cases:
         capsys.readouterr()

@@ -13,9 +13,17 @@ search runs in two stages:
    from their prepared rows on disk (the model's sentence-free half, done by the index:
    vmr/prepared.py); moments are ranked by their relevance times their video's presence, which
    model.corpus trained against other videos, so that they compare across videos.
+3. **Contrast** (optional: ``contrast`` sentences, e.g. the training annotations'): the best
+   ``CONTRAST_VIDEOS`` videos are asked again, in one forward each, with the ``CONTRAST_SENTENCES``
+   sentences sharing the most words with the query ("a red square grows" for "a red circle grows").
+   A moment's score is also multiplied by the query's share of a softmax over those sentences'
+   relevance logits at the moment's frame: a video where a red *square* grows answers the square's
+   sentence better than the query, and drops. (model.corpus.sentences trains exactly that
+   comparison.) Those videos' moments are listed first.
 
 Cost per query: the ANN search (sub-linear with IVF-PQ), then ``candidates`` videos' reads and
-forward passes, constant in the collection's size. Memory: the ANN index and a table per video.
+forward passes (with contrast, ``CONTRAST_VIDEOS`` more, of more sentences), constant in the
+collection's size. Memory: the ANN index and a table per video.
 ``candidates=0`` reranks every video (exhaustive).
 """
 
@@ -35,6 +43,8 @@ CANDIDATES = 20  # videos the full model reranks (0: all)
 WINDOWS_AT_ONCE = 64  # windows of the rerank held at once: memory bounded whatever the shortlist
 WINDOWS_PER_FORWARD = 8  # of those, per forward (by length): less padding, as fast per window on a CPU
 MAX_PREDICTIONS = 100  # per query in a TVR prediction file
+CONTRAST_SENTENCES = 8  # near-miss sentences each contrasted video is asked (measured: 4 and every one were worse)
+CONTRAST_VIDEOS = 3  # the best videos by relevance x presence that are contrasted (as good as all 20 measured)
 
 
 class Index:
@@ -51,6 +61,13 @@ class Index:
         self.ids, self.skipped = collection.ids, collection.skipped
         self.device = model.head.frame_in.weight.device
         self._last: tuple = (None, None, None)  # the last sentence asked, its text and key
+        self.contrast: dict[str, frozenset] = {}  # sentence -> its words (set_contrast)
+
+    def set_contrast(self, sentences) -> None:
+        """The sentences a search contrasts its best videos with (its near misses among them)."""
+        from vmr.model.corpus import words
+
+        self.contrast = {s: words(s) for s in sentences}
 
     @classmethod
     def open(cls, folder: str | Path, model, progress: bool = False) -> Index:
@@ -83,10 +100,11 @@ class Index:
 
     def search(self, query: str, top_k: int = 10, candidates: int = CANDIDATES, per_video: int = 5) -> dict:
         """The ``top_k`` best moments over the collection: ``{"query", "videos", "reranked", "results":
-        [{"video", "start", "end", "score", "relevance", "presence", "shortlist"}, ...], "ranked_videos":
-        [[video, score], ...]}`` (score: relevance x the video's presence),
-        best first; ``candidates`` videos go to the full model (0: all of them); each gives at most
-        ``per_video`` moments. ``ranked_videos``: the reranked videos by their best moment."""
+        [{"video", "start", "end", "score", "relevance", "presence", "shortlist"[, "contrast"]}, ...],
+        "ranked_videos": [[video, score], ...]}`` (score: relevance x the video's presence, x the
+        moment's contrast share for the contrasted videos, whose moments come first), best first;
+        ``candidates`` videos go to the full model (0: all of them); each gives at most ``per_video``
+        moments. ``ranked_videos``: the reranked videos by their best moment."""
         import torch
 
         from vmr.model import rank_moments
@@ -95,20 +113,57 @@ class Index:
         with torch.no_grad():
             text, key = self._sentence(query)
             picked = self.collection.shortlist(key, candidates or len(self.ids))
-            results, best = [], {}
-            for (index, prior), scores in zip(picked, self._rerank([i for i, _ in picked], text), strict=True):
-                # A moment's relevance ranks it within its video; times the video's presence (its best
-                # frame's), it compares across videos.
-                presence = max(scores.get("presence") or [1.0])
-                for start, end, score in rank_moments(scores, per_video, self.model.config.nms_iou):
-                    results.append({"video": self.ids[index], "start": round(start, 4), "end": round(end, 4),
-                                    "score": round(score * presence, 4), "relevance": round(score, 4),
-                                    "presence": round(presence, 4), "shortlist": round(prior, 4)})
-                    best.setdefault(index, score * presence)
-        results.sort(key=lambda r: (-r["score"], -r["shortlist"]))
-        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+            scored = [per[0] for per in self._rerank([i for i, _ in picked], text)]
+            # A moment's relevance ranks it within its video; times the video's presence (its best
+            # frame's), it compares across videos.
+            presence = [max(scores.get("presence") or [1.0]) for scores in scored]
+            moments = [rank_moments(scores, per_video, self.model.config.nms_iou) for scores in scored]
+            shares = self._contrast(query, [i for i, _ in picked], scored, moments, presence)
+            results, best = [], {}  # (contrasted, score, shortlist): contrasted videos' moments come first
+            for n, (index, prior) in enumerate(picked):
+                for m, (start, end, score) in enumerate(moments[n]):
+                    share = shares[n][m] if n in shares else None
+                    total = score * presence[n] * (1.0 if share is None else share)
+                    results.append(((n in shares, round(total, 4), round(prior, 4)), {
+                        "video": self.ids[index], "start": round(start, 4), "end": round(end, 4),
+                        "score": round(total, 4), "relevance": round(score, 4), "presence": round(presence[n], 4),
+                        "shortlist": round(prior, 4), **({} if share is None else {"contrast": round(share, 4)})}))
+                    best[index] = max(best.get(index, (False, -1.0)), (n in shares, total))
+        results = [r for _, r in sorted(results, key=lambda kr: kr[0], reverse=True)]
+        ranked = [(i, s) for i, (_, s) in sorted(best.items(), key=lambda kv: kv[1], reverse=True)]
         return {"query": query, "videos": len(self.ids), "reranked": len(picked), "results": results[:top_k],
                 "ranked_videos": [[self.ids[i], round(s, 4)] for i, s in ranked]}
+
+    def _contrast(self, query: str, indices: list[int], scored: list[dict], moments: list[list],
+                  presence: list[float]) -> dict[int, list[float]]:
+        """With contrast sentences: for the ``CONTRAST_VIDEOS`` best of the reranked videos (by their best
+        moment's relevance x presence), each moment's share of the query among its near misses (a
+        softmax of relevance logits at the frame that proposed the moment); {position in indices: [share
+        per moment]}."""
+        import math
+
+        from vmr.model.corpus import nearest_sentences
+
+        misses = nearest_sentences(query, self.contrast, CONTRAST_SENTENCES)  # ties alphabetical
+        if not misses:
+            return {}
+        best = sorted(range(len(indices)), key=lambda n: -max((p for *_, p in moments[n]), default=-1.0) * presence[n])
+        chosen = [n for n in best[:CONTRAST_VIDEOS] if moments[n]]
+        text, _ = self.model.encode_queries(misses)
+        answers = self._rerank([indices[n] for n in chosen], text)
+        logit = lambda p: math.log(max(p, 1e-6)) - math.log(max(1 - p, 1e-6))  # noqa: E731
+        shares = {}
+        for n, asked in zip(chosen, answers, strict=True):
+            frames = scored[n]
+            proposals = {(s, e, p): f for f, (s, e, p) in
+                         enumerate(zip(frames["starts"], frames["ends"], frames["scores"], strict=True))}
+            shares[n] = []
+            for moment in moments[n]:
+                frame = proposals[moment]  # the frame that proposed it (rank_moments keeps its numbers)
+                logits = [logit(moment[2])] + [logit(miss["relevance"][frame]) for miss in asked]
+                top = max(logits)
+                shares[n].append(math.exp(logits[0] - top) / sum(math.exp(x - top) for x in logits))
+        return shares
 
     def in_video(self, query: str, video: int, top_k: int) -> list[tuple[float, float, float]]:
         """The ``top_k`` best moments of one video of the index (TVR's SVMR)."""
@@ -118,19 +173,21 @@ class Index:
 
         with torch.no_grad():
             text, _ = self._sentence(query)
-            return rank_moments(self._rerank([video], text)[0], top_k, self.model.config.nms_iou)
+            return rank_moments(self._rerank([video], text)[0][0], top_k, self.model.config.nms_iou)
 
-    def _rerank(self, indices: list[int], text: dict) -> list[dict]:
+    def _rerank(self, indices: list[int], text: dict) -> list[list[dict]]:
         """The full model on the windows of the videos ``indices``, from their prepared rows (its half
         that no sentence changes, stored by the index: vmr/prepared.py), read from disk one video at a
         time, up to WINDOWS_AT_ONCE windows held; WINDOWS_PER_FORWARD of like length per forward, padded
-        to the longest: per video, its ``frame_outputs`` merged over its windows."""
+        to the longest, each window with every sentence of ``text``: per video, per sentence, its
+        ``frame_outputs`` merged over its windows."""
         import torch
 
         from vmr.model import FRAME_KEYS, frame_outputs
         from vmr.prepared import unpack
 
-        merged = [{key: [] for key in FRAME_KEYS} for _ in indices]  # and presence, with model.corpus
+        m = len(text["attention_mask"])
+        merged = [[{key: [] for key in FRAME_KEYS} for _ in range(m)] for _ in indices]  # and presence (model.corpus)
         dtype = self.model.head.frame_in.weight.dtype
         pending: list = []
 
@@ -143,14 +200,18 @@ class Index:
                 times[row, :len(frames)] = torch.as_tensor(at, dtype=torch.float) - start
                 frame_mask[row, :len(frames)] = True
             b, device = len(batch), self.device
-            outputs = self.model(None, {k: v.expand(b, *v.shape[1:]) for k, v in text.items()},
-                                 frame_mask=frame_mask.to(device), video_index=torch.arange(b, device=device),
+            # Row w * m + j: window w with sentence j.
+            outputs = self.model(None, {k: v.repeat(b, *[1] * (v.dim() - 1)) for k, v in text.items()},
+                                 frame_mask=frame_mask.to(device),
+                                 video_index=torch.arange(b, device=device).repeat_interleave(m),
                                  frame_times=times.to(device),
                                  duration=torch.tensor([w[3] - w[2] for _, _, w in batch], device=device),
                                  prepared=unpack(rows.to(device)))
-            return frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]),
-                                 torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64),
-                                 torch.tensor([d for _, d, _ in batch], dtype=torch.float64), self.model.config)
+            per_row = frame_outputs(outputs, torch.tensor([w[4] for _, _, w in batch]).repeat_interleave(m, dim=0),
+                                    torch.tensor([w[2] for _, _, w in batch], dtype=torch.float64).repeat_interleave(m),
+                                    torch.tensor([d for _, d, _ in batch], dtype=torch.float64).repeat_interleave(m),
+                                    self.model.config)
+            return [per_row[w * m:(w + 1) * m] for w in range(b)]
 
         def run_all(windows):
             # Shortest first, a few at a time: each forward pads its windows to the longest, so
@@ -163,8 +224,9 @@ class Index:
                 for i, part in zip(chunk, run([windows[i] for i in chunk]), strict=True):
                     parts[i] = part
             for (n, _, _), part in zip(windows, parts, strict=True):
-                for key, values in part.items():
-                    merged[n].setdefault(key, []).extend(values)
+                for j, sentence in enumerate(part):
+                    for key, values in sentence.items():
+                        merged[n][j].setdefault(key, []).extend(values)
 
         for n, index in enumerate(indices):
             duration = float(self.collection.durations[index])
@@ -287,6 +349,12 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="the model to search with (default: the one the index was made with; another "
                                         "is accepted only if it has the same vision tower; its keys are made on "
                                         "first use)")
+    p.add_argument("--contrast", type=Path, metavar="ANNOTATIONS",
+                   help="an annotation file (any format 'vmr shards build' reads; e.g. the training set's) whose "
+                        f"sentences the {CONTRAST_VIDEOS} best videos are also asked: the {CONTRAST_SENTENCES} sharing "
+                        "the most words with the query. A video that answers one of them better than the query "
+                        "drops (a red square growing, for 'a red circle grows'). Best with a model trained with "
+                        "model.corpus.sentences; costs those videos' forwards again")
 
 
 def run_search(args: argparse.Namespace) -> int:
@@ -307,8 +375,10 @@ def run_search(args: argparse.Namespace) -> int:
     rows = read_queries(args.queries) if args.queries is not None else [{"desc": q} for q in args.query]
     for row in rows:  # before the index is read: a bad query costs nothing
         check_query(model.tokenizer, row["desc"])
+    contrast = read_contrast(args.contrast, model.tokenizer) if args.contrast is not None else []
     start = time.perf_counter()
     index = Index.open(args.index, model, progress=True)
+    index.set_contrast(contrast)
     opened = time.perf_counter()
     if args.queries is not None:
         write_text_atomic(args.out, json_text(predictions(index, rows, args.candidates), args.out) + "\n")
@@ -339,6 +409,21 @@ def read_queries(path: Path) -> list[dict]:
             raise UserError(f"{path}:{number}: needs an integer 'desc_id' and the sentence in 'desc'")
         field(row, "vid_name", str, f"{path}:{number}", default=None)
     return rows
+
+
+def read_contrast(path: Path, tokenizer) -> list[str]:
+    """The distinct sentences of an annotation file, each one the model's tokenizer can read."""
+    from vmr.data.annotations import read_annotations
+
+    if not path.is_file():
+        raise UserError(f"--contrast: {path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
+    sentences = list(dict.fromkeys(record.query for record in read_annotations(path)[0]))
+    for sentence in sentences:
+        try:
+            check_query(tokenizer, sentence)
+        except UserError as error:
+            raise UserError(f"--contrast: {path}: {error}") from None
+    return sentences
 
 
 def predictions(index: Index, rows: list[dict], candidates: int) -> dict:

@@ -92,10 +92,17 @@ class SentenceBank:
             self.seen.popitem(last=False)
 
     def near_misses(self, sentence: str, held, k: int) -> list[str]:
-        own = words(sentence)
-        scored = [(len(own & w) / len(own | w), self.rng.random(), s) for s, w in self.seen.items()
-                  if s not in held and w != own]
-        return [s for *_, s in sorted(scored, reverse=True)[:k]]
+        return nearest_sentences(sentence, self.seen, k, held, self.rng.random)
+
+
+def nearest_sentences(sentence: str, pool: dict, k: int, held=(), tie=None) -> list[str]:
+    """The ``k`` sentences of ``pool`` (sentence -> its words) sharing the most words with ``sentence``
+    (Jaccard of the word sets), never one of ``held`` nor its own words reordered; ties drawn by
+    ``tie()`` (a random number), else alphabetical. Training's near misses and the search's contrast."""
+    own = words(sentence)
+    scored = sorted((-len(own & w) / len(own | w), -tie() if tie else 0.0, s) for s, w in pool.items()
+                    if s not in held and w != own)
+    return [s for *_, s in scored[:k]]
 
 
 def corpus_batch(batch: dict, cfg: CorpusConfig, bank: SentenceBank | None = None, tokenizer=None) -> dict:
