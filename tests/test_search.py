@@ -227,9 +227,10 @@ def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bu
                                                                               capsys):
     """With contrast sentences, the CONTRAST_VIDEOS best videos are asked again with the query's nearest
     sentences (most words shared, ties alphabetical; never its own words reordered), all in one forward
-    per window, each as it alone would be; a moment's score is also times the query's softmax share of
-    the relevance logits at the frame that proposed it (computed here from a full pass over the video);
-    the contrasted videos' moments come first. ``vmr search --contrast`` reads any annotation file."""
+    per window, each as it alone would be; a moment's share is the query's softmax share of the relevance
+    logits at the frame that proposed it (computed here from a full pass over the video); each contrasted
+    video's best moment by relevance x presence x share leads, the rest follow as without contrast.
+    ``vmr search --contrast`` reads any annotation file."""
     import math
 
     from vmr.bundle import load_model
@@ -258,9 +259,19 @@ def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bu
 
     result = opened.search(query, top_k=1000, candidates=0)
     contrasted = [r for r in result["results"] if "contrast" in r]
-    assert {r["video"] for r in contrasted} == {v for v, _ in plain["ranked_videos"][:CONTRAST_VIDEOS]}
-    assert result["results"][:len(contrasted)] == contrasted and len(contrasted) < len(result["results"])
-    assert [v for v, _ in result["ranked_videos"][:CONTRAST_VIDEOS]] == list(dict.fromkeys(r["video"] for r in contrasted))
+    chosen = {v for v, _ in plain["ranked_videos"][:CONTRAST_VIDEOS]}
+    assert {r["video"] for r in contrasted} == chosen and len(contrasted) < len(result["results"])
+    # Each contrasted video's best moment by relevance x presence x share leads; the rest as without contrast.
+    leads, rest = result["results"][:CONTRAST_VIDEOS], result["results"][CONTRAST_VIDEOS:]
+    assert {r["video"] for r in leads} == chosen
+    for r in leads:
+        assert r["score"] == pytest.approx(r["relevance"] * r["presence"] * r["contrast"], abs=2e-3)
+        assert r["relevance"] * r["contrast"] == pytest.approx(max(o["relevance"] * o["contrast"] for o in contrasted
+                                                                   if o["video"] == r["video"]), abs=1e-4)
+    assert all(r["score"] == pytest.approx(r["relevance"] * r["presence"], abs=2e-3) for r in rest)
+    for part in (leads, rest):
+        assert [r["score"] for r in part] == sorted((r["score"] for r in part), reverse=True)
+    assert [v for v, _ in result["ranked_videos"][:CONTRAST_VIDEOS]] == [r["video"] for r in leads]
     logit = lambda p: math.log(p) - math.log(1 - p)  # noqa: E731
     for r in contrasted:
         video = opened.load(opened.ids.index(r["video"]))
@@ -270,8 +281,6 @@ def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bu
         logits = [logit(own["relevance"][frame])] + [logit(o["relevance"][frame]) for o in others]
         share = 1 / sum(math.exp(x - logits[0]) for x in logits)
         assert r["contrast"] == pytest.approx(share, abs=2e-3)
-        assert r["score"] == pytest.approx(r["relevance"] * r["presence"] * r["contrast"], abs=2e-3)
-    assert sorted((r["score"] for r in contrasted), reverse=True) == [r["score"] for r in contrasted]
 
     capsys.readouterr()
     assert main(["search", "--index", str(index), "--query", query, "--contrast", str(synth_dir / "train.jsonl")]) == 0

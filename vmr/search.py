@@ -19,7 +19,7 @@ search runs in two stages:
    A moment's score is also multiplied by the query's share of a softmax over those sentences'
    relevance logits at the moment's frame: a video where a red *square* grows answers the square's
    sentence better than the query, and drops. (model.corpus.sentences trains exactly that
-   comparison.) Those videos' moments are listed first.
+   comparison.) Each of those videos' best moment by that score leads; the rest follow as without.
 
 Cost per query: the ANN search (sub-linear with IVF-PQ), then ``candidates`` videos' reads and
 forward passes (with contrast, ``CONTRAST_VIDEOS`` more, of more sentences), constant in the
@@ -101,8 +101,8 @@ class Index:
     def search(self, query: str, top_k: int = 10, candidates: int = CANDIDATES, per_video: int = 5) -> dict:
         """The ``top_k`` best moments over the collection: ``{"query", "videos", "reranked", "results":
         [{"video", "start", "end", "score", "relevance", "presence", "shortlist"[, "contrast"]}, ...],
-        "ranked_videos": [[video, score], ...]}`` (score: relevance x the video's presence, x the
-        moment's contrast share for the contrasted videos, whose moments come first), best first;
+        "ranked_videos": [[video, score], ...]}`` (score: relevance x the video's presence; x its
+        contrast share for each contrasted video's best moment by it, these leading), best first;
         ``candidates`` videos go to the full model (0: all of them); each gives at most ``per_video``
         moments. ``ranked_videos``: the reranked videos by their best moment."""
         import torch
@@ -119,16 +119,20 @@ class Index:
             presence = [max(scores.get("presence") or [1.0]) for scores in scored]
             moments = [rank_moments(scores, per_video, self.model.config.nms_iou) for scores in scored]
             shares = self._contrast(query, [i for i, _ in picked], scored, moments, presence)
-            results, best = [], {}  # (contrasted, score, shortlist): contrasted videos' moments come first
+            # Sorted by (leads, score, shortlist): each contrasted video's best moment by relevance x presence
+            # x share leads; every other moment follows by relevance x presence, as without contrast, so
+            # that the lower ranks stay the plain search's.
+            results, best = [], {}
             for n, (index, prior) in enumerate(picked):
+                lead = max(range(len(moments[n])), key=lambda m: moments[n][m][2] * shares[n][m]) if n in shares else -1
                 for m, (start, end, score) in enumerate(moments[n]):
                     share = shares[n][m] if n in shares else None
-                    total = score * presence[n] * (1.0 if share is None else share)
-                    results.append(((n in shares, round(total, 4), round(prior, 4)), {
+                    total = score * presence[n] * (share if m == lead else 1.0)
+                    results.append(((m == lead, round(total, 4), round(prior, 4)), {
                         "video": self.ids[index], "start": round(start, 4), "end": round(end, 4),
                         "score": round(total, 4), "relevance": round(score, 4), "presence": round(presence[n], 4),
                         "shortlist": round(prior, 4), **({} if share is None else {"contrast": round(share, 4)})}))
-                    best[index] = max(best.get(index, (False, -1.0)), (n in shares, total))
+                    best[index] = max(best.get(index, (False, -1.0)), (m == lead, total))
         results = [r for _, r in sorted(results, key=lambda kr: kr[0], reverse=True)]
         ranked = [(i, s) for i, (_, s) in sorted(best.items(), key=lambda kv: kv[1], reverse=True)]
         return {"query": query, "videos": len(self.ids), "reranked": len(picked), "results": results[:top_k],
