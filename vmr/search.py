@@ -416,17 +416,16 @@ def read_queries(path: Path) -> list[dict]:
 
 
 def read_contrast(path: Path, tokenizer) -> list[str]:
-    """The distinct sentences of an annotation file, each one the model's tokenizer can read."""
+    """The distinct sentences of an annotation file, each one the model's tokenizer can read; the
+    annotation reader's one-line refusals (missing, a folder, an unknown format) name the option."""
     from vmr.data.annotations import read_annotations
 
-    if not path.is_file():
-        raise UserError(f"--contrast: {path}: {'a folder, not a file' if path.is_dir() else 'file not found'}")
-    sentences = list(dict.fromkeys(record.query for record in read_annotations(path)[0]))
-    for sentence in sentences:
-        try:
+    try:
+        sentences = list(dict.fromkeys(record.query for record in read_annotations(path)[0]))
+        for sentence in sentences:
             check_query(tokenizer, sentence)
-        except UserError as error:
-            raise UserError(f"--contrast: {path}: {error}") from None
+    except UserError as error:
+        raise UserError(f"--contrast: {error}") from None
     return sentences
 
 
