@@ -6,7 +6,6 @@ prediction file ``vmr eval --protocol tvr`` scores, and one-line refusals."""
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -45,7 +44,7 @@ def test_near_miss_sentences_run_on_the_querys_own_video():
     rows, and the head reads each pair as if that sentence had been asked of that video."""
     from vmr.config import CorpusConfig
     from vmr.model import batch_forward
-    from vmr.model.corpus import SentenceBank, moment_level_loss, share_loss, split_negatives
+    from vmr.model.corpus import SentenceBank, moment_level_loss, split_negatives
 
     from .test_search import tiny_model
 
@@ -80,17 +79,6 @@ def test_near_miss_sentences_run_on_the_querys_own_video():
     assert negative["relevance_logits"].shape == (4, 6)
     absent, presence = moment_level_loss(own, negative, {"relevance": torch.ones(2, 6)}, "bce", 2.0)
     assert torch.isfinite(absent) and absent > 0 and torch.isfinite(presence)
-    # Each query's near-miss pairs, and its share against them at its moment's frames, by hand.
-    misses = out["near_misses"].tolist()
-    assert [{extra[out["negatives"][p, 0] - 2] for p in row} for row in misses] == \
-        [{"a red square grows", "a blue square grows"}, {"a blue square grows", "a red circle grows"}]
-    relevance = torch.zeros(2, 6)
-    relevance[0, 2:4] = relevance[1, 0] = 1
-    logits, asked = own["relevance_logits"].tolist(), negative["relevance_logits"].tolist()
-    by_hand = [math.log(math.exp(logits[r][f]) + sum(math.exp(asked[p][f]) for p in misses[r])) - logits[r][f]
-               for r, f in ((0, 2), (0, 3), (1, 0))]
-    share = share_loss(own, negative, {"relevance": relevance, "near_misses": out["near_misses"]})
-    assert share.item() == pytest.approx(sum(by_hand) / 3, rel=1e-5)
 
 
 def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[str, set[str]]]:

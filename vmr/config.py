@@ -63,10 +63,11 @@ class CorpusConfig:
     negatives: int = 2  # other videos each query is run against (moment level); 0: video level only
     sentences: int = 0  # near-miss sentences (most words shared, not in the video) per query: relevance 0
     temperature: float = 0.05  # of the video-level contrast over key scores
-    loss_video: float = 0.05  # key layers only (detached inputs): small, not to dominate the clipping norm
-    loss_presence: float = 0.05  # presence layers only, likewise (Adam's steps do not depend on the weight)
+    # loss_video, loss_presence train only the key and presence layers (detached inputs): small, so
+    # that they do not dominate the global clipping norm (Adam's steps do not depend on the weight).
+    loss_video: float = 0.05
+    loss_presence: float = 0.05
     loss_negative: float = 1.0  # relevance 0 in the negative videos: it trains the layers
-    loss_share: float = 1.0  # with sentences: the query's softmax share against its near misses at its moment
 
 
 @dataclass

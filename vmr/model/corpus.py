@@ -113,8 +113,7 @@ def corpus_batch(batch: dict, cfg: CorpusConfig, bank: SentenceBank | None = Non
 
     With ``cfg.sentences`` (and the process's ``bank`` and the model's ``tokenizer``), each real query's
     own video is also paired with that many near-miss sentences: their tokens are appended to the
-    batch's text rows (after its q queries, read only through these pairs), and ``near_misses`` (q, sentences)
-    holds each query's near-miss pairs (rows of ``negatives``; -1: none)."""
+    batch's text rows (after its q queries, read only through these pairs)."""
     videos, queries = batch["video_id"], batch["query"]
     owner = batch["video_index"].tolist()
     pairs = []
@@ -132,19 +131,16 @@ def corpus_batch(batch: dict, cfg: CorpusConfig, bank: SentenceBank | None = Non
     if cfg.sentences and bank is not None and "text_features" not in batch:  # imported text: no tower to read them
         bank.add(s for held in batch["sentences"] for s in held)
         rows: dict[str, int] = {}
-        misses = torch.full((q, cfg.sentences), -1, dtype=torch.long)  # each query's near-miss pairs
         for row, sentence in enumerate(queries):
             video = owner[row]
-            for j, miss in enumerate(bank.near_misses(sentence, set(batch["sentences"][video]), cfg.sentences)):
-                misses[row, j] = len(pairs)
+            for miss in bank.near_misses(sentence, set(batch["sentences"][video]), cfg.sentences):
                 pairs.append((q + rows.setdefault(miss, len(rows)), video))
-        extra["near_misses"] = misses.to(batch["video_index"].device)
         if rows:
             ids = batch["text_ids"]
             text = tokenizer(list(rows), padding="max_length", truncation=True, max_length=ids.shape[1],
                              return_tensors="pt")
-            extra.update(text_ids=torch.cat([ids, text["input_ids"].to(ids)]),
-                         text_mask=torch.cat([batch["text_mask"], text["attention_mask"].to(batch["text_mask"])]))
+            extra = {"text_ids": torch.cat([ids, text["input_ids"].to(ids)]),
+                     "text_mask": torch.cat([batch["text_mask"], text["attention_mask"].to(batch["text_mask"])])}
     most = max([len(s) for s in batch["sentences"]] + [1])
     sentences = [[text_hash(s) for s in held] + [-1] * (most - len(held)) for held in batch["sentences"]]
     device = batch["video_index"].device
@@ -239,22 +235,3 @@ def moment_level_loss(own: dict, negative: dict, batch: dict, relevance_loss: st
     missing = F.binary_cross_entropy_with_logits(best_negative, torch.zeros_like(best_negative), reduction="none")
     presence = (torch.where(used, present, 0.0).sum() + missing.sum()) / (used.sum() + len(missing)).clamp(min=1)
     return absent, presence
-
-
-def share_loss(own: dict, negative: dict, batch: dict) -> torch.Tensor:
-    """At each frame of a query's moment, the query against its near-miss sentences on its own video: the
-    cross-entropy of the softmax of their relevance logits, the query the answer (the share the search's
-    contrast ranks by, vmr/search.py). The relevance-0 term spreads a near miss's push over every frame of
-    the window; the two sentences differ only where the event is, so this one pushes there."""
-    from vmr.model.losses import masked_mean
-
-    logits, misses = own["relevance_logits"].float(), batch.get("near_misses")  # (q, t), (q, k)
-    if misses is None or not misses.numel() or not len(negative.get("relevance_logits", ())):
-        return logits.sum() * 0.0
-    asked = negative["relevance_logits"].float()[misses.clamp(min=0)]  # (q, k, t)
-    asked = asked.masked_fill(rearrange(misses < 0, "q k -> q k 1"), -1e4)  # finite: no NaN in backward
-    minus_log_share = torch.logsumexp(torch.cat([rearrange(logits, "q t -> q 1 t"), asked], dim=1), dim=1) - logits
-    positive = batch["relevance"].bool() & own["frame_mask"] & rearrange((misses >= 0).any(-1), "q -> q 1")
-    if "query_mask" in batch:
-        positive &= rearrange(batch["query_mask"], "q -> q 1")
-    return masked_mean(minus_log_share, positive)

@@ -32,7 +32,7 @@ HEADS = {"vmr": VmrHead, "moment_detr": MomentDETRHead, "qd_detr": QDDETRHead}
 def head_losses(outputs: dict, batch: dict, cfg) -> dict:
     """The configured head's losses on a loader batch (``cfg``: the model's ModelConfig). Losses
     read no weights, only outputs, targets and settings: one function for every caller."""
-    from vmr.model.corpus import moment_level_loss, share_loss, split_negatives, video_level_loss
+    from vmr.model.corpus import moment_level_loss, split_negatives, video_level_loss
     from vmr.model.heads.detr import batch_losses
     from vmr.model.losses import moment_losses
 
@@ -46,10 +46,9 @@ def head_losses(outputs: dict, batch: dict, cfg) -> dict:
         # (zero) gradient, as DDP expects of every process.
         losses["negative"], losses["presence"] = moment_level_loss(own, negative, batch, cfg.relevance_loss,
                                                                    cfg.focal_gamma)
-        losses["share"] = share_loss(own, negative, batch)
         c = cfg.corpus
         losses["loss"] = losses["loss"] + c.loss_video * losses["video"] + c.loss_negative * losses["negative"] \
-            + c.loss_presence * losses["presence"] + c.loss_share * losses["share"]
+            + c.loss_presence * losses["presence"]
         return losses
     return batch_losses(outputs, batch, cfg.detr, HEADS[cfg.head].saliency_loss_of)
 
