@@ -81,6 +81,27 @@ def test_near_miss_sentences_run_on_the_querys_own_video():
     assert torch.isfinite(absent) and absent > 0 and torch.isfinite(presence)
 
 
+def test_a_sentence_pool_finds_the_same_near_misses_as_the_scan():
+    """vmr search --contrast's pool (built once, a count over the query's words' sentences) returns what
+    nearest_sentences' scan over every sentence does: the same order, ties alphabetical, never the query's
+    own words reordered, sentences sharing no word last."""
+    import random
+
+    from vmr.model.corpus import SentencePool, nearest_sentences, words
+
+    rng = random.Random(3)
+    vocabulary = ["a", "the", "red", "blue", "green", "circle", "square", "grows", "shrinks", "moves", "left", "up"]
+    pool = {" ".join(rng.sample(vocabulary, rng.randint(1, 6))) for _ in range(400)} | {"!!", "a red circle grows", "grows circle red a"}
+    indexed = SentencePool(list(pool) + ["a red circle grows"])  # a duplicate counts once
+    scan = {s: words(s) for s in pool}
+    assert len(indexed) == len(pool)
+    for query in ["a red circle grows", "grows circle red a", "the blue square", "zebra", "a", "Red, RED left!"]:
+        for k in (1, 8, 50, 1000):
+            assert indexed.nearest(query, k) == nearest_sentences(query, scan, k), (query, k)
+    assert "grows circle red a" not in indexed.nearest("a red circle grows", 1000)
+    assert SentencePool([]).nearest("a red circle grows", 8) == [] and indexed.nearest("a", 0) == []
+
+
 def one_event_release(root: Path, videos: int = 24) -> tuple[Path, Path, dict[str, set[str]]]:
     """Videos of 20 two-second clips, each showing ONE of six objects (three clips), with a query for
     it. An object is mostly what every object shares (a common direction, 2.5 long) and a little of its

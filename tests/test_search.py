@@ -234,7 +234,6 @@ def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bu
     import math
 
     from vmr.bundle import load_model
-    from vmr.model.corpus import nearest_sentences
     from vmr.search import CONTRAST_SENTENCES, CONTRAST_VIDEOS
 
     index = tmp_path / "index"
@@ -247,7 +246,7 @@ def test_contrast_weighs_the_best_videos_by_the_query_against_its_near_misses(bu
     assert all("contrast" not in r for r in plain["results"])
     opened.set_contrast(["a red square grows", "a blue square shrinks", "a square blue grows", "a blue circle grows",
                          "the green triangle moves left", "a blue square moves up", query])
-    misses = nearest_sentences(query, opened.contrast, CONTRAST_SENTENCES)
+    misses = opened.contrast.nearest(query, CONTRAST_SENTENCES)
     assert misses == ["a blue circle grows", "a blue square shrinks", "a red square grows", "a blue square moves up",
                       "the green triangle moves left"]
     with torch.no_grad():

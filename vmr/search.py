@@ -61,13 +61,13 @@ class Index:
         self.ids, self.skipped = collection.ids, collection.skipped
         self.device = model.head.frame_in.weight.device
         self._last: tuple = (None, None, None)  # the last sentence asked, its text and key
-        self.contrast: dict[str, frozenset] = {}  # sentence -> its words (set_contrast)
+        self.set_contrast([])
 
     def set_contrast(self, sentences) -> None:
         """The sentences a search contrasts its best videos with (its near misses among them)."""
-        from vmr.model.corpus import words
+        from vmr.model.corpus import SentencePool
 
-        self.contrast = {s: words(s) for s in sentences}
+        self.contrast = SentencePool(sentences)
 
     @classmethod
     def open(cls, folder: str | Path, model, progress: bool = False) -> Index:
@@ -146,9 +146,7 @@ class Index:
         per moment]}."""
         import math
 
-        from vmr.model.corpus import nearest_sentences
-
-        misses = nearest_sentences(query, self.contrast, CONTRAST_SENTENCES)  # ties alphabetical
+        misses = self.contrast.nearest(query, CONTRAST_SENTENCES)  # ties alphabetical
         if not misses:
             return {}
         best = sorted(range(len(indices)), key=lambda n: -max((p for *_, p in moments[n]), default=-1.0) * presence[n])

@@ -11,7 +11,8 @@ search   the tiny preset: an index built from sample shards (videos/s and frames
          with noise per copy (synthetic beyond the real videos): the ANN build, and in a fresh
          process its memory, the shortlist's and a whole search's latency (median, p99; 20 and 10
          candidates, and 20 with contrast: every sentence of the synthetic vocabulary) and the
-         shortlist's recall against exact search.
+         shortlist's recall against exact search; and finding a query's near misses for contrast in a
+         pool of 100,000 synthetic sentences.
 """
 
 from __future__ import annotations
@@ -151,8 +152,29 @@ def bench_search(quick: bool, workdir: Path) -> dict:
         results[f"search_{n}_videos_recall"] = figure([recall(folder, measured["shortlists"],
                                                               measured["query_keys"])], "share")
         shutil.rmtree(folder)
+    results["contrast_lookup_100000_sentences_ms"] = figure(contrast_lookup(100_000, 3 if quick else 20), "ms")
     return {"config": "tiny (random init); keys beyond the real videos synthetic", "real_videos": len(real),
             "frames_per_video": frames / len(real), "ann_index": kinds, "results": results}
+
+
+def contrast_lookup(n: int, repeats: int) -> list[float]:
+    """Milliseconds to find a query's near misses (``--contrast``) in a pool of ``n`` synthetic ten-word
+    sentences (a caption file's size: the vocabulary's words among 2,000 others), the pool built once."""
+    import random
+
+    from vmr.model.corpus import SentencePool
+    from vmr.vocab import ACTIONS, COLOURS, SHAPES
+
+    rng = random.Random(0)
+    words = [w for kind in (COLOURS, SHAPES, ACTIONS) for phrase in kind for w in phrase.split()]
+    words += ["a", "the", "and", "of"] * 50 + [f"word{i}" for i in range(2000)]
+    pool = SentencePool(" ".join(rng.choice(words) for _ in range(10)) for _ in range(n))
+    times = []
+    for query in (QUERIES * repeats)[:repeats]:
+        start = time.perf_counter()
+        pool.nearest(query, 8)
+        times.append(1000 * (time.perf_counter() - start))
+    return times
 
 
 def synthetic_collection(real, index: Path, folder: Path, n: int) -> str:
