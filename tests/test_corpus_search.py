@@ -235,9 +235,18 @@ def test_a_query_file_gives_a_prediction_file_the_corpus_protocol_scores(bundle,
         assert main(["search", "--index", str(index), "--queries", str(bad), "--out", str(tmp_path / "p2.json")]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and reason in err, err
+    bad.write_text('{"desc_id": 1, "desc": "a red circle"}\n{"desc_id": 1, "desc": "a blue square"}\n')
+    assert main(["search", "--index", str(index), "--queries", str(bad), "--out", str(tmp_path / "p2.json")]) == 2
+    assert "desc_id 1 appears twice" in capsys.readouterr().err
     assert main(["search", "--index", str(index), "--queries", str(queries)]) == 2
     assert "--out" in capsys.readouterr().err
     assert not (tmp_path / "p2.json").exists()
+    # --out on the query file is refused, not overwritten; an earlier prediction file is replaced.
+    before = queries.read_bytes()
+    assert main(["search", "--index", str(index), "--queries", str(queries), "--out", str(queries)]) == 2
+    assert "not a TVR prediction file" in capsys.readouterr().err and queries.read_bytes() == before
+    assert main(["search", "--index", str(index), "--queries", str(queries), "--out", str(out), "--candidates", "2"]) == 0
+    assert json.loads(out.read_text())["VCMR"][0]["desc_id"] == truth[0]["desc_id"]
 
 
 def test_damaged_keys_are_refused_or_rebuilt(bundle, shard_dir, tmp_path, capsys):

@@ -157,6 +157,33 @@ def test_features_never_replace_video_shards(shards, tmp_path, capsys):
     assert snapshot(shards) == before and snapshot(other) == before
 
 
+def test_a_single_output_file_replaces_only_an_earlier_one_of_its_kind(tmp_path, capsys):
+    """--json, --predictions-out, --out of one file: a slip onto an input (the ground truth, the
+    predictions, an annotation file, a video) is one line before any work, and the file is unchanged;
+    an earlier output of the same kind, or an empty file, is replaced."""
+    truth = tmp_path / "gt.jsonl"
+    truth.write_text(json.dumps({"qid": 1, "query": "q", "vid": "v", "duration": 10, "relevant_windows": [[0, 4]],
+                                 "relevant_clip_ids": [0, 1], "saliency_scores": [[1, 2, 3], [2, 2, 2]]}) + "\n")
+    predictions = tmp_path / "p.jsonl"
+    predictions.write_text(json.dumps({"qid": 1, "pred_relevant_windows": [[0, 4, 0.9]]}) + "\n")
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(4000))
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    evaluate = ["eval", "--predictions", str(predictions), "--ground-truth", str(truth), "--json"]
+    for target in (truth, predictions, video):
+        before = target.read_bytes()
+        one_line_error(capsys, main([*evaluate, str(target)]), str(target), "not a metrics JSON")
+        assert target.read_bytes() == before
+    one_line_error(capsys, main([*evaluate, str(folder)]), "cannot write it (a folder")
+    one_line_error(capsys, main(["bench", "search", "--quick", "--json", str(truth)]), "not a vmr bench report")
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text("")
+    for _ in range(2):  # an empty file, then the earlier metrics: replaced
+        assert main([*evaluate, str(metrics)]) == 0
+        assert "brief" in json.loads(metrics.read_text())
+
+
 def test_feature_import_refuses_video_shards_and_existing_splits(shards, tmp_path, capsys):
     release, annotations = write_release(tmp_path, {"vidA": 6})
     before = snapshot(shards)

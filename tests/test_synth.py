@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 from itertools import pairwise
 
 import numpy as np
@@ -132,3 +133,24 @@ def test_told_apart_by_names_the_only_differing_attribute(synth_dir):
         words = row["query"].split()
         mine = (words[1], words[2], " ".join(words[3:]))
         assert row["told_apart_by"] == told_apart_by(mine, [t for t in by_video[row["vid"]] if t != mine])
+
+
+def test_synth_writes_over_its_own_output_and_nothing_else(synth_dir, tmp_path, capsys):
+    small = ["--videos", "2", "--queries-per-video", "2", "--min-duration", "6", "--max-duration", "7",
+             "--fps", "5", "--size", "32"]
+    # A user's file in the folder (or a user's video in its videos/) is never written over.
+    for name in ("notes.txt", "videos/holiday.mp4"):
+        mine = tmp_path / name.replace("/", "-")
+        (mine / name).parent.mkdir(parents=True)
+        (mine / name).write_text("keep")
+        assert main(["synth", "--out", str(mine), *small]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and name in err and "did not write" in err
+        assert (mine / name).read_text() == "keep"
+        assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == sorted({name, *name.split("/")[:-1]})
+    # Its own earlier output is replaced whole: a smaller set leaves none of the larger one's videos.
+    again = tmp_path / "again"
+    shutil.copytree(synth_dir, again)
+    assert main(["synth", "--out", str(again), *small]) == 0
+    named = {f"{row['vid']}.mp4" for split in ("train", "val") for row in _rows(again / f"{split}.jsonl")}
+    assert {p.name for p in (again / "videos").iterdir()} == named and len(named) == 2

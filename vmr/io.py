@@ -5,8 +5,9 @@ error into a one-line UserError naming the file and, where there is one, the key
 files (video ids, journal and manifest entries) go through ``confined``: never outside their folder.
 
 Writing: ``json_text`` (JSON without a NaN or an infinity in it), ``write_text_atomic`` (a file
-appears complete or not at all), and ``FolderLock``: one
-writer of a folder at a time, the holder's pid and host in the lock file.
+appears complete or not at all), ``write_output`` (a single file a user names: it replaces only an
+earlier one of its kind), and ``FolderLock``: one writer of a folder at a time, the holder's pid and
+host in the lock file.
 """
 
 from __future__ import annotations
@@ -200,6 +201,38 @@ def write_text_atomic(path: Path, text: str) -> None:
             tmp.unlink(missing_ok=True)
         full = out_of_space(error, path)
         raise (full or UserError(f"{path}: cannot write it ({error.strerror or error})")) from None
+
+
+def check_output(path: Path, what: str, ours) -> None:
+    """May a single output file a user names (a prediction file, a metrics JSON, a report) be written
+    at ``path``? Only where nothing is, an empty file, or an earlier ``what``: JSON (for JSON lines,
+    its first row) that ``ours(value)`` accepts. A slip of the hand (``--out`` on the query file,
+    ``--json`` on the predictions) is refused in one line and loses nothing. Called before the work
+    and again by ``write_output``."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: cannot write it (a folder; name the {what} to write)")
+    if path.is_file() and path.stat().st_size:
+        value = None
+        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, RecursionError):
+            with path.open("rb") as handle:
+                start = handle.read(1 << 16)
+                # Anything but JSON is refused without reading it all (a video named by mistake).
+                if start.lstrip()[:1] in (b"{", b"["):
+                    there = (start + handle.read()).decode("utf-8")
+                    try:
+                        value = json.loads(there)
+                    except ValueError:  # JSON lines: the first row
+                        value = json.loads(next(line for line in there.splitlines() if line.strip()))
+        if not ours(value):
+            raise UserError(f"{path}: exists and is not a {what} that vmr wrote; vmr replaces only its own: "
+                            "name another file, or remove this one")
+
+
+def write_output(path: Path, text: str, what: str, ours) -> None:
+    """``write_text_atomic`` of a single output file, where ``check_output`` allows it."""
+    check_output(path, what, ours)
+    write_text_atomic(Path(path), text)
 
 
 LOCK = ".vmr-lock"

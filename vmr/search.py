@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from vmr.errors import UserError
-from vmr.io import field, json_text, read_json, write_text_atomic
+from vmr.io import check_output, field, json_text, read_json, write_output, write_text_atomic
 from vmr.text import check_query
 
 INDEX = "index.json"
@@ -45,6 +45,7 @@ WINDOWS_PER_FORWARD = 8  # of those, per forward (by length): less padding, as f
 MAX_PREDICTIONS = 100  # per query in a TVR prediction file
 CONTRAST_SENTENCES = 8  # near-miss sentences each contrasted video is asked (measured: 4 and every one were worse)
 CONTRAST_VIDEOS = 3  # the best videos by relevance x presence that are contrasted (as good as all 20 measured)
+PREDICTION_FILE = ("TVR prediction file", lambda v: isinstance(v, dict) and "video2idx" in v)  # replaced only if so
 
 
 class Index:
@@ -370,8 +371,8 @@ def run_search(args: argparse.Namespace) -> int:
         raise UserError(f"--candidates must be 0 (all videos) or more, got {args.candidates}")
     if args.queries is not None and args.out is None:
         raise UserError("--queries needs --out, the prediction file to write")
-    if args.out is not None and args.out.is_dir():
-        raise UserError(f"--out: {args.out} is a folder; name the prediction file to write")
+    if args.out is not None:  # before the work: --out on the query file (a slip) is refused, not overwritten
+        check_output(args.out, *PREDICTION_FILE)
     record = read_index(args.index)
     model, _ = load_model(args.checkpoint or record["checkpoint"], fast=False)
     rows = read_queries(args.queries) if args.queries is not None else [{"desc": q} for q in args.query]
@@ -383,7 +384,7 @@ def run_search(args: argparse.Namespace) -> int:
     index.set_contrast(contrast)
     opened = time.perf_counter()
     if args.queries is not None:
-        write_text_atomic(args.out, json_text(predictions(index, rows, args.candidates), args.out) + "\n")
+        write_output(args.out, json_text(predictions(index, rows, args.candidates), args.out) + "\n", *PREDICTION_FILE)
     else:
         results = [index.search(row["desc"], args.top_k, args.candidates) for row in rows]
     print(f"opened {len(index)} videos in {opened - start:.1f} s; {len(rows)} search(es) in "
@@ -406,10 +407,13 @@ def read_queries(path: Path) -> list[dict]:
         rows = load_jsonl(path, key="desc_id")
     except BadInput as error:
         raise UserError(str(error)) from None
+    seen: dict[int, int] = {}  # desc_id -> its line: a prediction file answers each query once
     for number, row in enumerate(rows, 1):
         if isinstance(row["desc_id"], str) or not isinstance(row.get("desc"), str):
             raise UserError(f"{path}:{number}: needs an integer 'desc_id' and the sentence in 'desc'")
         field(row, "vid_name", str, f"{path}:{number}", default=None)
+        if seen.setdefault(row["desc_id"], number) != number:
+            raise UserError(f"{path}:{number}: desc_id {row['desc_id']} appears twice (first on row {seen[row['desc_id']]})")
     return rows
 
 

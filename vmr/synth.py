@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 from vmr.errors import UserError
+from vmr.io import write_text_atomic
 from vmr.spans import clip_relevance, frames_to_seconds
 from vmr.vocab import ACTIONS, COLOURS, SHAPES
 
@@ -220,10 +222,17 @@ def encode_mp4(frames: torch.Tensor, fps: float, path: Path, keyframe_every: int
         "-g", str(keyframe_every), "-threads", "1", "-map_metadata", "-1",
         "-fflags", "+bitexact", "-flags:v", "+bitexact", str(path),
     ]
+    # Encoded beside, then renamed: a killed run leaves no half video under a real name.
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.mp4")
+    command[-1] = str(tmp)
     rgb = frames.permute(0, 2, 3, 1).contiguous().numpy().tobytes()
-    result = subprocess.run(command, input=rgb, capture_output=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"ffmpeg could not encode {path}: {result.stderr.decode(errors='replace').strip()[-300:]}")
+    try:
+        result = subprocess.run(command, input=rgb, capture_output=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"ffmpeg could not encode {path}: {result.stderr.decode(errors='replace').strip()[-300:]}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _video_id(index: int, rng: np.random.Generator, duration: float) -> str:
@@ -233,6 +242,28 @@ def _video_id(index: int, rng: np.random.Generator, duration: float) -> str:
         offset = 30.0 * int(rng.integers(0, 10))
         return f"synth{index:04d}_{offset:.1f}_{offset + duration:.1f}"
     return f"synth_{index:04d}"
+
+
+OWN = {"annotations.json", "train.jsonl", "val.jsonl", "videos"}  # what synth writes in --out
+
+
+def check_own_folder(out: Path) -> None:
+    """``out`` may be missing, empty, or an earlier synth's output (its files and synth*.mp4 videos,
+    which are replaced): anything else is a user's, and synth never writes over it."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a folder")
+    if not out.is_dir():
+        return
+    # A killed run's temporaries (.train.jsonl.tmp-<pid>) are synth's own too.
+    foreign = [p for p in out.iterdir() if p.name not in OWN and p.name[1:].split(".tmp-")[0] not in OWN]
+    videos = out / "videos"
+    if videos.is_dir():
+        foreign += [p for p in videos.iterdir() if not (p.name.startswith(("synth", ".synth")) and p.suffix == ".mp4")]
+    elif videos.exists():
+        foreign.append(videos)
+    if foreign:
+        raise UserError(f"--out {out}: holds {foreign[0].relative_to(out)}, which vmr synth did not write; synth "
+                        "writes into a new or empty folder, or over its own earlier output")
 
 
 def told_apart_by(triple: tuple[str, str, str], others: list[tuple[str, str, str]]) -> str:
@@ -301,13 +332,14 @@ def synthesize(
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction must be in [0, 1), got {val_fraction}")
 
+    check_own_folder(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_val = min(videos - 1, round(videos * val_fraction)) if videos > 1 else 0
     val_set = set(rng.permutation(videos)[:n_val].tolist())
     keyframe_every = max(1, math.floor(fps))  # at least one keyframe per second
 
-    seed_rows, splits = [], {"train": [], "val": []}
+    seed_rows, splits, made = [], {"train": [], "val": []}, set()
     qid = 0
     for index in tqdm(range(videos), desc="synth", unit="video", disable=not progress):
         vrng = np.random.default_rng([seed, index])  # per video: any video can be re-made alone
@@ -317,6 +349,7 @@ def synthesize(
         events = plan_video(vrng, n_frames, fps, queries_per_video)
         frames = render_video(events, n_frames, fps, size, tint=vrng.uniform(0, 1, size=3))
         encode_mp4(frames, fps, out / "videos" / f"{vid}.mp4", keyframe_every)
+        made.add(f"{vid}.mp4")
 
         by_query: dict[str, list[Event]] = {}
         for event in events:
@@ -339,9 +372,16 @@ def synthesize(
             splits[split].append(_qvh_record(qid, query, vid, duration, windows, apart_by))
             qid += 1
 
-    (out / "annotations.json").write_text(json.dumps(seed_rows, indent=1) + "\n")
+    write_text_atomic(out / "annotations.json", json.dumps(seed_rows, indent=1) + "\n")
     for split, rows in splits.items():
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    # An earlier, larger set's videos (not in these annotations) and a killed run's temporaries.
+    for stale in [*(out / "videos").glob("synth*.mp4"), *(out / "videos").glob(".synth*.tmp-*.mp4")]:
+        if stale.name not in made:
+            stale.unlink()
+    for stale in out.glob(".*.tmp-*"):
+        if stale.name[1:].split(".tmp-")[0] in OWN:
+            stale.unlink()
     return {
         "videos": videos,
         "queries": qid,

@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from vmr.bench.common import Options, deepspeed_file, machine_info, make_shards
-from vmr.io import json_text, write_text_atomic
+from vmr.io import check_output, json_text, write_output
 
 # Targets (DESIGN.md, and the GPU-speed goals) and the original project's promises, per figure:
 # (value, "min" | "max"). Train variants (train[compile].x) share their base figure's target.
@@ -154,6 +154,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure the loop under DeepSpeed ZeRO-STAGE (one process, accelerate launch)")
 
 
+REPORT = ("vmr bench report", lambda v: isinstance(v, dict) and str(v.get("command", "")).startswith("vmr bench"))
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -172,6 +175,8 @@ def run(args: argparse.Namespace) -> int:
                         "(vmr shards build --split train, then --split val)")
     if args.batch_size and min(args.batch_size) < 1:
         raise UserError(f"--batch-size must be at least 1, got {min(args.batch_size)}")
+    if args.json:  # before minutes of measuring: an earlier report is replaced, nothing else
+        check_output(args.json, *REPORT)
     options = Options(args.config, tuple(args.overrides), tuple(args.batch_size or ()), args.compile,
                       args.gradient_checkpointing, tuple(args.deepspeed_stage))
     for stage in options.deepspeed_stage:
@@ -218,6 +223,5 @@ def run(args: argparse.Namespace) -> int:
                 report["infer"] = bench_infer(shards, videos, device, args.quick, repeats, options)
     print(_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(args.json, json_text(report, args.json, indent=1) + "\n")
+        write_output(args.json, json_text(report, args.json, indent=1) + "\n", *REPORT)
     return 0

@@ -18,7 +18,7 @@ from vmr.config import MAX_WINDOW
 from vmr.errors import UserError
 from vmr.eval.metrics import PROTOCOLS, BadInput, evaluate, load_jsonl
 from vmr.eval.report import evaluate_groups, leaderboard
-from vmr.io import absent_when_not_finite, json_text, read_json, write_text_atomic
+from vmr.io import absent_when_not_finite, check_output, json_text, read_json, write_output
 from vmr.spans import QVH_CLIP_SECONDS
 from vmr.text import check_query
 
@@ -236,7 +236,15 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
 
 
+# What an earlier run's outputs look like: only those are replaced (vmr/io.py: check_output).
+METRICS = ("metrics JSON", lambda v: isinstance(v, dict) and ("brief" in v or "VCMR" in v))
+PREDICTIONS = ("prediction file (JSONL)", lambda v: isinstance(v, dict) and "pred_relevant_windows" in v)
+
+
 def _run_eval(args: argparse.Namespace) -> int:
+    for path, kind in ((args.json, METRICS), (args.predictions_out, PREDICTIONS)):
+        if path:  # before the work: a slip of the hand costs nothing
+            check_output(Path(path), *kind)
     if args.protocol == "tvr":
         return _run_corpus_eval(args)
     if args.checkpoint:
@@ -270,7 +278,7 @@ def _run_eval(args: argparse.Namespace) -> int:
             metrics["absent"] = absent
             print(f"note: {len(absent)} metric(s) have no value (no ground truth to score): written as null, "
                   f"listed under 'absent' (first: {absent[0]})", file=sys.stderr)
-        write_text_atomic(Path(args.json), json_text(metrics, args.json, indent=2) + "\n")
+        write_output(Path(args.json), json_text(metrics, args.json, indent=2) + "\n", *METRICS)
         print(f"metrics written to {args.json}")
     return 0
 
@@ -291,7 +299,7 @@ def _run_corpus_eval(args: argparse.Namespace) -> int:
         metrics, absent = absent_when_not_finite(metrics)
         if absent:
             metrics["absent"] = absent
-        write_text_atomic(Path(args.json), json_text(metrics, args.json, indent=2) + "\n")
+        write_output(Path(args.json), json_text(metrics, args.json, indent=2) + "\n", *METRICS)
         print(f"metrics written to {args.json}")
     return 0
 
@@ -330,7 +338,8 @@ def _predict_for_eval(args):
         print(f"warning: the shards' manifest lists {promised} queries, {len(predictions)} were read and scored",
               file=sys.stderr)
     if args.predictions_out:
-        write_text_atomic(Path(args.predictions_out), "".join(json_text(row, args.predictions_out) + "\n" for row in predictions))
+        write_output(Path(args.predictions_out), "".join(json_text(row, args.predictions_out) + "\n"
+                                                         for row in predictions), *PREDICTIONS)
         print(f"predictions written to {args.predictions_out}")
     return predictions, truth, resolve_bundle(args.checkpoint).parent.name
 
