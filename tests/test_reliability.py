@@ -184,6 +184,19 @@ def test_a_single_output_file_replaces_only_an_earlier_one_of_its_kind(tmp_path,
         assert "brief" in json.loads(metrics.read_text())
 
 
+def test_training_never_writes_into_a_folder_of_other_files(shard_dir, tmp_path, capsys):
+    data = tmp_path / "my-data"
+    data.mkdir()
+    (data / "config.yaml").write_text("my: settings\n")
+    (data / "notes.txt").write_text("keep")
+    before = snapshot(data)
+    train = ["train", "--config", str(TINY), *SMALL, f"data.train_shards={shard_dir}/train-*.tar", "data.val_shards=[]",
+             "data.num_workers=0", "train.max_steps=1"]
+    one_line_error(capsys, main([*train, f"train.output_dir={data}"]), str(data), "not a run directory")
+    assert snapshot(data) == before
+    one_line_error(capsys, main([*train, f"train.output_dir={data / 'notes.txt'}"]), "is a file, not a folder")
+
+
 def test_feature_import_refuses_video_shards_and_existing_splits(shards, tmp_path, capsys):
     release, annotations = write_release(tmp_path, {"vidA": 6})
     before = snapshot(shards)

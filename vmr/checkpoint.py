@@ -23,6 +23,27 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 EXPORT, EXPORT_BEST = "export", "export_best"  # inference bundles: the final weights, the best on validation
 
 
+def check_run_directory(output_dir: Path) -> None:
+    """train.output_dir may be new, empty, or an earlier run's (its resolved config.yaml): a run never
+    writes into a folder of other files (a data folder named by a slip). Every process checks, before
+    the main one writes anything (the accelerator's prepare, a collective, comes in between)."""
+    import yaml
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"train.output_dir: {out} is a file, not a folder")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    config = None
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        pass
+    if not (isinstance(config, dict) and {"model", "train"} <= config.keys()):
+        raise UserError(f"train.output_dir: {out} holds {min(p.name for p in out.iterdir())} and is not a run "
+                        "directory (no run's config.yaml); train into a new or empty folder, or an earlier run's")
+
+
 def checkpoints(output_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (temporary folders of an interrupted save are ignored)."""
     folder = Path(output_dir) / "checkpoints"

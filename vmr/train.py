@@ -171,12 +171,14 @@ def setup(cfg: Config, resume: str | None, accelerator) -> Run:
     from tqdm import tqdm
 
     from vmr.cache import check_training_shards, use_cache
+    from vmr.checkpoint import check_run_directory
     from vmr.data.prefetch import device_batches
     from vmr.data.stream import make_loader
     from vmr.model import VideoMomentRetrievalModel
     from vmr.model.corpus import SentenceBank
 
     t = cfg.train
+    check_run_directory(t.output_dir)  # every process, before the main one writes there
     set_seed(t.seed, device_specific=True)
     model = VideoMomentRetrievalModel.from_config(cfg.model, sampling=cfg.data.sampling)
     cache = check_training_shards(model, cfg)
