@@ -139,7 +139,7 @@ def test_synth_writes_over_its_own_output_and_nothing_else(synth_dir, tmp_path, 
     small = ["--videos", "2", "--queries-per-video", "2", "--min-duration", "6", "--max-duration", "7",
              "--fps", "5", "--size", "32"]
     # A user's file in the folder (or a user's video in its videos/) is never written over.
-    for name in ("notes.txt", "videos/holiday.mp4"):
+    for name in ("notes.txt", "xtrain.jsonl", "videos/synthetic_holiday.mp4"):
         mine = tmp_path / name.replace("/", "-")
         (mine / name).parent.mkdir(parents=True)
         (mine / name).write_text("keep")

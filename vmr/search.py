@@ -407,7 +407,7 @@ def read_queries(path: Path) -> list[dict]:
         rows = load_jsonl(path, key="desc_id")
     except BadInput as error:
         raise UserError(str(error)) from None
-    seen: dict[int, int] = {}  # desc_id -> its line: a prediction file answers each query once
+    seen: dict[int, int] = {}  # desc_id -> its row: a prediction file answers each query once
     for number, row in enumerate(rows, 1):
         if isinstance(row["desc_id"], str) or not isinstance(row.get("desc"), str):
             raise UserError(f"{path}:{number}: needs an integer 'desc_id' and the sentence in 'desc'")

@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,20 +246,25 @@ def _video_id(index: int, rng: np.random.Generator, duration: float) -> str:
 
 
 OWN = {"annotations.json", "train.jsonl", "val.jsonl", "videos"}  # what synth writes in --out
+# Its videos (_video_id's two forms) and, as for its files, a killed run's temporaries (.NAME.tmp-<pid>...).
+OWN_VIDEO = re.compile(r"\.?synth(_\d{4,}|\d{4,}_\d+\.\d_\d+\.\d)(\.tmp-\d+)?\.mp4")
+
+
+def _own_file(name: str) -> bool:
+    return name in OWN or (name.startswith(".") and ".tmp-" in name and name[1:].split(".tmp-")[0] in OWN)
 
 
 def check_own_folder(out: Path) -> None:
-    """``out`` may be missing, empty, or an earlier synth's output (its files and synth*.mp4 videos,
-    which are replaced): anything else is a user's, and synth never writes over it."""
+    """``out`` may be missing, empty, or an earlier synth's output (its files and videos, which are
+    replaced): anything else is a user's, and synth never writes over it."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a folder")
     if not out.is_dir():
         return
-    # A killed run's temporaries (.train.jsonl.tmp-<pid>) are synth's own too.
-    foreign = [p for p in out.iterdir() if p.name not in OWN and p.name[1:].split(".tmp-")[0] not in OWN]
+    foreign = [p for p in out.iterdir() if not _own_file(p.name)]
     videos = out / "videos"
     if videos.is_dir():
-        foreign += [p for p in videos.iterdir() if not (p.name.startswith(("synth", ".synth")) and p.suffix == ".mp4")]
+        foreign += [p for p in videos.iterdir() if not OWN_VIDEO.fullmatch(p.name)]
     elif videos.exists():
         foreign.append(videos)
     if foreign:
@@ -376,11 +382,11 @@ def synthesize(
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     # An earlier, larger set's videos (not in these annotations) and a killed run's temporaries.
-    for stale in [*(out / "videos").glob("synth*.mp4"), *(out / "videos").glob(".synth*.tmp-*.mp4")]:
-        if stale.name not in made:
+    for stale in (out / "videos").iterdir():
+        if OWN_VIDEO.fullmatch(stale.name) and stale.name not in made:
             stale.unlink()
-    for stale in out.glob(".*.tmp-*"):
-        if stale.name[1:].split(".tmp-")[0] in OWN:
+    for stale in out.iterdir():
+        if _own_file(stale.name) and stale.name not in OWN:
             stale.unlink()
     return {
         "videos": videos,
