@@ -27,7 +27,11 @@ def check_run_directory(output_dir: Path) -> None:
     """train.output_dir may be new, empty, or an earlier run's (its resolved config.yaml): a run never
     writes into a folder of other files (a data folder named by a slip). Every process checks, before
     the main one writes anything (the accelerator's prepare, a collective, comes in between)."""
+    import contextlib
+
     import yaml
+
+    from vmr.io import read_text
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
@@ -35,10 +39,8 @@ def check_run_directory(output_dir: Path) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     config = None
-    try:
-        config = yaml.safe_load((out / "config.yaml").read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        pass
+    with contextlib.suppress(UserError, yaml.YAMLError):  # unreadable: not a run's
+        config = yaml.safe_load(read_text(out / "config.yaml"))
     if not (isinstance(config, dict) and {"model", "train"} <= config.keys()):
         raise UserError(f"train.output_dir: {out} holds {min(p.name for p in out.iterdir())} and is not a run "
                         "directory (no run's config.yaml); train into a new or empty folder, or an earlier run's")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from vmr.data.tars import sweep_temporaries
 from vmr.errors import UserError
 from vmr.io import write_text_atomic
 from vmr.spans import clip_relevance, frames_to_seconds
@@ -381,13 +382,10 @@ def synthesize(
     write_text_atomic(out / "annotations.json", json.dumps(seed_rows, indent=1) + "\n")
     for split, rows in splits.items():
         write_text_atomic(out / f"{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    # An earlier, larger set's videos (not in these annotations) and a killed run's temporaries.
-    for stale in (out / "videos").iterdir():
+    for stale in (out / "videos").iterdir():  # an earlier, larger set's videos: not in these annotations
         if OWN_VIDEO.fullmatch(stale.name) and stale.name not in made:
             stale.unlink()
-    for stale in out.iterdir():
-        if _own_file(stale.name) and stale.name not in OWN:
-            stale.unlink()
+    sweep_temporaries(out, out / "videos")  # a killed run's (check_own_folder let no other's in)
     return {
         "videos": videos,
         "queries": qid,
