@@ -375,3 +375,23 @@ def test_padding_queries_and_frames_change_no_loss(shard_dir):
         plain = moment_losses(batch_forward(model, cut), cut, cfg.model)
     for key in plain:
         torch.testing.assert_close(padded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("motion", [False, True])
+def test_query_pool_reads_each_videos_patches_once_for_all_its_sentences(motion):
+    """A search asks each video several sentences in a row (video_index 0, 0, 0, 1, 1, 1): the pool
+    then attends without copying the patches per sentence, and must answer what the copying path
+    (any other order of videos) answers for the same pairs."""
+    from vmr.model.blocks import QueryPool
+
+    torch.manual_seed(0)
+    pool = QueryPool(16, heads=2, motion=motion).eval()
+    patches, mask = torch.randn(2, 5, 4, 16), torch.ones(2, 5, dtype=torch.bool)
+    sentences = torch.randn(6, 16)
+    keys, values = pool.prepare(patches, mask)
+    grouped = pool.attend(sentences, keys, values, torch.tensor([0, 0, 0, 1, 1, 1]))
+    order = torch.tensor([3, 0, 4, 1, 5, 2])  # videos 1, 0, 1, 0, 1, 0: the copying path
+    mixed = pool.attend(sentences[order], keys, values, torch.tensor([1, 0, 1, 0, 1, 0]))
+    assert grouped.shape == (6, 5, 16)
+    torch.testing.assert_close(mixed, grouped[order], atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(grouped[0], grouped[1])  # each sentence its own answer

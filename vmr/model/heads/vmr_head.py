@@ -59,9 +59,10 @@ class VmrHead(nn.Module):
                 prepared: dict | None = None) -> dict[str, torch.Tensor]:
         """(q, t) ``relevance_logits`` and ``saliency``, (q, t, 2) ``boundaries`` (distances from each
         frame to its moment's start and end, over the duration); with model.corpus, the compact
-        ``frame_keys`` (b, t, r) and ``query_keys`` (q, r), and (q, t) ``presence_logits``, whose best
+        ``frame_keys`` (b, t, r) and ``query_keys`` (q, r) (not from ``prepared`` rows), and (q, t) ``presence_logits``, whose best
         frame says whether the event is in the video at all (vmr/model/corpus.py)."""
         dtype = self.frame_in.weight.dtype
+        from_index = prepared is not None
         prepared = self.prepare(tokens, frame_mask) if prepared is None else prepared
         frames = prepared["frames"].to(dtype)  # (b, t, d)
         words, sentence = self.word_in(words.to(dtype)), self.sentence_in(sentence.to(dtype))
@@ -79,9 +80,10 @@ class VmrHead(nn.Module):
                    "saliency": rearrange(self.saliency_head(x), "q t 1 -> q t")}
         if self.keys is not None:
             # The keys and presence read the layers without training them (vmr/model/corpus.py).
-            outputs.update(frame_keys=self.keys.frames(frames.detach(), frame_mask),
-                           query_keys=self.keys.queries(sentence.detach()),
-                           presence_logits=rearrange(self.presence_head(x.detach()), "q t 1 -> q t"))
+            outputs["presence_logits"] = rearrange(self.presence_head(x.detach()), "q t 1 -> q t")
+            if not from_index:  # a search's rerank has its keys in the index already
+                outputs.update(frame_keys=self.keys.frames(frames.detach(), frame_mask),
+                               query_keys=self.keys.queries(sentence.detach()))
         return outputs
 
     def frame_keys(self, tokens: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
