@@ -9,6 +9,8 @@ d the head's width. Each video's features are copied to its queries by ``video_i
 
 from __future__ import annotations
 
+from itertools import compress
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -121,15 +123,17 @@ def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.
         mask &= (own[:, :1] <= index) & (index < own[:, 1:])
     offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
     total = duration + offset if video_duration is None else video_duration.double().cpu()
+    # Every row's numbers at once, then one list per row: a search reads tens of rows per query.
+    length = duration[:, None]
+    start = (times - bounds[..., 0] * length.float()).clamp(min=torch.zeros_like(length), max=length) + offset[:, None]
+    end = (times + bounds[..., 1] * length.float()).clamp(min=torch.zeros_like(length), max=length) + offset[:, None]
+    edge = total[:, None]
+    columns = {"times": times + offset[:, None], "relevance": probs, "saliency": saliency,
+               "starts": start.clamp(min=torch.zeros_like(edge), max=edge),
+               "ends": end.clamp(min=torch.zeros_like(edge), max=edge), **({"presence": presence} if presence is not None else {})}
+    columns = {name: values.tolist() for name, values in columns.items()}
     results = []
-    for i in range(q):
-        valid, length = mask[i], float(duration[i])
-        start = (times[i][valid] - bounds[i][valid][:, 0] * length).clamp(0, length) + offset[i]
-        end = (times[i][valid] + bounds[i][valid][:, 1] * length).clamp(0, length) + offset[i]
-        relevance = probs[i][valid].tolist()
-        results.append({"times": (times[i][valid] + offset[i]).tolist(), "relevance": relevance,
-                        "saliency": saliency[i][valid].tolist(),
-                        "starts": start.clamp(0, float(total[i])).tolist(),
-                        "ends": end.clamp(0, float(total[i])).tolist(), "scores": relevance,
-                        **({"presence": presence[i][valid].tolist()} if presence is not None else {})})
+    for i, valid in enumerate(mask.tolist()):
+        row = {name: list(compress(values[i], valid)) for name, values in columns.items()}
+        results.append({**row, "scores": row["relevance"]})
     return results
