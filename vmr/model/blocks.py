@@ -96,8 +96,8 @@ class QueryPool(nn.Module):
         null_k, null_v = (repeat(layer(self.null).to(keys.dtype), "1 d -> b t 1 d", b=b, t=t) for layer in (self.to_k, self.to_v))
         k = rearrange(torch.cat([keys, null_k], dim=2), "b t m (h e) -> b t h m e", h=self.heads)
         v = rearrange(torch.cat([values, null_v], dim=2), "b t m (h e) -> b t h m e", h=self.heads)
-        s = len(video_index) // b  # sentences per video, when each video's come together (a search's rows)
-        if s * b == len(video_index) and torch.equal(video_index, torch.arange(b, device=video_index.device).repeat_interleave(s)):
+        s = len(video_index) // b if b else 0  # sentences per video, when each video's come together (a search's rows)
+        if s and s * b == len(video_index) and torch.equal(video_index, torch.arange(b, device=video_index.device).repeat_interleave(s)):
             # Each video's sentences as one attention's queries: its keys and values are read in place, not copied per sentence.
             query = repeat(self.to_q(sentence), "(b s) (h e) -> b t h s e", b=b, t=t, h=self.heads)
             out = F.scaled_dot_product_attention(query, k, v)
