@@ -124,13 +124,12 @@ def frame_outputs(outputs: dict, own: torch.Tensor | None = None, offset: torch.
     offset = torch.zeros(q, dtype=torch.float64) if offset is None else offset.double().cpu()
     total = duration + offset if video_duration is None else video_duration.double().cpu()
     # Every row's numbers at once, then one list per row: a search reads tens of rows per query.
-    length = duration[:, None]
-    start = (times - bounds[..., 0] * length.float()).clamp(min=torch.zeros_like(length), max=length) + offset[:, None]
-    end = (times + bounds[..., 1] * length.float()).clamp(min=torch.zeros_like(length), max=length) + offset[:, None]
-    edge = total[:, None]
-    columns = {"times": times + offset[:, None], "relevance": probs, "saliency": saliency,
-               "starts": start.clamp(min=torch.zeros_like(edge), max=edge),
-               "ends": end.clamp(min=torch.zeros_like(edge), max=edge), **({"presence": presence} if presence is not None else {})}
+    length, shift, edge = duration[:, None], offset[:, None], total[:, None]
+    start = (times - bounds[..., 0] * length.float()).clamp(min=0).minimum(length) + shift
+    end = (times + bounds[..., 1] * length.float()).clamp(min=0).minimum(length) + shift
+    columns = {"times": times + shift, "relevance": probs, "saliency": saliency,
+               "starts": start.clamp(min=0).minimum(edge), "ends": end.clamp(min=0).minimum(edge),
+               **({"presence": presence} if presence is not None else {})}
     columns = {name: values.tolist() for name, values in columns.items()}
     results = []
     for i, valid in enumerate(mask.tolist()):
